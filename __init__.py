@@ -1,0 +1,1 @@
+"""GranViT as an installed package: the Hub files plus native ``Auto*`` registration."""

@@ -1,0 +1,48 @@
+"""GranViT: a fine-grained, region-aware vision encoder trained through an LLM (arXiv 2510.21501).
+
+The repository root *is* the ``granvit`` package: the Hub files (``configuration_granvit.py``,
+``modeling_granvit.py``, ``processing_granvit.py``, ``image_processing_granvit.py``) sit at the top so they
+can be copied verbatim into every checkpoint, and ``train/``, ``eval/``, ``spaces/`` are its sub-packages.
+"""
+from setuptools import setup
+
+# torch==2.14.1 / torchvision==0.29.1 install from local files on the project machines; every range
+# below admits them, so pip never reaches for a multi-GB CUDA wheel from the index.
+BASE = [
+    "torch>=2.4,<=2.14.1",
+    "torchvision>=0.19,<=0.29.1",
+    "transformers>=5.20,<6",
+    "tokenizers>=0.22",
+    "safetensors>=0.4",
+    "huggingface-hub>=1.0,<3",
+    "pillow>=10",
+    "numpy>=1.24",
+    "tqdm>=4.66",
+    "pyyaml>=6",
+]
+EXTRAS = {
+    "train": ["datasets>=5,<6", "accelerate>=1.10", "peft>=0.17", "trl>=1.10", "matplotlib>=3.8", "pyarrow>=18"],
+    "eval": ["datasets>=5,<6", "evaluate>=0.4.6", "pycocoevalcap>=1.2", "matplotlib>=3.8"],
+    "demo": ["gradio>=6.14,<7", "gradio_client>=2", "gradio_image_annotation==0.5.6"],
+}
+EXTRAS["dev"] = sorted({d for v in EXTRAS.values() for d in v} | {"pytest>=8", "playwright>=1.50"})
+
+setup(
+    name="granvit",
+    version="0.1.0",
+    description="GranViT: fine-grained region-aware vision encoders for multimodal LLMs, Hub-native",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    package_dir={"granvit": "."},
+    packages=["granvit", "granvit.train", "granvit.eval", "granvit.spaces"],
+    package_data={"granvit": ["train/configs/*.yaml", "train/configs/accelerate/*"]},
+    install_requires=BASE,
+    extras_require=EXTRAS,
+    entry_points={
+        "console_scripts": [
+            "granvit-build=granvit.train.build:main",
+        ],
+    },
+)
