@@ -285,6 +285,12 @@ class Manifest:
         os.replace(tmp, self.path)
 
 
+def bump(counts: dict, group: str, reason: str, n: int = 1) -> None:
+    """counts[group][reason] += n, e.g. bump(counts, "broken", "corrupt_image")."""
+    bucket = counts.setdefault(group, {})
+    bucket[reason] = bucket.get(reason, 0) + n
+
+
 def merge_counts(total: dict, counts: dict) -> dict:
     """Add nested {name: int | {reason: int}} counts into `total` (in place) and return it."""
     for key, value in counts.items():

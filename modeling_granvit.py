@@ -1,0 +1,273 @@
+"""GranViT: a ViT trained *through* an LLM so that its patch features localize meaning (arXiv 2510.21501).
+
+Layout follows transformers' LLaVA so PEFT targets, freezing code and other people's scripts read the same:
+``GranViTForConditionalGeneration.model = GranViTModel(vision_tower, multi_modal_projector, language_model)`` + ``lm_head``.
+Both backbones are composed with ``AutoModel.from_config``, so any SigLIP / SigLIP 2 / CLIP tower and any causal LLM
+plug in, and the trained tower can be saved as a plain checkpoint of its own architecture.
+"""
+
+import math
+
+import torch
+from torch import nn
+from torchvision.ops import roi_align
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPooling,
+    MultimodalBaseModelOutputWithPast,
+    MultimodalCausalLMOutputWithPast,
+)
+
+from .configuration_granvit import GranViTConfig
+
+
+class GranViTPreTrainedModel(PreTrainedModel):
+    config_class = GranViTConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+
+class GranViTMultiModalProjector(nn.Module):
+    """Linear -> act -> Linear from (merged) ViT patch features to LLM embeddings."""
+
+    def __init__(self, config: GranViTConfig):
+        super().__init__()
+        in_features = config.vision_config.hidden_size * config.spatial_merge_size**2
+        self.linear_1 = nn.Linear(in_features, config.text_config.hidden_size)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(config.text_config.hidden_size, config.text_config.hidden_size)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(image_features)))
+
+
+class GranViTModel(GranViTPreTrainedModel):
+    def __init__(self, config: GranViTConfig):
+        super().__init__(config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = GranViTMultiModalProjector(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_patch_features(self, pixel_values: torch.Tensor, vision_tower: nn.Module | None = None) -> torch.Tensor:
+        """ViT patch features of the square model input: (batch, grid, grid, vision_hidden).
+
+        ``vision_tower`` lets a caller run another tower of the same architecture (the stage-1 EMA teacher).
+        """
+        tower = self.vision_tower if vision_tower is None else vision_tower
+        pixel_values = pixel_values.to(dtype=next(tower.parameters()).dtype)
+        out = tower(pixel_values=pixel_values, output_hidden_states=True, return_dict=True)
+        features = out.hidden_states[self.config.vision_feature_layer]  # (batch, tokens, hidden)
+        grid = pixel_values.shape[-1] // self.config.vision_config.patch_size
+        if features.shape[1] == grid * grid + 1:  # CLIP prepends a CLS token; the grid is what localizes
+            features = features[:, 1:]
+        return features.reshape(features.shape[0], grid, grid, features.shape[-1])
+
+    def merge_patches(self, patch_features: torch.Tensor) -> torch.Tensor:
+        """Concatenate k x k neighbouring patches (as in Qwen2-VL's PatchMerger): (b, g, g, d) -> (b, (g/k)^2, k*k*d)."""
+        k = self.config.spatial_merge_size
+        b, g, _, d = patch_features.shape
+        x = patch_features.reshape(b, g // k, k, g // k, k, d)
+        return x.permute(0, 1, 3, 2, 4, 5).reshape(b, (g // k) ** 2, k * k * d)
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        """``last_hidden_state``: ViT patch features (b, g*g, d); ``pooler_output``: list of projected image tokens."""
+        patches = self.get_patch_features(pixel_values)  # (b, g, g, d)
+        projected = self.multi_modal_projector(self.merge_patches(patches))  # (b, num_image_tokens, text_hidden)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=patches.flatten(1, 2), pooler_output=list(projected.unbind(0))
+        )
+
+    def get_region_features(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        boxes: list[torch.Tensor] | torch.Tensor | None = None,
+        output_size: int | tuple[int, int] = 7,
+        patch_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """ROIAlign over the ViT patch grid: one (vision_hidden, out, out) feature map per box.
+
+        Args:
+            pixel_values: (batch, 3, S, S) model inputs (ignored if ``patch_features`` is given).
+            boxes: one (K_i, 4) tensor per image, ``[x1, y1, x2, y2]`` normalized to the model input frame (the padded
+                square; ``processor.image_processor.to_model_space`` converts from original pixels), or one
+                (K, 5) tensor ``[batch_index, x1, y1, x2, y2]``.
+            output_size: ROI output resolution.
+            patch_features: precomputed ``get_patch_features`` output (b, g, g, d), to avoid encoding twice.
+        Returns:
+            (sum K_i, vision_hidden, out_h, out_w)
+        """
+        if patch_features is None:
+            patch_features = self.get_patch_features(pixel_values)
+        grid = patch_features.shape[1]
+        feature_map = patch_features.permute(0, 3, 1, 2)  # (b, d, g, g)
+        if isinstance(boxes, (list, tuple)):
+            rois = [b.to(feature_map) * grid for b in boxes]
+        else:
+            rois = boxes.to(feature_map).clone()
+            rois[:, 1:] *= grid
+        # aligned=True: a box [0, 0, 1, 1] covers exactly the whole grid (pixel i spans [i, i+1)).
+        return roi_align(feature_map, rois, output_size=output_size, spatial_scale=1.0, aligned=True)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        mm_encoder_outputs: dict | None = None,
+        **kwargs,
+    ) -> MultimodalBaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+
+        image_outputs = (mm_encoder_outputs or {}).get("image")
+        if image_outputs is None and pixel_values is not None:
+            image_outputs = self.get_image_features(pixel_values)
+        if image_outputs is not None:
+            image_features = torch.cat(image_outputs.pooler_output, dim=0).to(inputs_embeds)
+            if input_ids is None:
+                raise ValueError("Images need input_ids: the <image> placeholders mark where image features go")
+            image_mask = input_ids == self.config.image_token_id  # (b, seq)
+            n_tokens, n_features = int(image_mask.sum()), image_features.shape[0]
+            if n_tokens != n_features:
+                raise ValueError(
+                    f"Image features and image tokens do not match: {n_tokens} <image> tokens in input_ids but "
+                    f"{len(image_outputs.pooler_output)} image(s) x {self.config.num_image_tokens} = {n_features} "
+                    "features. Build inputs with GranViTProcessor, which expands each <image> to the right count."
+                )
+            inputs_embeds = inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features)
+
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return MultimodalBaseModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_outputs=image_outputs,
+        )
+
+
+class GranViTForConditionalGeneration(GranViTPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: GranViTConfig):
+        super().__init__(config)
+        self.model = GranViTModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Module):
+        self.lm_head = new_embeddings
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        return self.model.get_image_features(pixel_values, **kwargs)
+
+    def get_region_features(self, pixel_values=None, boxes=None, output_size=7, patch_features=None) -> torch.Tensor:
+        """See ``GranViTModel.get_region_features``: ROIAlign region embeddings from the ViT patch grid."""
+        return self.model.get_region_features(pixel_values, boxes, output_size, patch_features)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        mm_encoder_outputs: dict | None = None,
+        **kwargs,
+    ) -> MultimodalCausalLMOutputWithPast:
+        if cache is None and "past_key_values" in kwargs:  # 4.x callers
+            cache = kwargs.pop("past_key_values")
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            mm_encoder_outputs=mm_encoder_outputs,
+            **{k: v for k, v in kwargs.items() if k != "num_items_in_batch"},
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
+        else:
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+
+        loss = None
+        if labels is not None:
+            # Unshifted labels with -100 on ignored positions; the loss function shifts, and divides by
+            # `num_items_in_batch` when the Trainer passes it (correct under gradient accumulation and DDP).
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+        return MultimodalCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_outputs=outputs.image_outputs,
+        )
+
+    @torch.no_grad()
+    def initialize_coordinate_embeddings(self) -> None:
+        """Give ``<coord_0..n-1>`` sin/cos embeddings of their bin value, so neighbouring bins start similar.
+
+        Mean-resizing (the transformers default for new tokens) makes every new row the same noisy average, which
+        tells the LLM nothing about order; a smooth code in the bin value does. Rows are scaled to the mean norm of
+        the existing embeddings so they sit in the same range. ``lm_head`` rows get the same code (tied or not).
+        """
+        start, n = self.config.coord_token_start_id, self.config.num_coord_bins
+        if start is None:
+            raise ValueError("config.coord_token_start_id is not set: add the coordinate tokens first")
+        embeddings = self.get_input_embeddings().weight
+        dim = embeddings.shape[1]
+        position = torch.arange(n, dtype=torch.float32).unsqueeze(1) / n  # (n, 1) in [0, 1)
+        # Frequencies from one cycle over the whole range up to ~n/2 cycles: coarse and fine position.
+        freqs = torch.exp(torch.linspace(0.0, math.log(max(n / 2, 1.0)), (dim + 1) // 2)).unsqueeze(0)
+        angles = 2 * math.pi * position * freqs  # (n, dim/2)
+        code = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)[:, :dim]  # (n, dim)
+        reference = torch.cat([embeddings[:start], embeddings[start + n :]]).float()
+        scale = reference.norm(dim=1).mean() / code.norm(dim=1).mean()
+        embeddings[start : start + n] = (code * scale).to(embeddings)
+        output = self.get_output_embeddings().weight
+        if output.data_ptr() != embeddings.data_ptr():
+            output[start : start + n] = (code * scale).to(output)
+
+
+__all__ = ["GranViTPreTrainedModel", "GranViTModel", "GranViTForConditionalGeneration", "GranViTMultiModalProjector"]

@@ -1,0 +1,342 @@
+"""GranViT processor: images + chat-formatted text -> model inputs, and the box <-> coordinate-token codec.
+
+Box format (the one convention of the whole project): outside this file a box is ``[x1, y1, x2, y2]`` in pixels of the
+original (EXIF-upright) image. Here it is normalized to that image, quantized into ``num_coord_bins`` bins per
+coordinate and written as 6 tokens: ``<box><coord_x1><coord_y1><coord_x2><coord_y2></box>``. Decoding returns bin
+centres in original pixels, so a round trip is exact to within half a bin.
+
+Coordinate tokens are ordinary *added* tokens, not special ones: ``skip_special_tokens=True`` (used by the
+image-text-to-text pipeline) would otherwise erase every predicted box.
+
+Text from users (captions, questions) is marked untrusted with two private-use characters, and control strings inside
+it (``<image>``, ``<box>``, ``<coord_17>``, role tokens, ...) are tokenized as plain text, never as those tokens.
+"""
+
+import math
+import re
+
+import torch
+from transformers import AutoTokenizer
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+IMAGE_TOKEN = "<image>"
+BOX_START, BOX_END = "<box>", "</box>"
+USER_TOKEN, ASSISTANT_TOKEN = "<|user|>", "<|assistant|>"
+# Private-use code points delimiting untrusted text inside a prompt string.
+UNTRUSTED_START, UNTRUSTED_END = "\ue000", "\ue001"
+
+BBOX2CAPTION_TEMPLATE = (
+    "Describe the content contained within the normalized bounding box coordinates {box} in no more than 10 words."
+)
+CAPTION2BBOX_TEMPLATE = "Please provide the bounding box coordinate of the region this sentence describes: {caption}"
+VQA_TEMPLATE = "{question}"
+
+# User text parts are wrapped as untrusted unless a prompt builder already marked them (then they contain U+E000).
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|' + message['role'] + '|>' -}}"
+    "{%- if message['content'] is string -%}{%- set parts = [{'type': 'text', 'text': message['content']}] -%}"
+    "{%- else -%}{%- set parts = message['content'] -%}{%- endif -%}"
+    "{%- for part in parts -%}"
+    "{%- if part['type'] == 'image' -%}{{- '<image>' -}}"
+    "{%- elif part['type'] == 'text' -%}"
+    "{%- if message['role'] == 'user' and '\ue000' not in part['text'] -%}"
+    "{{- '\ue000' + part['text'] + '\ue001' -}}"
+    "{%- else -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{{- eos_token -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}"
+)
+
+
+def coord_token(i: int) -> str:
+    return f"<coord_{i}>"
+
+
+class GranViTProcessor(ProcessorMixin):
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        chat_template: str | None = None,
+        num_image_tokens: int = 1024,
+        num_coord_bins: int = 1000,
+        bbox2caption_template: str = BBOX2CAPTION_TEMPLATE,
+        caption2bbox_template: str = CAPTION2BBOX_TEMPLATE,
+        vqa_template: str = VQA_TEMPLATE,
+        **kwargs,
+    ):
+        self.image_token = IMAGE_TOKEN
+        self.num_image_tokens = int(num_image_tokens)
+        self.num_coord_bins = int(num_coord_bins)
+        self.bbox2caption_template = bbox2caption_template
+        self.caption2bbox_template = caption2bbox_template
+        self.vqa_template = vqa_template
+        super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE, **kwargs)
+        missing = [t for t in self.control_tokens() if t not in tokenizer.get_vocab()]
+        if missing:
+            raise ValueError(
+                f"Tokenizer lacks {len(missing)} GranViT tokens (e.g. {missing[:3]}); "
+                "call GranViTProcessor.add_tokens(tokenizer, num_coord_bins) first"
+            )
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.box_start_token_id = tokenizer.convert_tokens_to_ids(BOX_START)
+        self.box_end_token_id = tokenizer.convert_tokens_to_ids(BOX_END)
+        self.coord_token_start_id = tokenizer.convert_tokens_to_ids(coord_token(0))
+        if tokenizer.convert_tokens_to_ids(coord_token(self.num_coord_bins - 1)) != (
+            self.coord_token_start_id + self.num_coord_bins - 1
+        ):
+            raise ValueError("Coordinate tokens must have contiguous ids <coord_0> .. <coord_{n-1}>")
+        if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
+            raise ValueError("The tokenizer needs an eos token (it ends every turn and pads batches)")
+        self._added_token_pattern = None
+
+    # ---- tokenizer set-up ---------------------------------------------------------------------------------------
+    def control_tokens(self) -> list[str]:
+        return [IMAGE_TOKEN, USER_TOKEN, ASSISTANT_TOKEN, BOX_START, BOX_END] + [
+            coord_token(i) for i in range(self.num_coord_bins)
+        ]
+
+    @staticmethod
+    def add_tokens(tokenizer, num_coord_bins: int = 1000) -> dict:
+        """Add GranViT's tokens to any tokenizer; returns the ids the model config needs.
+
+        ``<image>`` and the role tokens are special (chat scaffolding, dropped by ``skip_special_tokens``); ``<box>``,
+        ``</box>`` and ``<coord_i>`` are ordinary added tokens so decoded answers keep their boxes.
+        """
+        tokenizer.add_special_tokens(
+            {"extra_special_tokens": [IMAGE_TOKEN, USER_TOKEN, ASSISTANT_TOKEN]}, replace_extra_special_tokens=False
+        )
+        tokenizer.add_tokens([BOX_START, BOX_END] + [coord_token(i) for i in range(num_coord_bins)])
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        ids = {
+            "image_token_id": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+            "box_start_token_id": tokenizer.convert_tokens_to_ids(BOX_START),
+            "box_end_token_id": tokenizer.convert_tokens_to_ids(BOX_END),
+            "coord_token_start_id": tokenizer.convert_tokens_to_ids(coord_token(0)),
+        }
+        return ids
+
+    # ---- boxes --------------------------------------------------------------------------------------------------
+    @staticmethod
+    def validate_box(box, image_size: tuple[int, int]) -> list[float]:
+        """Check a pixel box against its image; returns it as floats or raises ValueError naming the box and rule."""
+        width, height = image_size
+        try:
+            values = [float(v) for v in box]
+        except (TypeError, ValueError):
+            raise ValueError(f"Box {box!r}: must be 4 numbers [x1, y1, x2, y2] (rule: numeric)") from None
+        if len(values) != 4:
+            raise ValueError(f"Box {box!r}: must have 4 coordinates [x1, y1, x2, y2], got {len(values)} (rule: length)")
+        x1, y1, x2, y2 = values
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"Box {box!r}: coordinates must be finite, not NaN or inf (rule: finite)")
+        if min(values) < 0:
+            raise ValueError(f"Box {box!r}: negative coordinate (rule: non-negative)")
+        if x2 > width or y2 > height or x1 > width or y1 > height:
+            raise ValueError(f"Box {box!r}: outside the {width}x{height} image (rule: inside image)")
+        if x2 < x1 or y2 < y1:
+            raise ValueError(f"Box {box!r}: x2 < x1 or y2 < y1 (rule: x1 <= x2 and y1 <= y2)")
+        if x2 == x1 or y2 == y1:
+            raise ValueError(f"Box {box!r}: zero area (rule: positive area)")
+        return values
+
+    def box_to_bins(self, box, image_size: tuple[int, int]) -> list[int]:
+        x1, y1, x2, y2 = self.validate_box(box, image_size)
+        width, height = image_size
+        n = self.num_coord_bins
+        return [min(int(v / size * n), n - 1) for v, size in ((x1, width), (y1, height), (x2, width), (y2, height))]
+
+    def encode_box(self, box, image_size: tuple[int, int]) -> str:
+        """``[x1, y1, x2, y2]`` original pixels -> ``<box><coord_a><coord_b><coord_c><coord_d></box>``."""
+        return BOX_START + "".join(coord_token(b) for b in self.box_to_bins(box, image_size)) + BOX_END
+
+    def decode_boxes(self, text: str, image_size: tuple[int, int]) -> list[list[float]]:
+        """Every well-formed box in ``text`` as original pixels (bin centres). Malformed output gives ``[]``."""
+        if not isinstance(text, str):
+            return []
+        width, height = image_size
+        n = self.num_coord_bins
+        pattern = re.escape(BOX_START) + r"\s*" + r"\s*".join([r"<coord_(\d{1,6})>"] * 4) + r"\s*" + re.escape(BOX_END)
+        boxes = []
+        for match in re.finditer(pattern, text):
+            bins = [int(g) for g in match.groups()]
+            if max(bins) >= n or bins[2] < bins[0] or bins[3] < bins[1]:
+                continue
+            sizes = (width, height, width, height)
+            boxes.append([(b + 0.5) / n * size for b, size in zip(bins, sizes)])
+        return boxes
+
+    def post_process_grounding(self, generated, image_sizes) -> list[list[list[float]]]:
+        """Generated ids (tensor or lists) or decoded strings -> per sample, the list of boxes in original pixels."""
+        if isinstance(generated, torch.Tensor) or (len(generated) and not isinstance(generated[0], str)):
+            generated = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+        return [self.decode_boxes(text, size) for text, size in zip(generated, image_sizes)]
+
+    # ---- prompts ------------------------------------------------------------------------------------------------
+    @staticmethod
+    def plain_text(text: str) -> str:
+        """Mark user text as untrusted: control strings inside it are tokenized as plain text."""
+        text = str(text).replace(UNTRUSTED_START, "").replace(UNTRUSTED_END, "")
+        return UNTRUSTED_START + text + UNTRUSTED_END
+
+    def bbox2caption_prompt(self, box, image_size: tuple[int, int]) -> str:
+        """Bbox2Caption user message (stage 1): describe the region in the box."""
+        # The empty untrusted pair tells the chat template this text is already marked (its box tokens are real).
+        return self.bbox2caption_template.replace("{box}", self.encode_box(box, image_size)) + self.plain_text("")
+
+    def caption2bbox_prompt(self, caption: str) -> str:
+        """Caption2Bbox user message (stage 2): find the region a caption describes."""
+        return self.caption2bbox_template.replace("{caption}", self.plain_text(caption))
+
+    def vqa_prompt(self, question: str) -> str:
+        return self.vqa_template.replace("{question}", self.plain_text(question))
+
+    def format_user_turn(self, prompt: str, num_images: int = 1) -> str:
+        """A user message -> chat text up to the assistant's turn, with ``<image>`` placeholders in front."""
+        if UNTRUSTED_START not in prompt:
+            prompt = self.plain_text(prompt)
+        return USER_TOKEN + IMAGE_TOKEN * num_images + prompt + self.tokenizer.eos_token + ASSISTANT_TOKEN
+
+    # ---- tokenization -------------------------------------------------------------------------------------------
+    def _plain_ids(self, text: str) -> list[int]:
+        """Tokenize untrusted text so that no added/special token can be produced from it."""
+        if self._added_token_pattern is None:
+            added = sorted(self.tokenizer.get_added_vocab(), key=len, reverse=True)
+            self._added_token_pattern = re.compile("|".join(re.escape(t) for t in added)) if added else None
+        pieces, rest = [], text
+        while rest:
+            match = self._added_token_pattern.search(rest) if self._added_token_pattern else None
+            if match is None:
+                pieces.append(rest)
+                break
+            # Cut one character into the control string: neither side can then form it.
+            pieces.append(rest[: match.start() + 1])
+            rest = rest[match.start() + 1 :]
+        ids = []
+        for piece in pieces:
+            ids += self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+        return ids
+
+    def _encode(self, text: str) -> list[int]:
+        """Trusted segments as-is (``<image>`` expanded), untrusted segments as plain text."""
+        ids = []
+        for i, segment in enumerate(re.split(f"{UNTRUSTED_START}(.*?){UNTRUSTED_END}", text, flags=re.DOTALL)):
+            segment = segment.replace(UNTRUSTED_START, "").replace(UNTRUSTED_END, "")
+            if not segment:
+                continue
+            if i % 2:
+                ids += self._plain_ids(segment)
+                continue
+            for token_id in self.tokenizer(segment, add_special_tokens=False)["input_ids"]:
+                ids += [token_id] * (self.num_image_tokens if token_id == self.image_token_id else 1)
+        return ids
+
+    def __call__(
+        self,
+        images=None,
+        text=None,
+        targets=None,
+        padding_side: str | None = None,
+        return_tensors: str | None = "pt",
+        videos=None,
+        audio=None,
+        **kwargs,
+    ) -> BatchFeature:
+        """Images + user prompts (or chat-formatted text) [+ answers] -> ``input_ids``, ``attention_mask``,
+        ``pixel_values`` [, ``labels``].
+
+        ``text`` not starting with ``<|user|>`` is a user message and gets the chat format, with one ``<image>`` per
+        image of its sample. With ``targets`` each answer (+ eos) is appended and ``labels`` are -100 everywhere
+        else; batches are then right-padded (training), otherwise left-padded (generation).
+        """
+        if text is None:
+            raise ValueError("GranViTProcessor needs text (a prompt per sample)")
+        texts = [text] if isinstance(text, str) else list(text)
+        per_sample_images = self._group_images(images, len(texts))
+        chats = [
+            t if t.startswith(USER_TOKEN) else self.format_user_turn(t, len(imgs))
+            for t, imgs in zip(texts, per_sample_images)
+        ]
+        for chat, imgs in zip(chats, per_sample_images):
+            n_placeholders = chat.count(IMAGE_TOKEN) - sum(
+                seg.count(IMAGE_TOKEN) for seg in re.findall(f"{UNTRUSTED_START}(.*?){UNTRUSTED_END}", chat, flags=re.DOTALL)
+            )
+            if n_placeholders != len(imgs):
+                raise ValueError(f"Prompt has {n_placeholders} <image> placeholder(s) but {len(imgs)} image(s): {chat!r}")
+
+        sequences = [self._encode(chat) for chat in chats]
+        labels = None
+        if targets is not None:
+            targets = [targets] if isinstance(targets, str) else list(targets)
+            if len(targets) != len(sequences):
+                raise ValueError(f"{len(targets)} targets for {len(sequences)} prompts")
+            eos = self.tokenizer.eos_token_id
+            # Targets are trusted (box tokens must stay tokens): mark caption targets with `plain_text`.
+            answers = [self._encode(t) + [eos] for t in targets]
+            labels = [[-100] * len(s) + a for s, a in zip(sequences, answers)]
+            sequences = [s + a for s, a in zip(sequences, answers)]
+        side = padding_side or ("right" if targets is not None else "left")
+        data = self._pad(sequences, labels, side)
+
+        flat_images = [img for imgs in per_sample_images for img in imgs]
+        if flat_images:
+            data["pixel_values"] = self.image_processor(flat_images)["pixel_values"]
+        if return_tensors != "pt":
+            data = {k: v.tolist() for k, v in data.items()}
+        return BatchFeature(data=data)
+
+    def _group_images(self, images, batch_size: int) -> list[list]:
+        if images is None:
+            return [[] for _ in range(batch_size)]
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        if all(isinstance(x, (list, tuple)) for x in images):
+            grouped = [list(x) for x in images]
+        elif len(images) == batch_size:
+            grouped = [[x] for x in images]
+        elif batch_size == 1:
+            grouped = [list(images)]
+        else:
+            raise ValueError(f"{len(images)} images for {batch_size} prompts: pass one image per prompt or nested lists")
+        if len(grouped) != batch_size:
+            raise ValueError(f"{len(grouped)} image groups for {batch_size} prompts")
+        return grouped
+
+    def _pad(self, sequences: list[list[int]], labels: list[list[int]] | None, side: str) -> dict:
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        length = max(len(s) for s in sequences)
+        input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+        label_tensor = torch.full((len(sequences), length), -100, dtype=torch.long)
+        for i, seq in enumerate(sequences):
+            span = slice(length - len(seq), length) if side == "left" else slice(0, len(seq))
+            input_ids[i, span] = torch.tensor(seq, dtype=torch.long)
+            attention_mask[i, span] = 1
+            if labels is not None:
+                label_tensor[i, span] = torch.tensor(labels[i], dtype=torch.long)
+        data = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if labels is not None:
+            data["labels"] = label_tensor
+        return data
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "pixel_values"]
+
+    @classmethod
+    def from_parts(cls, image_processor, tokenizer_or_path, num_image_tokens: int, num_coord_bins: int, **kwargs):
+        """Build from an image processor and a tokenizer (object or path), adding GranViT's tokens if missing."""
+        tokenizer = tokenizer_or_path
+        if isinstance(tokenizer_or_path, str):
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_or_path)
+        if coord_token(num_coord_bins - 1) not in tokenizer.get_vocab():
+            cls.add_tokens(tokenizer, num_coord_bins)
+        return cls(image_processor, tokenizer, num_image_tokens=num_image_tokens, num_coord_bins=num_coord_bins, **kwargs)
+
+
+__all__ = ["GranViTProcessor"]

@@ -1,0 +1,134 @@
+"""Compose a GranViT checkpoint from a pretrained vision tower and a pretrained causal LLM.
+
+    granvit-build --vision google/siglip2-base-patch16-512 --llm Qwen/Qwen2.5-1.5B --out granvit-base
+    granvit-build --vision ./tiny-siglip --llm ./tiny-qwen2 --out ./tiny-granvit --num-coord-bins 100
+
+Any SigLIP / SigLIP 2 / CLIP checkpoint works for ``--vision`` (a full dual-encoder checkpoint or a vision-only one:
+only the vision tower is kept), and any causal LLM with a tokenizer for ``--llm``. The output folder is a complete
+``trust_remote_code`` checkpoint: safetensors weights, config with ``auto_map``, processor + tokenizer + chat template,
+generation config and the Hub ``.py`` files.
+"""
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from .. import AUTO_MAP
+from ..configuration_granvit import GranViTConfig
+from ..image_processing_granvit import GranViTImageProcessor
+from ..modeling_granvit import GranViTForConditionalGeneration
+from ..processing_granvit import GranViTProcessor
+
+logger = logging.getLogger(__name__)
+
+
+def vision_config_from(vision: str) -> AutoConfig:
+    """The vision part of a SigLIP / CLIP config, vision-only or dual-encoder, without the SigLIP pooling head."""
+    config = AutoConfig.from_pretrained(vision)
+    config = getattr(config, "vision_config", config)
+    if hasattr(config, "vision_use_head"):
+        config.vision_use_head = False
+    return config
+
+
+def image_processor_from(vision: str, image_size: int) -> GranViTImageProcessor:
+    """Keep the tower's own normalization (SigLIP: 0.5/0.5, CLIP: OpenAI mean/std) when it ships a preprocessor."""
+    try:
+        source = AutoImageProcessor.from_pretrained(vision)
+        mean, std = source.image_mean, source.image_std
+    except OSError:
+        logger.warning("%s has no image processor config; using SigLIP's mean/std of 0.5", vision)
+        mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    return GranViTImageProcessor(image_size=image_size, image_mean=mean, image_std=std)
+
+
+def build_granvit(
+    vision: str,
+    llm: str,
+    num_coord_bins: int = 1000,
+    spatial_merge_size: int = 1,
+    vision_feature_layer: int = -1,
+    projector_hidden_act: str = "gelu",
+    dtype: torch.dtype = torch.float32,
+    **processor_kwargs,
+) -> tuple[GranViTForConditionalGeneration, GranViTProcessor]:
+    """Load both parts with ``from_pretrained``, add GranViT's tokens, and return (model, processor)."""
+    tokenizer = AutoTokenizer.from_pretrained(llm)
+    token_ids = GranViTProcessor.add_tokens(tokenizer, num_coord_bins)
+
+    vision_config = vision_config_from(vision)
+    text_config = AutoConfig.from_pretrained(llm)
+    config = GranViTConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        num_coord_bins=num_coord_bins,
+        spatial_merge_size=spatial_merge_size,
+        vision_feature_layer=vision_feature_layer,
+        projector_hidden_act=projector_hidden_act,
+        **token_ids,
+    )
+    config.auto_map = dict(AUTO_MAP)
+    model = GranViTForConditionalGeneration(config).to(dtype)
+
+    # Vision: load with the tower's own class so full SigLIP/CLIP checkpoints drop their text half and head.
+    tower = AutoModel.from_config(vision_config).__class__.from_pretrained(vision, config=vision_config, dtype=dtype)
+    model.model.vision_tower.load_state_dict(tower.state_dict())
+    lm = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype)
+    model.model.language_model.load_state_dict(lm.get_decoder().state_dict())
+    # Copy (never share) the head: sharing a tied LLM's head with an untied GranViT would drop it on save.
+    model.lm_head.weight.data.copy_(lm.get_output_embeddings().weight.data)
+    del tower, lm
+
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=True, pad_to_multiple_of=64)
+    model.initialize_coordinate_embeddings()
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id
+    )
+    processor = GranViTProcessor(
+        image_processor_from(vision, vision_config.image_size),
+        tokenizer,
+        num_image_tokens=config.num_image_tokens,
+        num_coord_bins=num_coord_bins,
+        **processor_kwargs,
+    )
+    return model, processor
+
+
+def save_granvit(model: GranViTForConditionalGeneration, processor: GranViTProcessor, out: str | Path) -> Path:
+    """Write a complete checkpoint folder (weights, config with auto_map, processor, Hub .py files)."""
+    out = Path(out)
+    model.config.auto_map = {**dict(AUTO_MAP), **(getattr(model.config, "auto_map", None) or {})}
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vision", required=True, help="Hub id or folder of a SigLIP / SigLIP 2 / CLIP checkpoint")
+    parser.add_argument("--llm", required=True, help="Hub id or folder of a causal LLM (with its tokenizer)")
+    parser.add_argument("--out", required=True, help="output checkpoint folder")
+    parser.add_argument("--num-coord-bins", type=int, default=1000)
+    parser.add_argument("--spatial-merge-size", type=int, default=1, help="k: k x k patches per image token")
+    parser.add_argument("--vision-feature-layer", type=int, default=-1)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    model, processor = build_granvit(
+        args.vision,
+        args.llm,
+        num_coord_bins=args.num_coord_bins,
+        spatial_merge_size=args.spatial_merge_size,
+        vision_feature_layer=args.vision_feature_layer,
+        dtype=getattr(torch, args.dtype),
+    )
+    out = save_granvit(model, processor, args.out)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"Saved GranViT ({n_params / 1e6:.1f}M parameters, {model.config.num_image_tokens} image tokens) to {out}")
+
+
+if __name__ == "__main__":
+    main()
