@@ -135,21 +135,30 @@ def decode_image(image) -> PILImage.Image:
     return img
 
 
+def check_header(record) -> str | None:
+    """Reason why the non-region fields of a row are unusable (types, image present), or None."""
+    if not isinstance(record, dict):
+        return "wrong_type"
+    width, height = record.get("width"), record.get("height")
+    if not (isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0):
+        return "wrong_type"
+    if not isinstance(record.get("image_id"), str) or not isinstance(record.get("regions"), list):
+        return "wrong_type"
+    if record.get("image") is None:
+        return "missing_image"
+    return None
+
+
 def validate_record(record, decode: bool = True, max_caption_chars: int = MAX_CAPTION_CHARS) -> str | None:
     """The reason a Gran row is broken (first problem found), or None when every part of it is usable.
 
     `record` is a row as stored ({bytes, path} image) or as loaded by `datasets` (PIL image). With `decode`, the
     image is decoded and its size checked against width/height (a lie there would misplace every box).
     """
-    if not isinstance(record, dict):
-        return "wrong_type"
-    width, height, regions = record.get("width"), record.get("height"), record.get("regions")
-    if not (isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0):
-        return "wrong_type"
-    if not isinstance(record.get("image_id"), str) or not isinstance(regions, list):
-        return "wrong_type"
-    if record.get("image") is None:
-        return "missing_image"
+    reason = check_header(record)
+    if reason:
+        return reason
+    width, height, regions = record["width"], record["height"], record["regions"]
     if decode:
         try:
             img = decode_image(record["image"])

@@ -1,0 +1,223 @@
+"""Gran records -> training examples for both stages, on streaming datasets, never crashing on a bad row.
+
+    ds = load_dataset(path, split="train", streaming=True)
+    ds = split_dataset_by_node(ds, rank, world_size)            # whole shards per rank when num_shards % world == 0
+    ds = ds.shuffle(seed=0, buffer_size=256)                    # optional; see the resume caveat below
+    examples = TaskBuilder(processor, tasks=("bbox2caption", "caption2bbox")).apply(ds)
+    collate = TaskCollator(processor, counter)                  # counter: a SkipCounter the Trainer callback logs
+
+An example is {"image": PIL RGB, "image_id", "image_size": [w, h], "task", "prompt", "target", "boxes": [[x1, y1,
+x2, y2], ...] original pixels, "skipped": {reason: n}} and, with `stage1=True`, "model_boxes" (the boxes normalized to
+the padded square the model sees, for `get_region_features`) and "crops" (PIL crops of the regions from the original
+image: the self-distillation teacher sees the crop, the student the region inside the whole image).
+
+Bad rows and regions are skipped and counted by reason (schema.REASONS + "image_too_large", "ambiguous_caption").
+The counts travel *inside* the examples ("skipped": what was dropped since the previous example of that stream), so
+they survive DataLoader worker processes; the collator folds them into one SkipCounter in the training process.
+
+Resume: `examples.state_dict()` / `load_state_dict()` is exact without shuffling. With `.shuffle(buffer_size=...)`
+the buffer content is not checkpointed (datasets refills it on resume), so a resumed run sees a slightly different
+order and may skip or repeat up to `buffer_size` rows. With DataLoader workers use
+`torchdata.stateful_dataloader.StatefulDataLoader` to checkpoint the per-worker states.
+"""
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+
+from datasets import Image as ImageFeature
+
+from .schema import MAX_CAPTION_CHARS, BadRecord, check_header, check_region, decode_image
+
+TASKS = ("bbox2caption", "caption2bbox")
+
+
+class SkipCounter:
+    """Rows and regions skipped during training, by reason; `as_dict()` is what the Trainer logs."""
+
+    def __init__(self):
+        self.counts: Counter = Counter()
+
+    def add(self, reason: str, n: int = 1) -> None:
+        self.counts[reason] += n
+
+    def absorb(self, examples) -> None:
+        """Fold the "skipped" deltas carried by a batch of examples into this counter."""
+        for example in examples:
+            self.counts.update(example.get("skipped") or {})
+
+    def as_dict(self, prefix: str = "") -> dict[str, int]:
+        return {f"{prefix}{reason}": n for reason, n in sorted(self.counts.items())}
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def _sort_key(box):
+    return (box[1], box[0], box[3], box[2])  # reading order: top to bottom, then left to right
+
+
+class TaskBuilder:
+    """Expands each Gran record into Bbox2Caption / Caption2Bbox examples for `regions_per_image` sampled regions.
+
+    Region sampling is seeded by (seed, image_id), so a resumed or re-split stream yields the same examples.
+    `multi_box`: a Caption2Bbox target lists every region of the image sharing the caption (reading order);
+    without it such ambiguous captions give no Caption2Bbox example.
+    """
+
+    def __init__(
+        self,
+        processor,
+        tasks=TASKS,
+        regions_per_image: int = 4,
+        multi_box: bool = True,
+        stage1: bool = False,
+        seed: int = 0,
+        max_caption_chars: int = MAX_CAPTION_CHARS,
+    ):
+        unknown = set(tasks) - set(TASKS)
+        if unknown:
+            raise ValueError(f"unknown tasks {sorted(unknown)}; choose from {TASKS}")
+        self.processor = processor
+        self.tasks = tuple(tasks)
+        self.regions_per_image = regions_per_image
+        self.multi_box = multi_box
+        self.stage1 = stage1
+        self.seed = seed
+        self.max_caption_chars = max_caption_chars
+        self.pending: Counter = Counter()  # skips not yet attached to an example (per process / worker)
+
+    # ---- one record ----------------------------------------------------------------------------------------------
+    def _skip(self, reason: str) -> list[dict]:
+        self.pending[reason] += 1
+        return []
+
+    def examples(self, record: dict) -> list[dict]:
+        """All examples of one record ([] if it is unusable; the reason goes into `pending`)."""
+        reason = check_header(record)
+        if reason:
+            return self._skip(reason)
+        width, height = record["width"], record["height"]
+        if width * height > self.processor.image_processor.max_image_pixels:
+            return self._skip("image_too_large")  # the image processor would refuse it at collation
+        try:
+            image = decode_image(record["image"])
+        except BadRecord as e:
+            return self._skip(e.reason)
+        if image.size != (width, height):
+            return self._skip("size_mismatch")
+        image = image.convert("RGB")
+
+        regions = []
+        for region in record["regions"]:
+            reason = check_region(region, width, height, self.max_caption_chars)
+            if reason:
+                self.pending[reason] += 1
+            else:
+                regions.append({"bbox": [float(v) for v in region["bbox"]], "caption": region["caption"].strip()})
+        if not regions:
+            return self._skip("no_regions")
+
+        size = (width, height)
+        rng = random.Random(f"{self.seed}:{record['image_id']}")
+        chosen = rng.sample(regions, min(self.regions_per_image, len(regions)))
+        out, seen_captions = [], set()
+        for region in chosen:
+            if "bbox2caption" in self.tasks:
+                prompt = self.processor.bbox2caption_prompt(region["bbox"], size)
+                # captions are data, not markup: plain_text keeps a "<box>" inside OCR text from becoming a token
+                out.append(self._example(record, image, "bbox2caption", prompt, self.processor.plain_text(region["caption"]), [region["bbox"]]))
+            if "caption2bbox" in self.tasks and region["caption"] not in seen_captions:
+                seen_captions.add(region["caption"])
+                boxes = sorted((r["bbox"] for r in regions if r["caption"] == region["caption"]), key=_sort_key)
+                if len(boxes) > 1 and not self.multi_box:
+                    self.pending["ambiguous_caption"] += 1
+                    continue
+                target = "".join(self.processor.encode_box(b, size) for b in boxes)
+                out.append(self._example(record, image, "caption2bbox", self.processor.caption2bbox_prompt(region["caption"]), target, boxes))
+        return out
+
+    def _example(self, record, image, task, prompt, target, boxes) -> dict:
+        example = {
+            "image": image,
+            "image_id": record["image_id"],
+            "image_size": [record["width"], record["height"]],
+            "task": task,
+            "prompt": prompt,
+            "target": target,
+            "boxes": boxes,
+        }
+        if self.stage1:
+            example["model_boxes"] = self.processor.image_processor.to_model_space(boxes, image.size).tolist()
+            # floor/ceil: the crop covers the whole region and is at least one pixel even for a sliver of a box
+            example["crops"] = [
+                image.crop((math.floor(x1), math.floor(y1), max(math.ceil(x2), math.floor(x1) + 1), max(math.ceil(y2), math.floor(y1) + 1)))
+                for x1, y1, x2, y2 in boxes
+            ]
+        return example
+
+    # ---- streams ---------------------------------------------------------------------------------------------------
+    def iter_examples(self, records):
+        """Generator over any iterable of records, with pending skips attached to the next example."""
+        for record in records:
+            for example in self.examples(record):
+                example["skipped"], self.pending = dict(self.pending), Counter()
+                yield example
+
+    def __call__(self, batch: dict) -> dict:
+        """Batched `map` function: a column batch of records -> a column batch of examples."""
+        keys = list(batch)
+        records = [dict(zip(keys, values)) for values in zip(*batch.values())]
+        examples = list(self.iter_examples(records))
+        columns = ["image", "image_id", "image_size", "task", "prompt", "target", "boxes", "skipped"]
+        if self.stage1:
+            columns += ["model_boxes", "crops"]
+        return {c: [e[c] for e in examples] for c in columns}
+
+    def apply(self, dataset, batch_size: int = 8):
+        """Map a Gran `IterableDataset` to examples (a map-style `Dataset`: `.to_iterable_dataset()` first). The image column is read undecoded so that a
+        corrupt image reaches `examples()` (and the counter) instead of raising inside datasets' decoder."""
+        dataset = dataset.cast_column("image", ImageFeature(decode=False))
+        return dataset.map(self, batched=True, batch_size=batch_size, remove_columns=list(dataset.column_names))
+
+
+class TaskCollator:
+    """Examples -> model batch (input_ids, attention_mask, pixel_values, labels [, region_boxes, crop_pixel_values]),
+    folding the examples' skip counts into `counter`."""
+
+    def __init__(self, processor, counter: SkipCounter | None = None):
+        self.processor = processor
+        self.counter = counter if counter is not None else SkipCounter()
+
+    def __call__(self, examples: list[dict]):
+        import torch
+
+        self.counter.absorb(examples)
+        batch = self.processor(
+            images=[e["image"] for e in examples],
+            text=[e["prompt"] for e in examples],
+            targets=[e["target"] for e in examples],
+            return_tensors="pt",
+        )
+        if "model_boxes" in examples[0]:
+            batch["region_boxes"] = [torch.tensor(e["model_boxes"], dtype=torch.float32) for e in examples]  # (K, 4) each
+            crops = [c for e in examples for c in e["crops"]]
+            batch["crop_pixel_values"] = self.processor.image_processor(crops)["pixel_values"]  # (sum K, 3, S, S)
+        return batch
+
+
+def skip_counter_callback(counter: SkipCounter, prefix: str = "data/skipped_"):
+    """A `transformers.TrainerCallback` adding the counter to every log (and to `state.log_history`)."""
+    from transformers import TrainerCallback
+
+    class SkipCounterCallback(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            counts = counter.as_dict(prefix)
+            if logs is not None:
+                logs.update(counts)  # seen by the callbacks after this one (reporters, printers)
+            if state.log_history:
+                state.log_history[-1].update(counts)  # Trainer.log appends its record before calling callbacks
+
+    return SkipCounterCallback()
