@@ -118,6 +118,7 @@ def caption_scores(predictions, references, meteor=None):
     out["rougeL"] = float(Rouge().compute_score(gts, res)[0])
     out["cider"] = float(Cider().compute_score(gts, res)[0])
     out["tokenizer"] = "ptb" if have_java else "normalize_text"
+    out["count"] = len(references)
     if meteor is True and not have_java:
         raise RuntimeError("METEOR needs Java (the meteor-1.5.jar bundled with pycocoevalcap); `java` is not on PATH")
     if (meteor is None and have_java) or meteor is True:

@@ -1,0 +1,407 @@
+"""`granvit-eval`: score a GranViT checkpoint on a benchmark, resumably, and write scores + a report.
+
+    granvit-eval --model ./granvit-ckpt --benchmark refcoco_val --limit 500 --batch-size 16 --output eval_out
+    granvit-eval --model org/granvit --benchmark docvqa_val --data docvqa_val.parquet   # local file, Hub columns
+
+Layout of --output: <benchmark>/predictions.jsonl (one line per sample, appended per batch, so a rerun
+continues where it stopped), <benchmark>/boxes.png + boxes.html (grounding only), scores.json (every
+benchmark scored into this folder) and report.md (a table per benchmark and the paper's family averages).
+
+`evaluate_synthetic` is the synthetic-set evaluation the main job and the experiments call.
+"""
+import argparse
+import base64
+import json
+import os
+
+import torch
+from tqdm import tqdm
+
+from granvit.eval import metrics as M
+from granvit.eval.benchmarks import BENCHMARKS, FAMILIES, get_benchmark, iter_samples, load_rows, to_pil
+
+VQA_SUFFIX = "\nAnswer the question using a single word or phrase."
+CHOICE_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
+MAX_NEW_TOKENS = {"grounding": 12, "region_caption": 32, "vqa": 16, "multiple_choice": 8, "ocr": 64}
+
+
+# ----------------------------------------------------------------------------- model I/O
+
+def load_model(model_id: str, device: str = None, dtype: str = "auto"):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForImageTextToText.from_pretrained(model_id, trust_remote_code=True, dtype=dtype).to(device)
+    processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)
+    return model.eval(), processor
+
+
+@torch.inference_mode()
+def generate(model, processor, images, prompts, max_new_tokens: int):
+    """Greedy generation for a batch of (image, user prompt); returns the new token ids (batch, new_len)."""
+    inputs = processor(images=images, text=prompts, return_tensors="pt").to(model.device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    # Left padding: every prompt ends at the same column, so the answers start there.
+    return out[:, inputs["input_ids"].shape[1]:]
+
+
+def build_prompt(processor, sample: dict, task_type: str) -> str:
+    if task_type == "grounding":
+        return processor.caption2bbox_prompt(sample["expression"])
+    if task_type == "region_caption":
+        return processor.bbox2caption_prompt(sample["box"], sample["image"].size)
+    if task_type == "multiple_choice":
+        options = "".join(f"\n{k}. {v}" for k, v in sample["options"].items() if v)
+        return processor.vqa_prompt(sample["question"] + options + CHOICE_SUFFIX)
+    if task_type == "vqa":
+        return processor.vqa_prompt(sample["question"] + VQA_SUFFIX)
+    return processor.vqa_prompt(sample["question"])
+
+
+def predict(model, processor, samples: list, task_type: str, max_new_tokens: int = None) -> list:
+    """Prediction records (JSON-ready) for one batch of canonical samples."""
+    new_ids = generate(model, processor, [s["image"] for s in samples],
+                       [build_prompt(processor, s, task_type) for s in samples],
+                       max_new_tokens or MAX_NEW_TOKENS[task_type])
+    texts = [t.strip() for t in processor.batch_decode(new_ids, skip_special_tokens=True)]
+    records = []
+    for k, (s, text) in enumerate(zip(samples, texts)):
+        rec = {"id": s["id"], "text": text, "target": {key: v for key, v in s.items() if key not in ("id", "image")}}
+        rec["target"]["image_size"] = list(s["image"].size)
+        if task_type == "grounding":
+            boxes = processor.post_process_grounding([text], [s["image"].size])[0]
+            rec["box"] = boxes[0] if boxes else None   # no box -> a miss, counted by grounding_scores
+        records.append(rec)
+    return records
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def _score_grounding(recs):
+    out = M.grounding_scores([r["box"] for r in recs], [r["target"]["box"] for r in recs], thresholds=(0.5, 0.75))
+    return {"main": out["acc@0.5"], **out}
+
+
+def _score_caption(recs):
+    out = M.caption_scores([r["text"] for r in recs], [r["target"]["references"] for r in recs])
+    return {"main": out["cider"], **out}
+
+
+def _mean(values):
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def _score_choice(recs, circular=False):
+    out = M.choice_accuracy([r["text"] for r in recs], [r["target"]["options"] for r in recs],
+                            [r["target"]["answer"] for r in recs])
+    picks = out.pop("picks")
+    if circular:
+        correct = [p == r["target"]["answer"] for p, r in zip(picks, recs)]
+        out["circular_accuracy"] = M.group_accuracy([r["target"]["group"] for r in recs], correct)
+    return {"main": out["circular_accuracy"] if circular else out["accuracy"], **out}
+
+
+def _score_yes_no(recs):
+    out = M.yes_no_accuracy([r["text"] for r in recs], [r["target"]["answers"][0] for r in recs])
+    correct = out.pop("correct")
+    out["figure_accuracy"] = M.group_accuracy([r["target"]["subset"] for r in recs], correct)
+    out["question_pair_accuracy"] = M.group_accuracy([r["target"]["group"] for r in recs], correct)
+    return {"main": out["accuracy"], **out}
+
+
+def _per_sample(fn, recs, **kw):
+    return {"main": _mean(fn(r["text"], r["target"]["answers"], **kw) for r in recs), "count": len(recs)}
+
+
+def _score_ocrbench(recs):
+    scores = [M.ocrbench_score(r["text"], r["target"]["answers"], r["target"]["subset"]) for r in recs]
+    return {"main": _mean(scores), "correct": int(sum(scores)), "count": len(recs)}
+
+
+def _score_gqa(recs):
+    hits = [M.vqa_normalize(r["text"]) == M.vqa_normalize(r["target"]["answers"][0]) for r in recs]
+    return {"main": _mean(hits), "count": len(recs)}
+
+
+SCORERS = {
+    "grounding": _score_grounding,
+    "caption": _score_caption,
+    "choice": _score_choice,
+    "circular_choice": lambda recs: _score_choice(recs, circular=True),
+    "yes_no": _score_yes_no,
+    "vqa_accuracy": lambda recs: _per_sample(M.vqa_accuracy, recs),
+    "anls": lambda recs: _per_sample(M.anls, recs),
+    "relaxed": lambda recs: _per_sample(M.relaxed_accuracy, recs),
+    "ocrbench": _score_ocrbench,
+    "gqa_exact": _score_gqa,
+}
+
+
+# ----------------------------------------------------------------------------- predictions file (resume)
+
+def read_predictions(path: str) -> list:
+    """Records already written; a truncated last line (a run killed mid-write) is dropped from the file."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    records = []
+    for k, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if k != len(lines) - 1:
+                raise ValueError(f"{path}: line {k + 1} is not JSON; delete the file to start over") from None
+            print(f"dropping a truncated last line in {path}")
+            with open(path, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+    return records
+
+
+def run_benchmark(model, processor, name: str, output: str, data: str = None, limit: int = None,
+                  batch_size: int = 8, config: str = None, max_new_tokens: int = None) -> dict:
+    """Predict (resuming from <output>/<name>/predictions.jsonl), score, update scores.json and report.md."""
+    bench = get_benchmark(name)
+    bench_dir = os.path.join(output, name)
+    os.makedirs(bench_dir, exist_ok=True)
+    pred_path = os.path.join(bench_dir, "predictions.jsonl")
+    done = {r["id"] for r in read_predictions(pred_path)}
+    rows = load_rows(bench, data, config)
+    base_dir = os.path.dirname(os.path.abspath(data)) if data else "."
+    samples = iter_samples(bench, rows, base_dir)
+    # RefCOCO rows hold several expressions and MMBench rows several rotations: no sample count up front.
+    one_per_row = bench.task_type != "grounding" and not bench.circular
+    total = limit if limit is not None else (len(rows) if one_per_row else None)
+    with open(pred_path, "a", encoding="utf-8") as f, tqdm(total=total, desc=name) as bar:
+        batch = []
+        for n, sample in enumerate(samples):
+            if limit is not None and n >= limit:
+                break
+            bar.update(1)
+            if sample["id"] in done:
+                continue
+            batch.append(sample)
+            if len(batch) == batch_size:
+                _write(f, predict(model, processor, batch, bench.task_type, max_new_tokens))
+                batch = []
+        if batch:
+            _write(f, predict(model, processor, batch, bench.task_type, max_new_tokens))
+    records = read_predictions(pred_path)
+    if limit is not None:
+        records = records[:limit]
+    scores = {"benchmark": name, "family": bench.family, "metric": bench.metric, "hub_id": bench.hub_id,
+              "split": bench.split, "data": data, **SCORERS[bench.metric](records)}
+    update_scores(output, name, scores)
+    if bench.task_type == "grounding":
+        draw_boxes(records, rows, bench, base_dir, bench_dir)
+    return scores
+
+
+def _write(f, records):
+    f.writelines(json.dumps(r) + "\n" for r in records)
+    f.flush()
+
+
+# ----------------------------------------------------------------------------- scores, report, box grid
+
+def family_averages(scores: dict) -> dict:
+    """The paper's three averages: the mean headline score of the benchmarks of each family that were run."""
+    out = {}
+    for fam in FAMILIES:
+        mains = [s["main"] for s in scores.values() if s["family"] == fam]
+        out[fam] = {"average": _mean(mains), "benchmarks": len(mains)} if mains else None
+    return out
+
+
+def update_scores(output: str, name: str, result: dict):
+    path = os.path.join(output, "scores.json")
+    scores = {}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            scores = json.load(f)["benchmarks"]
+    scores[name] = result
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"benchmarks": scores, "family_averages": family_averages(scores)}, f, indent=2)
+    with open(os.path.join(output, "report.md"), "w", encoding="utf-8") as f:
+        f.write(render_report(scores))
+
+
+def render_report(scores: dict) -> str:
+    lines = ["# GranViT evaluation", ""]
+    for name, s in scores.items():
+        lines += [f"## {name}", "", f"{s['hub_id']} `{s['split']}`" + (f", local file `{s['data']}`" if s["data"] else "")
+                  + f" ({s['family']}, metric `{s['metric']}`)", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
+                  for k, v in s.items() if k not in ("benchmark", "family", "metric", "hub_id", "split", "data")]
+        lines.append("")
+    lines += ["## Family averages (mean headline score, as in the paper)", "", "| family | average | benchmarks |",
+              "|---|---|---|"]
+    for fam, v in family_averages(scores).items():
+        lines.append(f"| {fam} | {v['average']:.4f} | {v['benchmarks']} |" if v else f"| {fam} | - | 0 |")
+    return "\n".join(lines) + "\n"
+
+
+def draw_boxes(records, rows, bench, base_dir, out_dir, n: int = 16):
+    """boxes.png (a grid: true box green, predicted red) and boxes.html (the grid + a table) for grounding."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    wanted = {r["id"]: r for r in records[:n]}
+    images = {}
+    for s in iter_samples(bench, rows, base_dir):
+        if s["id"] in wanted:
+            images[s["id"]] = s["image"]
+        if len(images) == len(wanted):
+            break
+    cols = 4
+    rows_n = max(1, -(-len(wanted) // cols))
+    fig, axes = plt.subplots(rows_n, cols, figsize=(3 * cols, 3 * rows_n), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    table = []
+    for ax, (rid, rec) in zip(axes.flat, wanted.items()):
+        ax.imshow(images[rid])
+        (x1, y1, x2, y2) = rec["target"]["box"]
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color="lime", lw=2))
+        iou = 0.0
+        if M.valid_box(rec["box"]):
+            px1, py1, px2, py2 = rec["box"]
+            ax.add_patch(Rectangle((px1, py1), px2 - px1, py2 - py1, fill=False, color="red", lw=2, ls="--"))
+            iou = M.box_iou(rec["box"], rec["target"]["box"])
+        ax.set_title(f"{rec['target']['expression'][:30]}\nIoU {iou:.2f}", fontsize=8)
+        table.append(f"<tr><td>{rid}</td><td>{_html(rec['target']['expression'])}</td><td>{rec['box']}</td>"
+                     f"<td>{[round(v, 1) for v in rec['target']['box']]}</td><td>{iou:.3f}</td></tr>")
+    fig.tight_layout()
+    png = os.path.join(out_dir, "boxes.png")
+    fig.savefig(png, dpi=80)
+    plt.close(fig)
+    with open(png, "rb") as f:
+        b64 = base64.b64encode(f.read()).decode()
+    with open(os.path.join(out_dir, "boxes.html"), "w", encoding="utf-8") as f:
+        f.write(f"<html><body><h1>{bench.name}: true (green) vs predicted (red dashed)</h1>"
+                f"<img src='data:image/png;base64,{b64}'><table border=1><tr><th>id</th><th>expression</th>"
+                f"<th>predicted</th><th>true</th><th>IoU</th></tr>{''.join(table)}</table></body></html>")
+
+
+def _html(text: str) -> str:
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+# ----------------------------------------------------------------------------- synthetic set
+
+def _load_gran(dataset_or_path, split: str):
+    if not isinstance(dataset_or_path, (str, os.PathLike)):
+        return dataset_or_path
+    from datasets import load_dataset
+
+    path = str(dataset_or_path)
+    if path.endswith(".parquet"):
+        return load_dataset("parquet", data_files=path, split="train")
+    return load_dataset(path, split=split)
+
+
+def synthetic_baselines(train) -> tuple:
+    """(mean training box normalised to [0, 1] xyxy, most common training caption) of a Gran train split."""
+    boxes, captions = [], []
+    for row in train.select_columns(["width", "height", "regions"]):
+        w, h = row["width"], row["height"]
+        for region in row["regions"]:
+            x1, y1, x2, y2 = region["bbox"]
+            boxes.append([x1 / w, y1 / h, x2 / w, y2 / h])
+            captions.append(region["caption"])
+    if not boxes:
+        raise ValueError("the train split has no regions to compute baselines from")
+    return [sum(b[k] for b in boxes) / len(boxes) for k in range(4)], M.most_common(captions)
+
+
+def evaluate_synthetic(model, processor, dataset_or_path, limit: int = None, batch_size: int = 16,
+                       train=None, baseline_box=None, baseline_caption=None, split: str = "test") -> dict:
+    """Caption->box grounding ACC@0.5 and box->caption exact match on a Gran-schema set, with baselines.
+
+    dataset_or_path: a `datasets.Dataset` in the Gran schema, a Gran dataset folder (its `split` is read) or
+    a Parquet file. Every region of every image is one query (up to `limit` regions).
+    Baselines: the mean training box (`baseline_box`, normalised [0, 1] xyxy, scaled to each image) and the
+    most common training caption (`baseline_caption`); missing ones are computed from `train` (a Gran
+    Dataset, or the "train" split of the same folder). Images should be RGB-decodable by PIL.
+    """
+    data = _load_gran(dataset_or_path, split)
+    if baseline_box is None or baseline_caption is None:
+        if train is None:
+            if not isinstance(dataset_or_path, (str, os.PathLike)) or str(dataset_or_path).endswith(".parquet"):
+                raise ValueError("evaluate_synthetic needs `train` (or baseline_box and baseline_caption)")
+            train = _load_gran(dataset_or_path, "train")
+        box, caption = synthetic_baselines(_load_gran(train, "train"))
+        baseline_box = box if baseline_box is None else baseline_box
+        baseline_caption = caption if baseline_caption is None else baseline_caption
+
+    queries = []   # (image, region) pairs, images decoded once per row
+    for row in data:
+        image = to_pil(row["image"])
+        for region in row["regions"]:
+            if limit is not None and len(queries) >= limit:
+                break
+            queries.append({"id": f"{row['image_id']}/{len(queries)}", "image": image,
+                            "expression": region["caption"], "box": [float(v) for v in region["bbox"]],
+                            "references": [region["caption"]]})
+        if limit is not None and len(queries) >= limit:
+            break
+    if not queries:
+        raise ValueError("the synthetic evaluation set has no regions")
+
+    pred_boxes, pred_caps = [], []
+    for start in tqdm(range(0, len(queries), batch_size), desc="synthetic eval"):
+        batch = queries[start:start + batch_size]
+        pred_boxes += [r["box"] for r in predict(model, processor, batch, "grounding")]
+        pred_caps += [r["text"] for r in predict(model, processor, batch, "region_caption")]
+
+    refs = [q["box"] for q in queries]
+    sizes = [q["image"].size for q in queries]
+    base_boxes = [[baseline_box[0] * w, baseline_box[1] * h, baseline_box[2] * w, baseline_box[3] * h]
+                  for w, h in sizes]
+    grounding = M.grounding_scores(pred_boxes, refs)
+    captions = [q["expression"] for q in queries]
+    return {
+        "grounding_acc50": grounding["acc@0.5"],
+        "grounding_miou": grounding["miou"],
+        "grounding_acc50_baseline": M.grounding_scores(base_boxes, refs)["acc@0.5"],
+        "grounding_invalid": grounding["invalid"],
+        "caption_exact": M.exact_match(pred_caps, captions),
+        "caption_exact_baseline": M.exact_match([baseline_caption] * len(captions), captions),
+        "baseline_box": list(baseline_box),
+        "baseline_caption": baseline_caption,
+        "num_regions": len(queries),
+        "num_images": len({q["id"].split("/")[0] for q in queries}),
+        "examples": [{"caption": c, "predicted_caption": p, "box": b, "predicted_box": pb}
+                     for c, p, b, pb in list(zip(captions, pred_caps, refs, pred_boxes))[:5]],
+    }
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="checkpoint folder or Hub id")
+    parser.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS))
+    parser.add_argument("--data", help="local Parquet/JSONL with the benchmark's Hub columns (instead of the Hub)")
+    parser.add_argument("--config", help="Hub config to use instead of the registry's (e.g. a BLINK sub-task)")
+    parser.add_argument("--limit", type=int, help="score only the first N samples")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, help="default: per task type")
+    parser.add_argument("--output", default="eval_out")
+    parser.add_argument("--device", help="default: cuda if available, else cpu")
+    args = parser.parse_args(argv)
+
+    model, processor = load_model(args.model, args.device)
+    scores = run_benchmark(model, processor, args.benchmark, args.output, args.data, args.limit, args.batch_size,
+                           args.config, args.max_new_tokens)
+    print(json.dumps({k: v for k, v in scores.items() if not isinstance(v, (list, dict))}, indent=2))
+    print(f"report: {os.path.join(args.output, 'report.md')}")
+
+
+if __name__ == "__main__":
+    main()
