@@ -78,7 +78,10 @@ class GranViTImageProcessor(BaseImageProcessor):
     def load(self, image) -> Image.Image:
         """Open (if a path), check the pixel cap *before* decoding, and convert to RGB."""
         if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
-            image = Image.open(image)
+            try:
+                image = Image.open(image)  # reads the header only; pixels are decoded later
+            except Image.DecompressionBombError as err:
+                raise ValueError(f"{err} (max_image_pixels={self.max_image_pixels})") from None
         elif isinstance(image, np.ndarray):
             image = Image.fromarray(image)
         elif isinstance(image, torch.Tensor):

@@ -258,8 +258,9 @@ class GranViTForConditionalGeneration(GranViTPreTrainedModel, GenerationMixin):
         embeddings = self.get_input_embeddings().weight
         dim = embeddings.shape[1]
         position = torch.arange(n, dtype=torch.float32).unsqueeze(1) / n  # (n, 1) in [0, 1)
-        # Frequencies from one cycle over the whole range up to ~n/2 cycles: coarse and fine position.
-        freqs = torch.exp(torch.linspace(0.0, math.log(max(n / 2, 1.0)), (dim + 1) // 2)).unsqueeze(0)
+        # From one cycle over the whole range (coarse position) to one cycle per 8 bins (fine position, while
+        # neighbouring bins still stay similar).
+        freqs = torch.exp(torch.linspace(0.0, math.log(max(n / 8, 1.0)), (dim + 1) // 2)).unsqueeze(0)
         angles = 2 * math.pi * position * freqs  # (n, dim/2)
         code = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)[:, :dim]  # (n, dim)
         reference = torch.cat([embeddings[:start], embeddings[start + n :]]).float()

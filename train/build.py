@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from .. import AUTO_MAP
+from ..registration import AUTO_MAP
 from ..configuration_granvit import GranViTConfig
 from ..image_processing_granvit import GranViTImageProcessor
 from ..modeling_granvit import GranViTForConditionalGeneration

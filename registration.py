@@ -1,0 +1,37 @@
+"""Native ``Auto*`` registration and the ``auto_map`` every GranViT checkpoint carries."""
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor
+
+from .configuration_granvit import GranViTConfig
+from .image_processing_granvit import GranViTImageProcessor
+from .modeling_granvit import GranViTForConditionalGeneration, GranViTModel, GranViTPreTrainedModel
+from .processing_granvit import GranViTProcessor
+
+# Every Auto class a checkpoint must answer to (register_for_auto_class keeps only the last one per class, so the
+# config's auto_map is written in full by the builder: see train/build.py).
+AUTO_MAP = {
+    "AutoConfig": "configuration_granvit.GranViTConfig",
+    "AutoModel": "modeling_granvit.GranViTModel",
+    "AutoModelForImageTextToText": "modeling_granvit.GranViTForConditionalGeneration",
+}
+
+GranViTConfig.register_for_auto_class()
+GranViTModel.register_for_auto_class("AutoModel")
+GranViTForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+GranViTImageProcessor.register_for_auto_class("AutoImageProcessor")
+GranViTProcessor.register_for_auto_class("AutoProcessor")
+
+AutoConfig.register("granvit", GranViTConfig, exist_ok=True)
+AutoModel.register(GranViTConfig, GranViTModel, exist_ok=True)
+AutoModelForImageTextToText.register(GranViTConfig, GranViTForConditionalGeneration, exist_ok=True)
+AutoImageProcessor.register(GranViTConfig, image_processor_classes={"pil": GranViTImageProcessor}, exist_ok=True)
+AutoProcessor.register(GranViTConfig, GranViTProcessor, exist_ok=True)
+
+__all__ = [
+    "AUTO_MAP",
+    "GranViTConfig",
+    "GranViTImageProcessor",
+    "GranViTModel",
+    "GranViTForConditionalGeneration",
+    "GranViTPreTrainedModel",
+    "GranViTProcessor",
+]

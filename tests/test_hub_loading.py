@@ -1,0 +1,115 @@
+"""A checkpoint folder loads with trust_remote_code in a fresh process where this repository is NOT importable."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+from PIL import Image
+
+from granvit import GranViTForConditionalGeneration, GranViTModel, GranViTProcessor
+
+FRESH_PROCESS = textwrap.dedent(
+    """
+    import json, sys
+    sys.modules["granvit"] = None  # the package may be installed here: make sure only the checkpoint's code is used
+    import torch
+    from PIL import Image
+    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor, pipeline
+
+    ckpt, inputs_path = sys.argv[1], sys.argv[2]
+    ref = torch.load(inputs_path)
+    report = {}
+    config = AutoConfig.from_pretrained(ckpt, trust_remote_code=True)
+    report["config"] = type(config).__name__
+    processor = AutoProcessor.from_pretrained(ckpt, trust_remote_code=True)
+    report["processor"] = type(processor).__name__
+    batch = processor(images=[Image.new("RGB", (50, 30), "red")], text=[processor.vqa_prompt("what?")])
+    report["same_inputs"] = torch.equal(batch["input_ids"], ref["input_ids"])
+    model = AutoModelForImageTextToText.from_pretrained(ckpt, trust_remote_code=True).eval()
+    base = AutoModel.from_pretrained(ckpt, trust_remote_code=True).eval()
+    report["model"], report["base"] = type(model).__name__, type(base).__name__
+    report["module"] = type(model).__module__
+    with torch.no_grad():
+        report["logits_equal"] = torch.equal(model(**batch).logits, ref["logits"])
+        report["hidden_equal"] = torch.equal(base(**batch).last_hidden_state, ref["hidden"])
+    generated = model.generate(**batch, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    report["generate_equal"] = torch.equal(generated, ref["generated"])
+    pipe = pipeline("image-text-to-text", model=ckpt, trust_remote_code=True)
+    messages = [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (50, 30), "red")},
+                                             {"type": "text", "text": "what?"}]}]
+    out = pipe(text=messages, max_new_tokens=3)
+    report["pipeline_roles"] = [m["role"] for m in out[0]["generated_text"]]
+    print("REPORT " + json.dumps(report))
+    """
+)
+
+
+def test_fresh_process_remote_code_load(tmp_path, tiny_checkpoint):
+    model = GranViTForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
+    base = GranViTModel.from_pretrained(tiny_checkpoint).eval()
+    processor = GranViTProcessor.from_pretrained(tiny_checkpoint)
+    batch = processor(images=[Image.new("RGB", (50, 30), "red")], text=[processor.vqa_prompt("what?")])
+    with torch.no_grad():
+        reference = {
+            "input_ids": batch["input_ids"],
+            "logits": model(**batch).logits,
+            "hidden": base(**batch).last_hidden_state,
+            "generated": model.generate(**batch, max_new_tokens=4, min_new_tokens=4, do_sample=False),
+        }
+    torch.save(reference, tmp_path / "reference.pt")
+    script = tmp_path / "load.py"
+    script.write_text(FRESH_PROCESS)
+    workdir = tmp_path / "elsewhere"
+    workdir.mkdir()
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    result = subprocess.run(
+        [sys.executable, "-I", str(script), str(tiny_checkpoint), str(tmp_path / "reference.pt")],
+        cwd=workdir, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.split("REPORT ", 1)[1])
+    assert report["config"] == "GranViTConfig" and report["processor"] == "GranViTProcessor"
+    assert report["model"] == "GranViTForConditionalGeneration" and report["base"] == "GranViTModel"
+    assert report["module"].startswith("transformers_modules.")
+    assert report["same_inputs"] and report["logits_equal"] and report["hidden_equal"] and report["generate_equal"]
+    assert report["pipeline_roles"] == ["user", "assistant"]
+
+
+def test_native_registration_without_remote_code(tiny_checkpoint):
+    """With the package installed (and imported), the Auto classes resolve GranViT natively."""
+    from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor
+
+    assert type(AutoModelForImageTextToText.from_pretrained(tiny_checkpoint)) is GranViTForConditionalGeneration
+    assert type(AutoModel.from_pretrained(tiny_checkpoint)) is GranViTModel
+    assert type(AutoProcessor.from_pretrained(tiny_checkpoint)) is GranViTProcessor
+
+
+def test_build_cli_writes_a_complete_checkpoint(tmp_path):
+    from granvit.train.build import main
+    from granvit.train.tiny import save_tiny_parts
+
+    vision_dir, llm_dir = save_tiny_parts(tmp_path / "parts", tie_word_embeddings=True)
+    main(["--vision", str(vision_dir), "--llm", str(llm_dir), "--out", str(tmp_path / "ckpt"),
+          "--num-coord-bins", "50", "--spatial-merge-size", "2"])
+    files = set(os.listdir(tmp_path / "ckpt"))
+    assert {"model.safetensors", "config.json", "generation_config.json", "processor_config.json", "tokenizer.json",
+            "chat_template.jinja", "configuration_granvit.py", "modeling_granvit.py", "processing_granvit.py",
+            "image_processing_granvit.py"} <= files
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForImageTextToText"}
+    assert config["tie_word_embeddings"] is True and config["spatial_merge_size"] == 2
+    model = GranViTForConditionalGeneration.from_pretrained(tmp_path / "ckpt")
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    # The LLM part is the pretrained LLM: same logits on text-only input for the original vocabulary.
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(llm_dir).eval()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        ours = model.eval()(input_ids=ids).logits[..., : lm.config.vocab_size]
+        torch.testing.assert_close(ours, lm(input_ids=ids).logits)
+    processor = GranViTProcessor.from_pretrained(tmp_path / "ckpt")
+    assert processor.num_image_tokens == 4 and processor.num_coord_bins == 50
