@@ -4,7 +4,7 @@ The repository root *is* the ``granvit`` package: the Hub files (``configuration
 ``modeling_granvit.py``, ``processing_granvit.py``, ``image_processing_granvit.py``) sit at the top so they
 can be copied verbatim into every checkpoint, and ``train/``, ``eval/``, ``spaces/`` are its sub-packages.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 # torch==2.14.1 / torchvision==0.29.1 install from local files on the project machines; every range
 # below admits them, so pip never reaches for a multi-GB CUDA wheel from the index.
@@ -36,13 +36,19 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     package_dir={"granvit": "."},
-    packages=["granvit", "granvit.train", "granvit.eval", "granvit.spaces"],
-    package_data={"granvit": ["train/configs/*.yaml", "train/configs/accelerate/*"]},
+    packages=["granvit"] + [f"granvit.{p}" for p in find_packages(include=["train*", "eval*", "spaces*"])],
+    package_data={"granvit": ["train/configs/*.yaml", "train/configs/accelerate/*", "eval/**/*.py", "eval/**/*.yaml"]},
     install_requires=BASE,
     extras_require=EXTRAS,
     entry_points={
         "console_scripts": [
             "granvit-build=granvit.train.build:main",
+            "granvit-data=granvit.train.data.cli:main",
+            "granvit-train=granvit.train.cli:main",
+            "granvit-quickstart=granvit.train.quickstart:main",
+            "granvit-eval=granvit.eval.run:main",
+            "granvit-push=granvit.train.publish:main",
+            "granvit-export-encoder=granvit.train.publish:export_encoder_main",
         ],
     },
 )
