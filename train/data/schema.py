@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets import ClassLabel, Features, Image, List, Value
 from PIL import Image as PILImage
+from PIL import ImageOps
 
 KINDS = ["natural", "ocr"]
 
@@ -61,6 +62,7 @@ REASONS = (
     "box_zero_area",
     "empty_caption",
     "huge_caption",
+    "exif_orientation",
 )
 
 
@@ -132,7 +134,8 @@ def decode_image(image) -> PILImage.Image:
         # PIL raises UnidentifiedImageError (an OSError) for garbage, OSError for truncation, SyntaxError for
         # some broken PNG chunks, DecompressionBombError for absurd sizes.
         raise BadRecord("corrupt_image", f"{type(e).__name__}: {e}") from e
-    return img
+    # datasets' Image feature and the image processor both show the EXIF-upright image: so must the checks
+    return ImageOps.exif_transpose(img)
 
 
 def check_header(record) -> str | None:
@@ -310,13 +313,21 @@ def merge_counts(total: dict, counts: dict) -> dict:
     return total
 
 
+_PRODUCER = None  # the producer inside a Pool worker: inherited through fork, never pickled (it may hold all items)
+
+
+def _init_worker(producer) -> None:
+    global _PRODUCER
+    _PRODUCER = producer
+
+
 def _write_one(job) -> ShardInfo:
-    """Pool worker: produce and write one shard. `producer(start, stop, counts)` yields records for items
-    [start, stop) and adds what it filtered or skipped into `counts`."""
-    out_dir, split, index, num_shards, num_items, producer, row_group_size = job
+    """Produce and write one shard. `producer(start, stop, counts)` yields records for items [start, stop) and
+    adds what it filtered or skipped into `counts`."""
+    out_dir, split, index, num_shards, num_items, row_group_size = job
     start, stop = shard_bounds(num_items, num_shards, index)
     counts: dict = {}
-    info = write_shard(out_dir, shard_relpath(split, index, num_shards), split, producer(start, stop, counts), row_group_size)
+    info = write_shard(out_dir, shard_relpath(split, index, num_shards), split, _PRODUCER(start, stop, counts), row_group_size)
     info.counts = merge_counts(counts, {"written": info.rows})
     return info
 
@@ -334,8 +345,8 @@ def write_split(
 ) -> dict:
     """Write one split as shards of the `num_items` inputs that `producer` turns into records, `num_proc` shards at
     a time, resuming from the manifest. Returns the split's counts (written / filtered / broken), finished shards
-    from earlier runs included. `producer` must pickle (a module-level class instance) and have `.plan()`: the
-    settings that must not change between a run and its resume."""
+    from earlier runs included. `producer` has `.plan()`: the settings that must not change between a run and
+    its resume."""
     from tqdm.auto import tqdm
 
     os.makedirs(os.path.join(out_dir, "data"), exist_ok=True)
@@ -344,16 +355,18 @@ def write_split(
     num_shards = plan_num_shards(total_bytes, num_items, shard_bytes, shard_multiple)
     manifest.set_plan(split, {"num_items": num_items, "num_shards": num_shards, **producer.plan()})
     todo = [i for i in range(num_shards) if not manifest.done(shard_relpath(split, i, num_shards))]
-    jobs = [(out_dir, split, i, num_shards, num_items, producer, row_group_size) for i in todo]
+    jobs = [(out_dir, split, i, num_shards, num_items, row_group_size) for i in todo]
     bar = tqdm(total=num_shards, initial=num_shards - len(todo), desc=f"{split} shards", unit="shard")
     if num_proc > 1 and len(jobs) > 1:
         import multiprocessing
 
-        with multiprocessing.get_context("fork").Pool(min(num_proc, len(jobs))) as pool:
+        ctx = multiprocessing.get_context("fork")
+        with ctx.Pool(min(num_proc, len(jobs)), initializer=_init_worker, initargs=(producer,)) as pool:
             for info in pool.imap_unordered(_write_one, jobs):
                 manifest.add(info)  # only the parent writes the manifest: no lost updates between workers
                 bar.update()
     else:
+        _init_worker(producer)
         for job in jobs:
             manifest.add(_write_one(job))
             bar.update()
