@@ -127,7 +127,8 @@ def parquet_files(paths: list[str]) -> list[str]:
 
 
 def validate_paths(paths: list[str], decode: bool = True) -> dict:
-    """{"rows", "ok", "broken": {reason: rows}, "checksum_mismatch": [files]} over every row of every shard."""
+    """{"rows", "ok", "broken": {reason: rows}, "checksum_mismatch": [shards], "unreadable_files": [...]}."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
     from tqdm.auto import tqdm
 
@@ -140,20 +141,27 @@ def validate_paths(paths: list[str], decode: bool = True) -> dict:
         if os.path.isdir(path) and os.path.exists(os.path.join(path, MANIFEST)):
             manifest = Manifest(path)
             mismatched += [s["path"] for s in manifest.shards() if sha256_file(os.path.join(path, s["path"])) != s["sha256"]]
+    unreadable = []
     for file in tqdm(parquet_files(paths), desc="validate", unit="file"):
-        for batch in pq.ParquetFile(file).iter_batches(batch_size=256):
-            for row in batch.to_pylist():  # raw cells: image stays {bytes, path}, so decoding is checked here
-                rows += 1
-                reason = validate_record(row, decode=decode)
-                if reason:
-                    reasons[reason] += 1
-    return {"rows": rows, "ok": rows - sum(reasons.values()), "broken": dict(sorted(reasons.items())), "checksum_mismatch": mismatched}
+        try:
+            for batch in pq.ParquetFile(file).iter_batches(batch_size=256):
+                for row in batch.to_pylist():  # raw cells: image stays {bytes, path}, so decoding is checked here
+                    rows += 1
+                    reason = validate_record(row, decode=decode)
+                    if reason:
+                        reasons[reason] += 1
+        except (pa.ArrowException, OSError) as e:  # a damaged file: report it and check the others
+            unreadable.append(f"{file}: {type(e).__name__}: {e}")
+    return {
+        "rows": rows, "ok": rows - sum(reasons.values()), "broken": dict(sorted(reasons.items())),
+        "checksum_mismatch": mismatched, "unreadable_files": unreadable,
+    }
 
 
 def cmd_validate(args) -> int:
     report = validate_paths(args.path, decode=not args.no_decode)
     print(json.dumps(report, indent=1))
-    return 1 if report["broken"] or report["checksum_mismatch"] else 0
+    return 1 if report["broken"] or report["checksum_mismatch"] or report["unreadable_files"] else 0
 
 
 def main(argv: list[str] | None = None) -> int:
