@@ -1,0 +1,146 @@
+"""lmms-eval adapter: `python -m lmms_eval --model granvit --model_args pretrained=DIR ...`.
+
+Registered through the entry point `[lmms_eval.models] granvit = granvit.eval.lmms_eval_granvit:MANIFEST`
+(lmms-eval >= 0.7 reads that group; needs `pip install lmms-eval==0.7.3 "filelock<4"`: filelock 4 breaks
+its `simple_evaluate`). Any lmms-eval `generate_until` task runs as VQA (the task text becomes the
+question); decoding is always greedy, so sampling settings (temperature, top_p, num_beams) are not used.
+GranViT's own region tasks set `granvit_task` in their generation_kwargs:
+
+    grounding        the task text is a caption; the answer is the decoded box "[x1, y1, x2, y2]" (pixels) or ""
+    region_caption   the task text is a JSON box "[x1, y1, x2, y2]" (pixels); the answer is the caption
+
+Local region tasks over a Parquet file of (image, bbox, caption) rows:
+
+    python -m granvit.eval.lmms_eval_granvit make-tasks --data regions.parquet --out ./granvit_tasks
+    python -m lmms_eval --model granvit --model_args pretrained=DIR,device=cpu \
+        --tasks granvit_grounding,granvit_regcap --include_path ./granvit_tasks --output_path ./out
+    ls out/*/*_results.json     # check it: the lmms-eval CLI exits 0 even when a task throws
+"""
+import argparse
+import json
+import os
+import shutil
+
+import torch
+from lmms_eval.api.model import lmms
+from lmms_eval.models.registry_v2 import ModelManifest
+from tqdm import tqdm
+
+from granvit.eval.benchmarks import to_pil
+from granvit.eval.run import generate, load_model
+
+MANIFEST = ModelManifest(model_id="granvit", simple_class_path="granvit.eval.lmms_eval_granvit.GranViTLmms")
+TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lmms_tasks")
+
+
+class GranViTLmms(lmms):
+    is_simple = True
+
+    def __init__(self, pretrained: str, device: str = None, batch_size=1, dtype: str = "auto", **kwargs):
+        super().__init__()
+        if kwargs:
+            raise ValueError(f"unknown granvit model_args: {sorted(kwargs)}")
+        self.model, self.processor = load_model(pretrained, device, dtype)
+        self.batch_size = int(batch_size)
+
+    def _prompt(self, kind: str, context: str, image) -> str:
+        if kind == "grounding":
+            return self.processor.caption2bbox_prompt(context)
+        if kind == "region_caption":
+            return self.processor.bbox2caption_prompt(json.loads(context), image.size)
+        if kind == "vqa":
+            return self.processor.vqa_prompt(context)
+        raise ValueError(f"unknown granvit_task {kind!r} (grounding, region_caption or vqa)")
+
+    def generate_until(self, requests) -> list:
+        answers = [None] * len(requests)
+        # Requests with the same generation settings are batched together (they share max_new_tokens).
+        groups = {}
+        for k, req in enumerate(requests):
+            context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
+            gen_kwargs = dict(gen_kwargs)
+            kind = gen_kwargs.pop("granvit_task", "vqa")
+            key = (kind, int(gen_kwargs.pop("max_new_tokens", 32)), tuple(gen_kwargs.pop("until", None) or ()))
+            image = to_pil(doc_to_visual(self.task_dict[task][split][doc_id]))   # several images are tiled
+            groups.setdefault(key, []).append((k, self._prompt(kind, context, image), image))
+        bar = tqdm(total=len(requests), desc="granvit")
+        for (kind, max_new_tokens, until), items in groups.items():
+            for start in range(0, len(items), self.batch_size):
+                batch = items[start:start + self.batch_size]
+                images = [im for _, _, im in batch]
+                ids = generate(self.model, self.processor, images, [p for _, p, _ in batch], max_new_tokens)
+                texts = self.processor.batch_decode(ids, skip_special_tokens=True)
+                if kind == "grounding":
+                    boxes = self.processor.post_process_grounding(texts, [im.size for im in images])
+                    texts = [json.dumps([round(v, 2) for v in b[0]]) if b else "" for b in boxes]
+                for (k, _, _), text in zip(batch, texts):
+                    for stop in until:
+                        text = text.split(stop)[0]
+                    answers[k] = text.strip()
+                bar.update(len(batch))
+        bar.close()
+        return answers
+
+    @torch.inference_mode()
+    def loglikelihood(self, requests) -> list:
+        """(sum log p(continuation | image, context), whether greedy decoding would produce it) per request."""
+        results = []
+        for req in tqdm(requests, desc="granvit loglikelihood"):
+            context, continuation, doc_to_visual, doc_id, task, split = req.args
+            image = to_pil(doc_to_visual(self.task_dict[task][split][doc_id]))
+            inputs = self.processor(images=[image], text=[self.processor.vqa_prompt(context)],
+                                    targets=[self.processor.plain_text(continuation)], return_tensors="pt")
+            inputs = inputs.to(self.model.device)
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+            labels = inputs.pop("labels")[0]
+            logits = self.model(**inputs).logits[0].float()               # (seq, vocab)
+            # Position t predicts token t + 1; the appended eos is not part of the continuation.
+            positions = (labels != -100).nonzero().squeeze(1)[:-1]
+            logprobs = torch.log_softmax(logits[positions - 1], dim=-1)   # (n_continuation, vocab)
+            targets = labels[positions]
+            total = logprobs.gather(1, targets[:, None]).sum().item()
+            results.append((total, bool((logprobs.argmax(-1) == targets).all())))
+        return results
+
+    def generate_until_multi_round(self, requests) -> list:
+        raise NotImplementedError("GranViT answers single-turn prompts; multi-round lmms-eval tasks are not supported")
+
+
+def write_tasks(data: str, out_dir: str) -> str:
+    """A lmms-eval task folder (granvit_grounding, granvit_regcap) reading `data` (Parquet: image, bbox, caption)."""
+    os.makedirs(out_dir, exist_ok=True)
+    shutil.copy(os.path.join(TASKS_DIR, "utils.py"), os.path.join(out_dir, "utils.py"))
+    for name in ("granvit_grounding.yaml", "granvit_regcap.yaml"):
+        with open(os.path.join(TASKS_DIR, name), encoding="utf-8") as f:
+            text = f.read().replace("__DATA_FILE__", os.path.abspath(data))
+        with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
+            f.write(text)
+    return out_dir
+
+
+def export_regions(gran_dataset, path: str, limit: int = None) -> str:
+    """Flatten a Gran-schema dataset to the task Parquet: one (image, bbox, caption) row per region."""
+    from datasets import Dataset, Features, Image, List, Value
+
+    rows = []
+    for row in gran_dataset:
+        for region in row["regions"]:
+            rows.append({"image": row["image"], "bbox": [float(v) for v in region["bbox"]], "caption": region["caption"]})
+    rows = rows[:limit] if limit else rows
+    features = Features({"image": Image(), "bbox": List(Value("float32"), length=4), "caption": Value("string")})
+    Dataset.from_list(rows, features=features).to_parquet(path)
+    return path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Write GranViT's local lmms-eval region tasks for a Parquet file")
+    sub = parser.add_subparsers(dest="command", required=True)
+    make = sub.add_parser("make-tasks")
+    make.add_argument("--data", required=True, help="Parquet with image, bbox [x1, y1, x2, y2] pixels, caption")
+    make.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    print(write_tasks(args.data, args.out))
+
+
+if __name__ == "__main__":
+    main()
