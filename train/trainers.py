@@ -1,0 +1,288 @@
+"""GranViT's training stages as ``transformers.Trainer`` subclasses.
+
+    stage 1 (Stage1Trainer): ViT + projector trained through the *frozen* LLM on Bbox2Caption, plus self-distillation
+        from an EMA teacher (see ema.py). The LLM stays frozen so that the only way to lower the caption loss is for
+        the ViT to put what is inside the box into the patches under the box; a trainable LLM would soak up the signal.
+    stage 2 (Stage2Trainer): ViT frozen, projector + LLM trained (full or LoRA) on Caption2Bbox (+ some Bbox2Caption).
+    sft (SFTStageTrainer): the stage-2 code path on VQA-style conversations.
+
+Every stage sets its ``requires_grad`` masks itself, keeps frozen components in eval mode (no dropout) even while
+training, logs a table of trainable / frozen parameters per component and refuses to run if a component that must be
+frozen is not. Batches come from ``data.tasks.TaskCollator``; set ``remove_unused_columns=False`` (the default of
+``GranViTTrainingArguments``) or the Trainer drops the stage-1 region boxes and crops before the collator sees them.
+"""
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+from .ema import EMATeacherCallback, load_teacher, make_teacher, save_teacher, student_tower
+
+logger = logging.getLogger(__name__)
+
+COMPONENTS = ("vision_tower", "multi_modal_projector", "language_model", "lm_head")
+TRAINED = {
+    "1": {"vision_tower", "multi_modal_projector"},
+    "2": {"multi_modal_projector", "language_model", "lm_head"},
+    "sft": {"multi_modal_projector", "language_model", "lm_head"},
+}
+# A full regex (PEFT matches a str target with re.fullmatch): the SigLIP/CLIP attention is *also* named q/k/v_proj,
+# so a plain list of names would adapt the vision tower too.
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+@dataclass(kw_only=True)
+class GranViTTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` + the GranViT stage knobs (all read from the YAML config by ``granvit-train``)."""
+
+    remove_unused_columns: bool = False
+    distill_lambda: float = 1.0  # weight of the stage-1 distillation MSE (0 = caption loss only)
+    ema_decay: float = 0.9  # teacher = a * teacher + (1 - a) * student after every optimizer step
+    crop_size: int | None = None  # side of the teacher's crop input; None = the model's image size
+    roi_output_size: int = 7  # ROIAlign output side on both the student and the teacher side
+    distill_regions_per_example: int = 0  # regions distilled per example (first K of its boxes); 0 = all
+    lora_r: int = 0  # stage 2 / sft: 0 = full fine-tuning, > 0 = LoRA of this rank on the language model only
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+
+
+def component_of(name: str) -> str:
+    """Component of a parameter name, also through PEFT prefixes ("base_model.model.model.vision_tower...")."""
+    for part in name.split("."):
+        if part in COMPONENTS:
+            return part
+    raise ValueError(f"parameter {name!r} belongs to no GranViT component {COMPONENTS}")
+
+
+def lora_config(r: int, alpha: int = 16, dropout: float = 0.05):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS,
+        modules_to_save=["multi_modal_projector"], task_type="CAUSAL_LM",
+    )
+
+
+def apply_stage(model: nn.Module, stage: str, lora_r: int = 0, lora_alpha: int = 16, lora_dropout: float = 0.05) -> nn.Module:
+    """Set the stage's ``requires_grad`` masks (wrapping the model with LoRA when ``lora_r`` > 0); returns the model."""
+    if stage not in TRAINED:
+        raise ValueError(f"unknown stage {stage!r}; choose from {sorted(TRAINED)}")
+    if lora_r and stage == "1":
+        raise ValueError("LoRA applies to the language model, which stage 1 keeps frozen; set lora_r: 0 for stage 1")
+    if lora_r:
+        from peft import get_peft_model
+
+        model.requires_grad_(False)  # PEFT then enables only the adapters and the modules_to_save copy
+        return get_peft_model(model, lora_config(lora_r, lora_alpha, lora_dropout))
+    for name, param in model.named_parameters():
+        param.requires_grad_(component_of(name) in TRAINED[stage])
+    return model
+
+
+def parameter_table(model: nn.Module, teacher: nn.Module | None = None) -> dict[str, tuple[int, int]]:
+    """{component: (trainable, frozen)} parameter counts (shared/tied parameters counted once)."""
+    table = {c: [0, 0] for c in COMPONENTS}
+    for name, param in model.named_parameters():
+        table[component_of(name)][0 if param.requires_grad else 1] += param.numel()
+    if teacher is not None:
+        table["teacher"] = [0, 0]
+        for param in teacher.parameters():
+            table["teacher"][0 if param.requires_grad else 1] += param.numel()
+    return {k: tuple(v) for k, v in table.items()}
+
+
+def format_table(table: dict[str, tuple[int, int]]) -> str:
+    lines = [f"{'component':<22} {'trainable':>12} {'frozen':>12}"]
+    lines += [f"{name:<22} {t:>12,} {f:>12,}" for name, (t, f) in table.items()]
+    return "\n".join(lines)
+
+
+class GranViTTrainer(Trainer):
+    """Base of the stages: freezing, eval mode for frozen parts, the parameter table and the frozen-part check."""
+
+    stage: str = ""
+
+    def __init__(self, model=None, args: GranViTTrainingArguments | None = None, **kwargs):
+        if not self.stage:
+            raise TypeError("use a stage trainer (Stage1Trainer, Stage2Trainer, SFTStageTrainer), not GranViTTrainer")
+        if not isinstance(args, GranViTTrainingArguments):
+            raise TypeError(f"{type(self).__name__} needs GranViTTrainingArguments, got {type(args).__name__}")
+        model = apply_stage(model, self.stage, args.lora_r, args.lora_alpha, args.lora_dropout)
+        super().__init__(model=model, args=args, **kwargs)
+        self.teacher = self.make_teacher()
+        self.parameter_table = parameter_table(self.model, self.teacher)
+        logger.info("Stage %s parameters:\n%s", self.stage, format_table(self.parameter_table))
+        self.check_frozen()
+
+    def make_teacher(self) -> nn.Module | None:
+        return None
+
+    def base_model(self, model: nn.Module | None = None) -> nn.Module:
+        """The GranViTForConditionalGeneration under DDP / PEFT wrappers."""
+        model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def frozen_components(self) -> list[str]:
+        return [c for c in COMPONENTS if c not in TRAINED[self.stage]]
+
+    def check_frozen(self) -> None:
+        """Refuse to train when a must-be-frozen component (or the teacher) has a trainable parameter."""
+        offenders = {c: self.parameter_table[c][0] for c in self.frozen_components() + ["teacher"] if self.parameter_table.get(c, (0, 0))[0]}
+        if offenders:
+            raise RuntimeError(
+                f"Stage {self.stage} must keep {self.frozen_components()} and the teacher frozen, but these have "
+                f"trainable parameters: {offenders}. Something re-enabled requires_grad after apply_stage "
+                f"(a LoRA target matching the vision tower? a manual requires_grad_(True)?)"
+            )
+
+    def set_frozen_eval(self, model: nn.Module) -> None:
+        """``Trainer.training_step`` calls ``model.train()`` each step; put the frozen components back in eval mode."""
+        base = self.base_model(model)
+        modules = {"vision_tower": base.model.vision_tower, "multi_modal_projector": base.model.multi_modal_projector,
+                   "language_model": base.model.language_model, "lm_head": base.lm_head}
+        for name in self.frozen_components():
+            modules[name].eval()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:
+            self.set_frozen_eval(model)
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    def loss_scaled_for_ga(self, num_items_in_batch) -> bool:
+        """Mirror of ``Trainer.training_step``: True when the LM loss is already normalized over the GA window."""
+        if self.loss_is_scaled_for_ga is not None:
+            return self.loss_is_scaled_for_ga
+        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+
+
+class Stage1Trainer(GranViTTrainer):
+    """Bbox2Caption through the frozen LLM + lambda * MSE(teacher(crop), ROIAlign(student(image), box))."""
+
+    stage = "1"
+
+    def __init__(self, model=None, args: GranViTTrainingArguments | None = None, **kwargs):
+        super().__init__(model=model, args=args, **kwargs)
+        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            raise NotImplementedError(
+                "Stage 1 under DeepSpeed ZeRO-3 is not supported: the EMA update needs the full (unpartitioned) "
+                "student tower. Use ZeRO-2, DDP or FSDP for stage 1 (the ViT is small), ZeRO-3 for stage 2."
+            )
+        self.add_callback(EMATeacherCallback(self.teacher, args.ema_decay))
+        self._log_sums = torch.zeros(2, device=self.args.device)  # (caption, distill) contributions since the last log
+        self._last_log_step = 0
+
+    def make_teacher(self) -> nn.Module:
+        return make_teacher(student_tower(self.model)).to(self.args.device)
+
+    # ---- loss ---------------------------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        boxes, crops = inputs.pop("region_boxes"), inputs.pop("crop_pixel_values")
+        lm_loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if self.args.distill_lambda == 0:
+            distill = lm_loss.new_zeros(())
+        else:
+            distill = self.distill_loss(outputs.image_outputs.last_hidden_state, boxes, crops)
+        loss = lm_loss + self.args.distill_lambda * distill
+        if model.training:
+            ga = self.current_gradient_accumulation_steps
+            scaled = self.loss_scaled_for_ga(num_items_in_batch)
+            if scaled:
+                # The LM loss is a sum over tokens / tokens in the whole GA window (the Trainer will not divide it);
+                # the distillation term is a per-batch mean, so it must be divided by the GA steps here.
+                loss = lm_loss + self.args.distill_lambda * distill / ga
+            self._log_sums += torch.stack([lm_loss.detach() / (1 if scaled else ga), distill.detach() / ga])
+        return (loss, outputs) if return_outputs else loss
+
+    def distill_loss(self, patch_features: torch.Tensor, boxes: list[torch.Tensor], crops: torch.Tensor) -> torch.Tensor:
+        """MSE between ROIAlign of the student's full-image patches at each box and the teacher's features of its crop.
+
+        patch_features: (b, g*g, d) from the forward (the image is encoded once); boxes: b tensors (K_i, 4) in the
+        model frame; crops: (sum K_i, 3, S, S) crop pixel values, each crop padded to a square at the top-left.
+        """
+        base, out = self.base_model(), self.args.roi_output_size
+        keep = self.args.distill_regions_per_example
+        starts = torch.tensor([0] + [len(b) for b in boxes]).cumsum(0).tolist()
+        picked = [list(range(s, s + (min(len(b), keep) if keep else len(b)))) for s, b in zip(starts, boxes)]
+        boxes = [b[: len(idx)] for b, idx in zip(boxes, picked)]
+        crops = crops[[i for idx in picked for i in idx]]  # (n, 3, S, S)
+
+        grid = int(round(patch_features.shape[1] ** 0.5))
+        student_patches = patch_features.reshape(patch_features.shape[0], grid, grid, -1)  # (b, g, g, d)
+        student = base.get_region_features(boxes=boxes, output_size=out, patch_features=student_patches)  # (n, d, out, out)
+
+        with torch.no_grad():
+            tower = self.teacher
+            if self.args.crop_size and self.args.crop_size != crops.shape[-1]:
+                crops = F.interpolate(crops, size=(self.args.crop_size,) * 2, mode="bilinear", antialias=True)
+                tower = _InterpolatedPositions(self.teacher)
+            teacher_patches = base.model.get_patch_features(crops, vision_tower=tower)  # (n, g', g', d)
+            # The crop keeps its aspect ratio inside its padded square: ROIAlign over the content part only, whose
+            # extent follows from the box's own width/height (the same scale applies to both axes in the model frame).
+            flat = torch.cat(boxes).to(teacher_patches)  # (n, 4)
+            wh = flat[:, 2:] - flat[:, :2]
+            extent = wh / wh.max(dim=1, keepdim=True).values  # (n, 2) in (0, 1]
+            index = torch.arange(len(flat), device=flat.device, dtype=flat.dtype).unsqueeze(1)
+            rois = torch.cat([index, torch.zeros_like(extent), extent], dim=1)  # (n, 5): [crop index, x1, y1, x2, y2]
+            teacher = base.get_region_features(boxes=rois, output_size=out, patch_features=teacher_patches)
+        return F.mse_loss(student.float(), teacher.float())
+
+    # ---- logging and checkpoints -----------------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        steps = self.state.global_step - self._last_log_step
+        if "loss" in logs and steps > 0:
+            # mean over ranks of each rank's contribution, as the Trainer does for "loss"
+            caption, distill = (self.accelerator.gather(self._log_sums[None]).mean(0) / steps).tolist()
+            logs["caption_loss"], logs["distill_loss"] = caption, distill
+            self._log_sums.zero_()
+            self._last_log_step = self.state.global_step
+        super().log(logs, start_time)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            save_teacher(self.teacher, self.checkpoint_dir(trial))
+
+    def checkpoint_dir(self, trial=None) -> str:
+        import os
+
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        return os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        # Runs on every resume, DeepSpeed included (where `_load_from_checkpoint` is skipped): restore the teacher here.
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            load_teacher(self.teacher, checkpoint)
+            self._last_log_step = self.state.global_step
+
+
+class _InterpolatedPositions(nn.Module):
+    """Runs a SigLIP/CLIP tower with its learned position table interpolated, for crops smaller than the image size."""
+
+    def __init__(self, tower: nn.Module):
+        super().__init__()
+        self.tower = tower
+
+    def forward(self, **kwargs):
+        return self.tower(interpolate_pos_encoding=True, **kwargs)
+
+
+class Stage2Trainer(GranViTTrainer):
+    """Caption2Bbox (mixed with Bbox2Caption on the data side) with the ViT frozen; projector + LLM, full or LoRA."""
+
+    stage = "2"
+
+
+class SFTStageTrainer(GranViTTrainer):
+    """The stage-2 code path (ViT frozen) on VQA-style (question, answer) examples."""
+
+    stage = "sft"
+
+
+TRAINERS = {"1": Stage1Trainer, "2": Stage2Trainer, "sft": SFTStageTrainer}
