@@ -35,7 +35,6 @@ class Benchmark:
     fields: tuple         # Hub columns every row must have
     to_samples: Callable  # (row, row_index) -> list of samples
     config: str = None    # the Hub dataset's config name, if any
-    circular: bool = False  # MMBench CircularEval: each question asked once per option rotation
     note: str = ""
 
 
@@ -105,10 +104,12 @@ def _letter_options(row, letters="ABCDE"):
 
 
 def _mmbench(row, i):
+    # CircularEval: the distribution already holds each question's option rotations as extra rows with
+    # index + k * 1e6; a question counts only if every rotation of it is right (VLMEvalKit's g_index).
     hint = row.get("hint")
     question = row["question"] if not hint or str(hint) == "nan" else f"{hint}\n{row['question']}"
     return [{"id": str(row["index"]), "image": row["image"], "question": question,
-             "options": _letter_options(row), "answer": row["answer"], "group": str(row["index"])}]
+             "options": _letter_options(row), "answer": row["answer"], "group": str(int(row["index"]) % 1_000_000)}]
 
 
 def _mmstar(row, i):
@@ -158,8 +159,8 @@ BENCHMARKS = {b.name: b for b in [
               note="one config per sub-task (Art_Style, Counting, ..., Visual_Similarity); --config picks one"),
     # vqa ----------------------------------------------------------------------------------------
     Benchmark("mmbench_en_dev", "lmms-lab/MMBench", "dev", "vqa", "multiple_choice", "circular_choice",
-              ("index", "image", "question", "A", "B", "answer"), _mmbench, config="en", circular=True,
-              note="CircularEval: right only if right in every option rotation"),
+              ("index", "image", "question", "A", "B", "answer"), _mmbench, config="en",
+              note="CircularEval over the rotated copies (index + k * 1e6) the split already contains"),
     Benchmark("mmstar", "Lin-Chen/MMStar", "val", "vqa", "multiple_choice", "choice",
               ("index", "image", "question", "answer"), _mmstar),
     Benchmark("hallusionbench", "lmms-lab/HallusionBench", "image", "vqa", "vqa", "yes_no",
@@ -219,17 +220,11 @@ def load_rows(bench: Benchmark, data: str = None, config: str = None):
 
 def iter_samples(bench: Benchmark, rows, base_dir: str = "."):
     """Yield canonical samples (images decoded to RGB PIL) from rows, checking required fields row by row."""
-    from granvit.eval.metrics import circular_variants
-
     for i, row in enumerate(rows):
         _require(row, bench.fields, bench.name, i)
         for sample in bench.to_samples(row, i):
             sample["image"] = to_pil(sample["image"], base_dir)
-            if bench.circular:
-                for k, (opts, ans) in enumerate(circular_variants(sample["options"], sample["answer"])):
-                    yield {**sample, "id": f"{sample['id']}@{k}", "options": opts, "answer": ans}
-            else:
-                yield sample
+            yield sample
 
 
 def to_pil(image, base_dir: str = "."):

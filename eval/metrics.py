@@ -329,21 +329,6 @@ def choice_accuracy(predictions, options_list, answers):
             "count": len(correct), "picks": picks}
 
 
-def circular_variants(options: dict, answer: str):
-    """MMBench CircularEval: the N rotations of the option texts, each with its new answer letter.
-
-    Rotation k moves option i's text to letter (i - k) mod N, so every text sits once at every letter.
-    """
-    letters = sorted(options)
-    texts = [options[k] for k in letters]
-    n = len(letters)
-    variants = []
-    for k in range(n):
-        rotated = {letters[i]: texts[(i + k) % n] for i in range(n)}
-        variants.append((rotated, letters[(letters.index(answer) - k) % n]))
-    return variants
-
-
 def group_accuracy(group_ids, correct) -> float:
     """Share of groups whose samples are all correct (MMBench circular eval; HallusionBench fAcc/qAcc)."""
     if len(group_ids) != len(correct) or not correct:

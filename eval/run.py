@@ -171,9 +171,8 @@ def run_benchmark(model, processor, name: str, output: str, data: str = None, li
     rows = load_rows(bench, data, config)
     base_dir = os.path.dirname(os.path.abspath(data)) if data else "."
     samples = iter_samples(bench, rows, base_dir)
-    # RefCOCO rows hold several expressions and MMBench rows several rotations: no sample count up front.
-    one_per_row = bench.task_type != "grounding" and not bench.circular
-    total = limit if limit is not None else (len(rows) if one_per_row else None)
+    # A RefCOCO row holds several expressions: no sample count up front.
+    total = limit if limit is not None else (None if bench.task_type == "grounding" else len(rows))
     with open(pred_path, "a", encoding="utf-8") as f, tqdm(total=total, desc=name) as bar:
         batch = []
         for n, sample in enumerate(samples):

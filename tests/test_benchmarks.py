@@ -35,13 +35,17 @@ def test_refcoco_rows_explode_and_convert_xywh(tmp_path, image_path):
     assert samples[0]["image"].size == (40, 30) and samples[0]["id"] == "7#0"
 
 
-def test_mmbench_circular_expansion(tmp_path, image_path):
+def test_mmbench_rotations_share_a_circular_group(tmp_path, image_path):
+    # The rotated copy of question 1 has index 1 + 1e6; D is empty and not offered.
     rows = [{"index": 1, "image": image_path, "question": "Colour?", "hint": None, "A": "red", "B": "blue",
-             "C": "green", "D": None, "answer": "A"}]
+             "C": "green", "D": None, "answer": "A"},
+            {"index": 1000001, "image": image_path, "question": "Colour?", "hint": "Look.", "A": "blue",
+             "B": "green", "C": "red", "D": None, "answer": "C"}]
     bench = get_benchmark("mmbench_en_dev")
     samples = list(iter_samples(bench, load_rows(bench, _write_jsonl(tmp_path / "m.jsonl", rows)), str(tmp_path)))
-    assert len(samples) == 3                                   # D is empty: 3 options, 3 rotations
-    assert all(s["options"][s["answer"]] == "red" and s["group"] == "1" for s in samples)
+    assert [s["group"] for s in samples] == ["1", "1"]
+    assert all(s["options"][s["answer"]] == "red" and set(s["options"]) == {"A", "B", "C"} for s in samples)
+    assert samples[1]["question"] == "Look.\nColour?"
 
 
 def test_missing_field_names_field_and_row(tmp_path, image_path):

@@ -22,8 +22,8 @@ def bench_dir(tmp_path_factory):
                             "bbox": [1, 1, 30, 30]} for i in range(3)])
     write("textvqa.jsonl", [{"question_id": i, "image": f"{i}.png", "question": "what colour?",
                              "answers": ["red"] * 10} for i in range(3)])
-    write("mmbench.jsonl", [{"index": i, "image": f"{i}.png", "question": "colour?", "hint": None, "A": "red",
-                             "B": "blue", "C": None, "D": None, "answer": "A"} for i in range(2)])
+    write("mmbench.jsonl", [{"index": i, "image": "0.png", "question": "colour?", "hint": None, "A": "red",
+                             "B": "blue", "C": None, "D": None, "answer": "A"} for i in (0, 1, 1000000)])
     write("ocrbench.jsonl", [{"image": f"{i}.png", "question": "read it", "answer": ["hello"],
                               "dataset": "IIIT5K", "question_type": "Regular Text Recognition"} for i in range(2)])
     return d
@@ -33,7 +33,7 @@ def bench_dir(tmp_path_factory):
     ("refcoco_val", "refcoco.jsonl", 6),          # 3 rows x 2 expressions
     ("refcocog_caption_val", "refcap.jsonl", 3),
     ("textvqa_val", "textvqa.jsonl", 3),
-    ("mmbench_en_dev", "mmbench.jsonl", 4),       # 2 questions x 2 rotations
+    ("mmbench_en_dev", "mmbench.jsonl", 3),       # question 0 twice (a rotation), question 1 once
     ("ocrbench", "ocrbench.jsonl", 2),
 ])
 def test_each_task_type(tiny_model_and_processor, bench_dir, tmp_path, name, file, count):
@@ -135,3 +135,18 @@ def test_synthetic_needs_baselines(tiny_model_and_processor):
     model, processor = tiny_model_and_processor
     with pytest.raises(ValueError, match="needs `train`"):
         R.evaluate_synthetic(model, processor, _gran(1, "test"))
+
+
+def test_scorers_wire_groups():
+    opts = {"A": "red", "B": "blue"}
+    recs = [{"text": "A", "target": {"options": opts, "answer": "A", "group": "1"}},
+            {"text": "B", "target": {"options": {"A": "blue", "B": "red"}, "answer": "B", "group": "1"}},
+            {"text": "B", "target": {"options": opts, "answer": "A", "group": "2"}},
+            {"text": "A", "target": {"options": {"A": "blue", "B": "red"}, "answer": "B", "group": "2"}}]
+    out = R.SCORERS["circular_choice"](recs)
+    assert out["accuracy"] == 0.5 and out["circular_accuracy"] == 0.5 and out["main"] == 0.5
+    # HallusionBench: figure groups (subset) and question-pair groups (group).
+    hb = [{"text": t, "target": {"answers": [a], "subset": f, "group": q}} for t, a, f, q in
+          [("Yes", "1", "f1", "q1"), ("No", "1", "f2", "q1"), ("No", "0", "f1", "q2"), ("No", "0", "f2", "q2")]]
+    out = R.SCORERS["yes_no"](hb)
+    assert out["accuracy"] == 0.75 and out["figure_accuracy"] == 0.5 and out["question_pair_accuracy"] == 0.5
