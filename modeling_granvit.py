@@ -20,6 +20,7 @@ from transformers.modeling_outputs import (
 )
 
 from .configuration_granvit import GranViTConfig
+from .region_decoding_granvit import GranViTRegionDecodingMixin  # dense region APIs (describe_regions, ground)
 
 
 class GranViTPreTrainedModel(PreTrainedModel):
@@ -172,7 +173,7 @@ class GranViTModel(GranViTPreTrainedModel):
         )
 
 
-class GranViTForConditionalGeneration(GranViTPreTrainedModel, GenerationMixin):
+class GranViTForConditionalGeneration(GranViTPreTrainedModel, GenerationMixin, GranViTRegionDecodingMixin):
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
 
     def __init__(self, config: GranViTConfig):

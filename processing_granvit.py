@@ -324,6 +324,13 @@ class GranViTProcessor(ProcessorMixin):
             data["labels"] = label_tensor
         return data
 
+    # ---- dense region decoding ------------------------------------------------------------------------------------
+    def prompt_ids(self, prompts: list[str], num_images: int = 1) -> list[list[int]]:
+        """Unpadded token ids of each prompt exactly as ``__call__`` builds them (chat format, ``<image>`` expanded),
+        without touching any image: for callers that share one encoded image across prompts
+        (``model.describe_regions`` / ``model.ground``, see region_decoding_granvit.py)."""
+        return [self._encode(p if p.startswith(USER_TOKEN) else self.format_user_turn(p, num_images)) for p in prompts]
+
     @property
     def model_input_names(self) -> list[str]:
         return ["input_ids", "attention_mask", "pixel_values"]
