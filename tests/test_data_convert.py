@@ -250,6 +250,11 @@ def test_cli_synth_convert_validate(tmp_path, capsys):
     assert main(["validate", out]) == 0
     assert json.loads(capsys.readouterr().out) == {"rows": 8, "ok": 8, "broken": {}, "checksum_mismatch": [], "unreadable_files": []}
 
+    tiny = str(tmp_path / "tiny")
+    assert main(["synth", tiny, "--preset", "tiny", "--train", "3", "--val", "0", "--test", "0", "--max-objects", "2"]) == 0
+    config = json.load(open(os.path.join(tiny, "manifest.json")))["plans"]["train"]["config"]
+    assert (config["image_size"], config["max_objects"], config["textures"]) == (128, 2, ["solid"])  # preset + override
+
     path = filter_fixture(tmp_path)
     conv = str(tmp_path / "conv")
     assert main(["convert", "--from", "jsonl", conv, "--inputs", path, "--images", str(tmp_path), "--min-box-area", "0"]) == 0

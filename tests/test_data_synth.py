@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from granvit.train.data.schema import validate_record
-from granvit.train.data.synth import COLOURS, SynthConfig, _relation_holds, generate_record, write_synth
+from granvit.train.data.synth import COLOURS, PRESETS, SynthConfig, _relation_holds, generate_record, write_synth
 
 
 def test_deterministic_by_seed_and_split():
@@ -42,10 +42,8 @@ def test_object_pixels_match_their_caption_colour():
 
 
 def test_tiny_preset_parameters_are_respected():
-    cfg = SynthConfig(
-        image_size=128, min_objects=1, max_objects=3, object_size=(0.3, 0.5), textures=("solid",),
-        allow_duplicates=False, ocr_fraction=0,
-    )
+    cfg = SynthConfig(**PRESETS["tiny"])
+    assert (cfg.image_size, cfg.min_objects, cfg.max_objects, cfg.object_size) == (128, 1, 3, (0.25, 0.6))
     for i in range(40):
         rec = generate_record(cfg, 0, "train", i)
         assert (rec["width"], rec["height"]) == (128, 128)
@@ -54,7 +52,7 @@ def test_tiny_preset_parameters_are_respected():
         assert len(set(captions)) == len(captions)  # distinct objects: every caption is unique in its image
         for reg in rec["regions"]:
             x1, y1, x2, y2 = reg["bbox"]
-            assert 0.3 * 128 - 2 <= max(x2 - x1, y2 - y1) <= 0.5 * 128
+            assert 0.25 * 128 - 2 <= max(x2 - x1, y2 - y1) <= 0.6 * 128
             assert len(reg["caption"].split()) == 3  # "<size> <colour> <shape>": no texture word, no relation
 
 
@@ -119,3 +117,12 @@ def test_write_synth_splits_parallel(tmp_path):
     files = os.listdir(tmp_path / "data")
     assert sum(f.startswith("train-") for f in files) % 4 == 0
     assert {f.split("-")[0] for f in files} == {"train", "val", "test"}
+
+
+def test_write_synth_rerun_resumes(tmp_path):
+    args = (str(tmp_path), {"train": 6}, SynthConfig(**PRESETS["tiny"]))
+    first = write_synth(*args, shard_bytes=5_000)
+    data = tmp_path / "data"
+    mtimes = {f: os.path.getmtime(data / f) for f in os.listdir(data)}
+    assert write_synth(*args, shard_bytes=5_000) == first  # the stored plan (JSON) equals the config again
+    assert mtimes == {f: os.path.getmtime(data / f) for f in os.listdir(data)}

@@ -42,31 +42,33 @@ def _add_shard_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .convert import FORMATS, FilterConfig
-    from .synth import COLOURS, SHAPES, TEXTURES, SynthConfig
+    from .synth import COLOURS, PRESETS, SHAPES, TEXTURES
 
     parser = argparse.ArgumentParser(prog="granvit-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    d = SynthConfig()
     p = sub.add_parser("synth", help="write the synthetic Gran set")
     _add_shard_args(p)
     p.add_argument("--train", type=int, default=1000)
     p.add_argument("--val", type=int, default=100)
     p.add_argument("--test", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=d.image_size)
-    p.add_argument("--min-objects", type=int, default=d.min_objects)
-    p.add_argument("--max-objects", type=int, default=d.max_objects)
-    p.add_argument("--object-size", type=float, nargs=2, default=d.object_size, metavar=("MIN", "MAX"), help="object side / image side")
-    p.add_argument("--num-sizes", type=int, default=d.num_sizes, choices=(1, 2, 3))
-    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=SHAPES)
-    p.add_argument("--colours", nargs="+", default=list(COLOURS), choices=list(COLOURS))
-    p.add_argument("--textures", nargs="+", default=list(TEXTURES), choices=TEXTURES)
-    p.add_argument("--no-duplicates", action="store_true", help="every object of a scene has distinct attributes")
-    p.add_argument("--duplicate-prob", type=float, default=d.duplicate_prob)
-    p.add_argument("--no-relations", action="store_true", help="twins share a caption instead of getting a relation")
-    p.add_argument("--max-overlap", type=float, default=d.max_overlap)
-    p.add_argument("--ocr-fraction", type=float, default=d.ocr_fraction)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default", help="base config; the options below override it")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--min-objects", type=int)
+    p.add_argument("--max-objects", type=int)
+    p.add_argument("--object-size", type=float, nargs=2, metavar=("MIN", "MAX"), help="object side / image side")
+    p.add_argument("--num-sizes", type=int, choices=(1, 2, 3))
+    p.add_argument("--shapes", nargs="+", choices=SHAPES)
+    p.add_argument("--colours", nargs="+", choices=list(COLOURS))
+    p.add_argument("--textures", nargs="+", choices=TEXTURES)
+    p.add_argument("--no-duplicates", dest="allow_duplicates", action="store_const", const=False,
+                   help="every object of a scene has distinct attributes")
+    p.add_argument("--duplicate-prob", type=float)
+    p.add_argument("--no-relations", dest="relations", action="store_const", const=False,
+                   help="twins share a caption instead of getting a relation")
+    p.add_argument("--max-overlap", type=float)
+    p.add_argument("--ocr-fraction", type=float)
 
     f = FilterConfig()
     p = sub.add_parser("convert", help="convert annotations (+ images) to Gran shards")
@@ -89,15 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_synth(args) -> int:
-    from .synth import SynthConfig, write_synth
+    from dataclasses import fields
 
-    cfg = SynthConfig(
-        image_size=args.image_size, min_objects=args.min_objects, max_objects=args.max_objects,
-        object_size=tuple(args.object_size), num_sizes=args.num_sizes, shapes=tuple(args.shapes),
-        colours=tuple(args.colours), textures=tuple(args.textures), allow_duplicates=not args.no_duplicates,
-        duplicate_prob=args.duplicate_prob, relations=not args.no_relations, max_overlap=args.max_overlap,
-        ocr_fraction=args.ocr_fraction,
-    )
+    from .synth import PRESETS, SynthConfig, write_synth
+
+    overrides = {f.name: getattr(args, f.name) for f in fields(SynthConfig) if getattr(args, f.name, None) is not None}
+    cfg = SynthConfig(**{**PRESETS[args.preset], **overrides})
     counts = write_synth(
         args.out, {"train": args.train, "val": args.val, "test": args.test}, cfg, args.seed, args.num_proc,
         args.shard_size, args.shard_multiple, args.row_group_size,

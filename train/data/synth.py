@@ -51,9 +51,8 @@ WORDS = (
 
 @dataclass
 class SynthConfig:
-    """Generation parameters. The defaults make a varied set; the tiny training preset wants fewer, larger,
-    distinct objects (e.g. image_size=128, min/max_objects=1/3, object_size=(0.3, 0.6), num_sizes=2,
-    textures=("solid",), allow_duplicates=False, ocr_fraction=0) — see shared/docs/calibration.md."""
+    """Generation parameters. The defaults make a varied set; `SynthConfig(**PRESETS["tiny"])` is the one the
+    tiny training run can learn (fewer, larger, distinct objects)."""
 
     image_size: int = 256
     min_objects: int = 2
@@ -85,6 +84,18 @@ class SynthConfig:
         combos = len(self.shapes) * len(self.colours) * len(self.textures) * self.num_sizes
         if not self.allow_duplicates and combos < self.max_objects:
             raise ValueError(f"only {combos} distinct objects exist, fewer than max_objects={self.max_objects}")
+
+
+PRESETS = {
+    "default": {},
+    # The tiny main job (shared/docs/calibration.md): 1-3 large, distinct, solid objects that a 16-image-token model
+    # at 128 px can resolve; relational captions were never learned at that scale, so no twins.
+    "tiny": dict(
+        image_size=128, min_objects=1, max_objects=3, object_size=(0.25, 0.6), num_sizes=2,
+        shapes=("circle", "square", "triangle", "star"), colours=("red", "green", "blue", "yellow", "purple", "orange"),
+        textures=("solid",), allow_duplicates=False, ocr_fraction=0.0,
+    ),
+}
 
 
 # ----------------------------------------------------------------------------------------------- drawing
