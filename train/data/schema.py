@@ -255,8 +255,9 @@ def remove_stale_temp_files(out_dir: str) -> list[str]:
 
 
 class Manifest:
-    """manifest.json: the plan per split and every finished shard. Resume = skip shards listed here whose file
-    still matches its checksum; a different plan (other shard count) for a split refuses to mix runs."""
+    """manifest.json: the plan per split and every finished shard. Resume = skip shards listed here whose file is
+    still there at its recorded size (`done(verify=True)` also re-hashes it; `granvit-data validate` does); a
+    different plan (other inputs, settings or shard count) for a split refuses to mix runs."""
 
     def __init__(self, out_dir: str):
         self.out_dir = out_dir
