@@ -32,6 +32,10 @@ TRAINED = {
 }
 # A full regex (PEFT matches a str target with re.fullmatch): the SigLIP/CLIP attention is *also* named q/k/v_proj,
 # so a plain list of names would adapt the vision tower too.
+# GranViT reads a ViT *hidden state* (config.vision_feature_layer), never the tower's final output, so these modules of
+# SigLIP / CLIP towers get no gradient. They stay frozen: trained they would only waste optimizer state, and under DDP
+# with find_unused_parameters=False a parameter without a gradient is an error.
+UNUSED_VISION_MODULES = ("post_layernorm", "head")
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
@@ -79,7 +83,9 @@ def apply_stage(model: nn.Module, stage: str, lora_r: int = 0, lora_alpha: int =
         model.requires_grad_(False)  # PEFT then enables only the adapters and the modules_to_save copy
         return get_peft_model(model, lora_config(lora_r, lora_alpha, lora_dropout))
     for name, param in model.named_parameters():
-        param.requires_grad_(component_of(name) in TRAINED[stage])
+        component = component_of(name)
+        unused = component == "vision_tower" and any(m in name.split(".") for m in UNUSED_VISION_MODULES)
+        param.requires_grad_(component in TRAINED[stage] and not unused)
     return model
 
 

@@ -1,0 +1,189 @@
+"""Stage trainers: what each stage trains and freezes, the EMA teacher, the distillation loss, GA scaling, LoRA."""
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from granvit import GranViTForConditionalGeneration
+from granvit.train.data.synth import SynthConfig, generate_record
+from granvit.train.data.tasks import TaskBuilder, TaskCollator
+from granvit.train.ema import ema_update
+from granvit.train.trainers import (
+    COMPONENTS,
+    GranViTTrainingArguments,
+    Stage1Trainer,
+    Stage2Trainer,
+    component_of,
+    parameter_table,
+)
+
+SYNTH = SynthConfig(image_size=64, min_objects=1, max_objects=2, ocr_fraction=0.0, allow_duplicates=False)
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_model_and_processor):
+    return tiny_model_and_processor[1]
+
+
+@pytest.fixture()
+def model(tiny_checkpoint):
+    return GranViTForConditionalGeneration.from_pretrained(tiny_checkpoint)
+
+
+def examples(processor, stage: str, n_images: int = 4):
+    records = [generate_record(SYNTH, 0, "train", i) for i in range(n_images)]
+    tasks = ("bbox2caption",) if stage == "1" else ("caption2bbox", "bbox2caption")
+    return list(TaskBuilder(processor, tasks=tasks, regions_per_image=1, stage1=stage == "1").iter_examples(records))
+
+
+def arguments(tmp_path, **overrides):
+    kwargs = dict(
+        output_dir=str(tmp_path), use_cpu=True, max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+        logging_steps=1, save_strategy="no", report_to="none", roi_output_size=2, seed=0, disable_tqdm=True,
+    )
+    return GranViTTrainingArguments(**{**kwargs, **overrides})
+
+
+def snapshot(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+class ModeRecorder(TrainerCallback):
+    """Records, during training forwards, which components ran in train mode (i.e. with dropout)."""
+
+    def __init__(self, model):
+        self.seen = {}
+        modules = {"vision_tower": model.model.vision_tower, "language_model": model.model.language_model}
+        for name, module in modules.items():
+            module.register_forward_pre_hook(lambda m, args, name=name: self.seen.setdefault(name, set()).add(m.training))
+
+
+@pytest.mark.parametrize("stage, trainer_cls", [("1", Stage1Trainer), ("2", Stage2Trainer)])
+def test_frozen_unchanged_trained_changed(processor, model, tmp_path, stage, trainer_cls):
+    before = snapshot(model)
+    trainer = trainer_cls(model=model, args=arguments(tmp_path), train_dataset=examples(processor, stage),
+                          data_collator=TaskCollator(processor), processing_class=processor)
+    recorder = ModeRecorder(model)  # after the teacher copy, which would otherwise copy the hooks too
+    trainer.train()
+    trained = {"1": {"vision_tower", "multi_modal_projector"}, "2": {"multi_modal_projector", "language_model", "lm_head"}}[stage]
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert component_of(name) in trained, name
+            assert not torch.equal(param, before[name]), f"stage {stage}: trainable {name} did not change"
+        else:
+            # the only frozen parameters of a trained component: the ViT's unused final norm (hidden states feed GranViT)
+            assert component_of(name) not in trained or ".post_layernorm." in name, name
+            assert torch.equal(param, before[name]), f"stage {stage}: frozen {name} changed"
+    frozen_tower = "language_model" if stage == "1" else "vision_tower"
+    trained_tower = "vision_tower" if stage == "1" else "language_model"
+    assert recorder.seen[frozen_tower] == {False}  # no dropout in the frozen part, although the Trainer calls train()
+    assert recorder.seen[trained_tower] == {True}
+    table = trainer.parameter_table
+    assert set(table) == set(COMPONENTS) | ({"teacher"} if stage == "1" else set())
+    assert all((table[c][0] > 0) == (c in trained) for c in COMPONENTS)
+
+
+def test_refuses_when_a_frozen_component_trains(processor, model, tmp_path):
+    trainer = Stage1Trainer(model=model, args=arguments(tmp_path), train_dataset=examples(processor, "1"),
+                            data_collator=TaskCollator(processor), processing_class=processor)
+    model.lm_head.weight.requires_grad_(True)
+    trainer.parameter_table = parameter_table(trainer.model, trainer.teacher)
+    with pytest.raises(RuntimeError, match="lm_head"):
+        trainer.check_frozen()
+
+
+class StudentRecorder(TrainerCallback):
+    """Student tower parameters after every optimizer step (runs after the EMA callback, which does not touch them)."""
+
+    def __init__(self):
+        self.history = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.history.append([p.detach().clone() for p in model.model.vision_tower.parameters()])
+
+
+def test_teacher_is_the_ema_of_the_student_and_gets_no_gradient(processor, model, tmp_path):
+    decay = 0.7
+    initial = [p.detach().clone() for p in model.model.vision_tower.parameters()]
+    recorder = StudentRecorder()
+    trainer = Stage1Trainer(model=model, args=arguments(tmp_path, ema_decay=decay), train_dataset=examples(processor, "1"),
+                            data_collator=TaskCollator(processor), processing_class=processor, callbacks=[recorder])
+    trainer.train()
+    expected = initial
+    for student in recorder.history:
+        expected = [decay * t + (1 - decay) * s for t, s in zip(expected, student)]
+    got = list(trainer.teacher.parameters())
+    assert len(recorder.history) == 3
+    for t, e in zip(got, expected):
+        torch.testing.assert_close(t, e, rtol=1e-6, atol=1e-7)
+        assert t.grad is None and not t.requires_grad
+    assert not trainer.teacher.training
+    assert not any(t is s for t in got for s in model.parameters())  # a copy, not shared storage
+
+
+def test_ema_update_formula():
+    teacher, student = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    expected = [0.9 * t.detach() + 0.1 * s.detach() for t, s in zip(teacher.parameters(), student.parameters())]
+    ema_update(teacher, student, 0.9)
+    for t, e in zip(teacher.parameters(), expected):
+        torch.testing.assert_close(t.detach(), e, rtol=0, atol=1e-7)
+
+
+def test_distill_loss_falls_on_a_fixed_batch(processor, model, tmp_path):
+    batch = examples(processor, "1")[:4]  # one batch, seen at every step
+    args = arguments(tmp_path, max_steps=12, learning_rate=3e-3, num_train_epochs=100)
+    trainer = Stage1Trainer(model=model, args=args, train_dataset=batch, data_collator=TaskCollator(processor),
+                            processing_class=processor)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "distill_loss" in h]
+    assert len(logs) == 12
+    first, last = logs[0]["distill_loss"], logs[-1]["distill_loss"]
+    assert last < 0.5 * first, (first, last)
+    for h in logs:  # the logged total is caption + lambda * distill
+        assert h["loss"] == pytest.approx(h["caption_loss"] + h["distill_loss"], rel=1e-4)
+
+
+def test_gradient_accumulation_matches_one_big_batch(processor, tiny_checkpoint, tmp_path):
+    """GA=2 x 2 examples must update exactly like 1 x 4 examples: the per-batch-mean distillation term is divided by
+    the GA steps while the caption loss is normalized by the tokens of the whole window (transformers5.md section 6)."""
+    data = examples(processor, "1")[:4]
+    results = []
+    for batch, ga in ((4, 1), (2, 2)):
+        model = GranViTForConditionalGeneration.from_pretrained(tiny_checkpoint)
+        args = arguments(tmp_path / f"ga{ga}", max_steps=1, per_device_train_batch_size=batch,
+                         gradient_accumulation_steps=ga, optim="sgd", learning_rate=0.1, train_sampling_strategy="sequential")
+        trainer = Stage1Trainer(model=model, args=args, train_dataset=data, data_collator=TaskCollator(processor),
+                                processing_class=processor)
+        trainer.train()
+        results.append((snapshot(model), trainer.state.log_history[0]))
+    (big, big_log), (acc, acc_log) = results
+    for name in big:
+        torch.testing.assert_close(acc[name], big[name], rtol=1e-4, atol=1e-6)
+    for key in ("loss", "caption_loss", "distill_loss"):
+        assert acc_log[key] == pytest.approx(big_log[key], rel=1e-4), key
+
+
+def test_lora_stage2_saves_reloads_and_merges(processor, model, tmp_path, tiny_checkpoint):
+    from peft import PeftModel
+
+    trainer = Stage2Trainer(model=model, args=arguments(tmp_path, lora_r=4), train_dataset=examples(processor, "2"),
+                            data_collator=TaskCollator(processor), processing_class=processor)
+    lora_names = [n for n, _ in trainer.model.named_parameters() if "lora_" in n]
+    assert lora_names and all("language_model" in n for n in lora_names)
+    assert not any("lora" in n for n, _ in trainer.model.base_model.model.model.vision_tower.named_parameters())
+    trainer.train()
+    trainer.model.save_pretrained(tmp_path / "adapter")
+    batch = TaskCollator(processor)(examples(processor, "2")[:2])
+    trainer.model.eval()
+    with torch.no_grad():
+        want = trainer.model(**batch).logits
+
+    base = GranViTForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    with torch.no_grad():
+        untrained = base(**batch).logits
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    merged = reloaded.merge_and_unload()
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    with torch.no_grad():
+        got = merged(**batch).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(got, untrained, atol=1e-4)  # the adapters (and projector copy) did change the model
