@@ -305,9 +305,12 @@ def _load_gran(dataset_or_path, split: str):
 
 
 def synthetic_baselines(train) -> tuple:
-    """(mean training box normalised to [0, 1] xyxy, most common training caption) of a Gran train split."""
+    """(mean training box normalised to [0, 1] xyxy, most common training caption) of a Gran train split
+    (a `datasets.Dataset` or any iterable of Gran rows)."""
     boxes, captions = [], []
-    for row in train.select_columns(["width", "height", "regions"]):
+    # Only the box columns: a Dataset then skips decoding every training image.
+    rows = train.select_columns(["width", "height", "regions"]) if hasattr(train, "select_columns") else train
+    for row in rows:
         w, h = row["width"], row["height"]
         for region in row["regions"]:
             x1, y1, x2, y2 = region["bbox"]

@@ -116,6 +116,7 @@ def test_synthetic_baseline_is_the_mean_box_and_top_caption():
     box, caption = R.synthetic_baselines(Dataset.from_list(rows))
     # Normalised boxes: [0, 0, .5, 1], [.5, 0, 1, .5], [0, 0, 1, 1] -> mean [1/6, 0, 5/6, 5/6].
     assert box == pytest.approx([1 / 6, 0, 5 / 6, 5 / 6]) and caption == "b"
+    assert R.synthetic_baselines(rows) == (box, caption)          # plain rows work too
 
 
 
