@@ -1,6 +1,7 @@
 """`granvit-data`: build, convert and check Gran datasets.
 
-    granvit-data synth OUT --train 20000 --val 500 --test 500 --image-size 128 --min-objects 1 --max-objects 3
+    granvit-data synth OUT --preset tiny --train 20000 --val 500 --test 500 --shard-multiple 2
+    granvit-data synth OUT --train 50000 --image-size 256 --min-objects 2 --max-objects 6 --ocr-fraction 0.3 --num-proc 2
     granvit-data convert --from coco OUT --inputs instances_train2017.json captions_train2017.json --images train2017/ --num-proc 2
     granvit-data convert --from refcoco OUT --inputs refs.json --instances instances.json --images train2014/ --ref-split train
     granvit-data convert --from vg OUT --inputs region_descriptions.json --images VG/
