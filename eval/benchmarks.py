@@ -35,6 +35,7 @@ class Benchmark:
     fields: tuple         # Hub columns every row must have
     to_samples: Callable  # (row, row_index) -> list of samples
     config: str = None    # the Hub dataset's config name, if any
+    in_average: bool = True  # counted in the paper's family average (its headline is a 0-1 score)
     note: str = ""
 
 
@@ -136,6 +137,9 @@ def _blink(row, i):
 
 
 REFCOCO_FIELDS = ("question_id", "image", "answer", "bbox")
+BLINK_SUBTASKS = ("Art_Style", "Counting", "Forensic_Detection", "Functional_Correspondence", "IQ_Test", "Jigsaw",
+                  "Multi-view_Reasoning", "Object_Localization", "Relative_Depth", "Relative_Reflectance",
+                  "Semantic_Correspondence", "Spatial_Relation", "Visual_Correspondence", "Visual_Similarity")
 VQA_NOTE = "answers: the 10 human answers"
 
 BENCHMARKS = {b.name: b for b in [
@@ -153,10 +157,11 @@ BENCHMARKS = {b.name: b for b in [
     Benchmark("refcocog_test", "lmms-lab/RefCOCOg", "test", "fine-grained", "grounding", "grounding",
               REFCOCO_FIELDS, _refcoco_grounding),
     Benchmark("refcocog_caption_val", "lmms-lab/RefCOCOg", "val", "fine-grained", "region_caption", "caption",
-              REFCOCO_FIELDS, _refcoco_caption, note="region captioning: box -> expression, CIDEr-D"),
+              REFCOCO_FIELDS, _refcoco_caption, in_average=False,
+              note="region captioning: box -> expression; CIDEr-D is not a 0-1 score, so not averaged"),
     Benchmark("blink", "BLINK-Benchmark/BLINK", "val", "fine-grained", "multiple_choice", "choice",
-              ("idx", "image_1", "question", "choices", "answer"), _blink, config="Object_Localization",
-              note="one config per sub-task (Art_Style, Counting, ..., Visual_Similarity); --config picks one"),
+              ("idx", "image_1", "question", "choices", "answer"), _blink,
+              note="one Hub config per sub-task; all 14 are concatenated unless --config picks one"),
     # vqa ----------------------------------------------------------------------------------------
     Benchmark("mmbench_en_dev", "lmms-lab/MMBench", "dev", "vqa", "multiple_choice", "circular_choice",
               ("index", "image", "question", "A", "B", "answer"), _mmbench, config="en",
@@ -198,7 +203,7 @@ def get_benchmark(name: str) -> Benchmark:
 
 def load_rows(bench: Benchmark, data: str = None, config: str = None):
     """The benchmark's rows: a local Parquet/JSONL file (same columns as the Hub) or the Hub distribution."""
-    from datasets import load_dataset
+    from datasets import concatenate_datasets, load_dataset
 
     if data is not None:
         if not os.path.exists(data):
@@ -207,6 +212,8 @@ def load_rows(bench: Benchmark, data: str = None, config: str = None):
         if builder == "json" and not data.endswith((".jsonl", ".json")):
             raise ValueError(f"benchmark file {data}: expected .parquet or .jsonl")
         return load_dataset(builder, data_files=data, split="train")
+    if bench.name == "blink" and config is None:
+        return concatenate_datasets([load_dataset(bench.hub_id, c, split=bench.split) for c in BLINK_SUBTASKS])
     rows = load_dataset(bench.hub_id, config or bench.config, split=bench.split)
     if bench.name == "gqa":
         # GQA questions reference images by imageId; the images are a separate config of the same repo.

@@ -191,7 +191,7 @@ def run_benchmark(model, processor, name: str, output: str, data: str = None, li
     if limit is not None:
         records = records[:limit]
     scores = {"benchmark": name, "family": bench.family, "metric": bench.metric, "hub_id": bench.hub_id,
-              "split": bench.split, "data": data, **SCORERS[bench.metric](records)}
+              "split": bench.split, "data": data, "in_average": bench.in_average, **SCORERS[bench.metric](records)}
     update_scores(output, name, scores)
     if bench.task_type == "grounding":
         draw_boxes(records, rows, bench, base_dir, bench_dir)
@@ -209,7 +209,7 @@ def family_averages(scores: dict) -> dict:
     """The paper's three averages: the mean headline score of the benchmarks of each family that were run."""
     out = {}
     for fam in FAMILIES:
-        mains = [s["main"] for s in scores.values() if s["family"] == fam]
+        mains = [s["main"] for s in scores.values() if s["family"] == fam and s["in_average"]]
         out[fam] = {"average": _mean(mains), "benchmarks": len(mains)} if mains else None
     return out
 
@@ -227,16 +227,20 @@ def update_scores(output: str, name: str, result: dict):
         f.write(render_report(scores))
 
 
+META_KEYS = ("benchmark", "family", "metric", "hub_id", "split", "data", "in_average")
+
+
 def render_report(scores: dict) -> str:
     lines = ["# GranViT evaluation", ""]
     for name, s in scores.items():
-        lines += [f"## {name}", "", f"{s['hub_id']} `{s['split']}`" + (f", local file `{s['data']}`" if s["data"] else "")
-                  + f" ({s['family']}, metric `{s['metric']}`)", "", "| metric | value |", "|---|---|"]
+        source = f"{s['hub_id']} `{s['split']}`" + (f", local file `{s['data']}`" if s["data"] else "")
+        lines += [f"## {name}", "", f"{source} ({s['family']}, metric `{s['metric']}`)", "",
+                  "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
-                  for k, v in s.items() if k not in ("benchmark", "family", "metric", "hub_id", "split", "data")]
+                  for k, v in s.items() if k not in META_KEYS]
         lines.append("")
-    lines += ["## Family averages (mean headline score, as in the paper)", "", "| family | average | benchmarks |",
-              "|---|---|---|"]
+    lines += ["## Family averages (mean headline score, as in the paper; CIDEr is left out)", "",
+              "| family | average | benchmarks |", "|---|---|---|"]
     for fam, v in family_averages(scores).items():
         lines.append(f"| {fam} | {v['average']:.4f} | {v['benchmarks']} |" if v else f"| {fam} | - | 0 |")
     return "\n".join(lines) + "\n"

@@ -69,9 +69,13 @@ def test_resume_continues_and_drops_truncated_line(tiny_model_and_processor, ben
 
 def test_family_averages_in_report(tmp_path):
     R.update_scores(str(tmp_path), "refcoco_val", {"benchmark": "refcoco_val", "family": "fine-grained",
-                    "metric": "grounding", "hub_id": "lmms-lab/RefCOCO", "split": "val", "data": None, "main": 0.5})
+                    "metric": "grounding", "hub_id": "lmms-lab/RefCOCO", "split": "val", "data": None, "in_average": True, "main": 0.5})
     R.update_scores(str(tmp_path), "blink", {"benchmark": "blink", "family": "fine-grained", "metric": "choice",
-                    "hub_id": "BLINK-Benchmark/BLINK", "split": "val", "data": None, "main": 0.25})
+                    "hub_id": "BLINK-Benchmark/BLINK", "split": "val", "data": None, "in_average": True,
+                    "main": 0.25})
+    R.update_scores(str(tmp_path), "refcocog_caption_val", {"benchmark": "refcocog_caption_val", "family": "fine-grained",
+                    "metric": "caption", "hub_id": "lmms-lab/RefCOCOg", "split": "val", "data": None,
+                    "in_average": False, "main": 3.1})
     saved = json.loads((tmp_path / "scores.json").read_text())
     assert saved["family_averages"]["fine-grained"] == {"average": 0.375, "benchmarks": 2}
     assert saved["family_averages"]["ocr"] is None

@@ -177,3 +177,13 @@ def test_local_evaluate_module(tmp_path, monkeypatch):
     metric = evaluate.load(str(METRICS_DIR / "granvit_region_iou"))
     out = metric.compute(predictions=[[0, 0, 10, 10], []], references=[[0, 0, 10, 10], [0, 0, 5, 5]])
     assert out["acc@0.5"] == 0.5 and out["invalid"] == 1
+
+
+def test_local_caption_module(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    import evaluate
+
+    metric = evaluate.load(str(METRICS_DIR / "granvit_caption"))
+    out = metric.compute(predictions=["a b c d", "red car"], references=[["a b x d"], ["a red car", "red car"]],
+                         meteor=False)
+    assert out["exact"] == 0.5 and out["count"] == 2 and 0 < out["rougeL"] < 1
