@@ -1,0 +1,349 @@
+"""GranViT region demo (Hugging Face Space): describe boxes, find phrases, ask questions, see region similarity.
+
+    python spaces/app.py                                  # the tiny checkpoint of the quickstart job
+    python spaces/app.py --model org/granvit              # a Hub checkpoint (trust_remote_code)
+    GRANVIT_MODEL=./my-checkpoint PORT=7861 python spaces/app.py
+
+A Space runs from a checkpoint, not from the granvit package: the model and processor come from the checkpoint's own
+Hub files through ``AutoModelForImageTextToText`` / ``AutoProcessor`` with ``trust_remote_code=True``. The one
+exception is the fallback below: with the default model missing, an untrained tiny checkpoint is built with the
+package (if installed) so the UI can be tried, and the page says so.
+
+Boxes are ``[x1, y1, x2, y2]`` in pixels of the image as uploaded, everywhere in the UI and the API.
+"""
+
+import argparse
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gradio import processing_utils
+from gradio_image_annotation import image_annotator
+from PIL import Image, ImageDraw, ImageOps
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+# The checkpoint the quickstart training job writes (relative to the repository root).
+DEFAULT_MODEL = "outputs/quickstart/checkpoint"
+UNTRAINED_DIR = Path(tempfile.gettempdir()) / "granvit-space-untrained-tiny"
+
+MAX_IMAGE_PIXELS = int(os.environ.get("GRANVIT_MAX_IMAGE_PIXELS", 4096 * 4096))
+MAX_BOXES = 16  # boxes per Describe call: they go through generate as one batch
+MAX_FOUND_BOXES = 4  # boxes per Find answer
+MAX_TEXT_CHARS = 300
+CAPTION_TOKENS = 24  # the Bbox2Caption prompt asks for at most 10 words
+ANSWER_TOKENS = 48
+CONCURRENCY = int(os.environ.get("GRANVIT_CONCURRENCY", 1))  # generate calls at once; more just share the same cores
+QUEUE_SIZE = int(os.environ.get("GRANVIT_QUEUE_SIZE", 64))
+
+
+# ---- model -------------------------------------------------------------------------------------------------------
+def resolve_model(model: str | None) -> tuple[str, bool]:
+    """(Hub id or folder to load, untrained?). Only the default path falls back to an untrained tiny build."""
+    model = model or os.environ.get("GRANVIT_MODEL")
+    if model:
+        return model, False
+    default = Path(__file__).resolve().parent.parent / DEFAULT_MODEL
+    if (default / "config.json").exists():
+        return str(default), False
+    if (UNTRAINED_DIR / "granvit" / "config.json").exists():
+        return str(UNTRAINED_DIR / "granvit"), True
+    try:
+        from granvit.train.tiny import build_tiny_checkpoint
+    except ImportError as err:
+        raise SystemExit(
+            f"No model: {default} does not exist, GRANVIT_MODEL / --model are unset, and the granvit package "
+            f"(needed to build an untrained tiny demo checkpoint) is not installed ({err}). "
+            "Run the quickstart job, or pass --model <Hub id or checkpoint folder>."
+        ) from None
+    print(f"{default} not found: building an UNTRAINED tiny checkpoint in {UNTRAINED_DIR} (outputs are noise)")
+    return str(build_tiny_checkpoint(UNTRAINED_DIR)), True
+
+
+class GranViTDemo:
+    """The model calls behind the four tabs; inputs are PIL images and boxes in original pixels."""
+
+    def __init__(self, model_id: str):
+        self.model_id = model_id
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        self.model = AutoModelForImageTextToText.from_pretrained(model_id, trust_remote_code=True, dtype=dtype)
+        self.model = self.model.to(self.device).eval()
+        self.processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)
+        self.eos_id = self.processor.tokenizer.eos_token_id
+        self.box_start_id = self.processor.box_start_token_id
+        self.box_end_id = self.processor.box_end_token_id
+        start = self.processor.coord_token_start_id
+        self.coord_ids = list(range(start, start + self.processor.num_coord_bins))
+
+    def _generate(self, images: list[Image.Image], prompts: list[str], max_new_tokens: int, boxes_only=False) -> list[str]:
+        inputs = self.processor(images=images, text=prompts, return_tensors="pt").to(self.device)
+        prompt_length = inputs["input_ids"].shape[1]  # left-padded prompts: every answer starts at this index
+        grammar = self._box_grammar(prompt_length) if boxes_only else None
+        with torch.inference_mode():
+            out = self.model.generate(
+                **inputs, max_new_tokens=max_new_tokens, do_sample=False, prefix_allowed_tokens_fn=grammar
+            )
+        new_tokens = out[:, prompt_length:]
+        return self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+
+    def describe(self, image: Image.Image, boxes: list[list[float]]) -> list[str]:
+        """One caption per box, all boxes in one batched ``generate`` call."""
+        prompts = [self.processor.bbox2caption_prompt(box, image.size) for box in boxes]
+        return [c.strip() for c in self._generate([image] * len(boxes), prompts, CAPTION_TOKENS)]
+
+    def _box_grammar(self, prompt_length: int):
+        """``prefix_allowed_tokens_fn``: answers are 1..MAX_FOUND_BOXES ``<box>x1 y1 x2 y2</box>`` with x2>x1, y2>y1.
+
+        A trained model already answers Caption2Bbox in this form; the grammar makes every answer parse (an
+        undertrained one otherwise rambles), and it only removes tokens the parser would throw away.
+        """
+        first_coord = self.coord_ids[0]
+
+        def allowed(batch_id: int, ids: torch.Tensor) -> list[int]:
+            answer = ids[prompt_length:].tolist()
+            slot = len(answer) % 6  # 6 tokens per box: <box> x1 y1 x2 y2 </box>
+            if answer and answer[-1] == self.eos_id:
+                return [self.eos_id]
+            if slot == 0:
+                return [self.box_start_id] if not answer else [self.box_start_id, self.eos_id]
+            if slot in (1, 2):  # x1, y1 leave room for a larger x2, y2
+                return self.coord_ids[:-1]
+            if slot in (3, 4):  # x2 > x1, y2 > y1: a positive area, as validate_box demands of every box
+                return self.coord_ids[answer[-2] - first_coord + 1 :]
+            return [self.box_end_id]
+
+        return allowed
+
+    def find(self, image: Image.Image, phrase: str) -> tuple[list[list[float]], str]:
+        """Boxes (original pixels) of the region(s) a phrase describes, and the raw answer."""
+        prompt = self.processor.caption2bbox_prompt(phrase)
+        [answer] = self._generate([image], [prompt], 6 * MAX_FOUND_BOXES + 1, boxes_only=True)
+        return self.processor.decode_boxes(answer, image.size), answer
+
+    def ask(self, image: Image.Image, question: str) -> str:
+        [answer] = self._generate([image], [self.processor.vqa_prompt(question)], ANSWER_TOKENS)
+        return answer.strip()
+
+    def similarity(self, image: Image.Image, box: list[float]) -> np.ndarray:
+        """Cosine similarity between the box's region feature and every ViT patch, as an (H, W) map on the image."""
+        image_processor = self.processor.image_processor
+        pixel_values = image_processor([image])["pixel_values"].to(self.device)
+        with torch.inference_mode():
+            patches = self.model.model.get_patch_features(pixel_values)  # (1, g, g, d)
+            model_box = image_processor.to_model_space([box], image.size).to(self.device)  # (1, 4) in [0, 1]
+            region = self.model.get_region_features(boxes=[model_box], output_size=7, patch_features=patches)
+            region = region.mean(dim=(2, 3))  # (1, d): ROIAlign grid averaged into one region vector
+            sim = F.cosine_similarity(patches[0].float(), region[0].float(), dim=-1)  # (g, g)
+        # Patch grid -> the padded square -> crop the image content (top-left) -> original size.
+        size = image_processor.image_size
+        square = F.interpolate(sim[None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+        content_w, content_h = image_processor.resized_size(image.size)
+        content = square[:content_h, :content_w]
+        full = F.interpolate(content[None, None], size=(image.height, image.width), mode="bilinear", align_corners=False)
+        return full[0, 0].clamp(-1, 1).cpu().numpy()
+
+
+# ---- gradio output files -----------------------------------------------------------------------------------------
+def save_pil_to_cache_atomically(img: Image.Image, cache_dir: str, name: str = "image", format: str = "webp") -> str:
+    """gradio 6.31's ``processing_utils.save_pil_to_cache``, but written to a temporary file and renamed into place.
+
+    Output images and AnnotatedImage masks are cached under a hash of their bytes and gradio rewrites that file
+    in place for every request; when two requests produce the same image (same upload, same boxes), one client
+    downloads the file while the other request truncates it and gets an empty body (found by the 32-request load
+    test). A rename is atomic: a reader sees the old complete file or the new one.
+    """
+    data = processing_utils.encode_pil_to_bytes(img, format)
+    folder = Path(cache_dir) / processing_utils.hash_bytes(data)
+    folder.mkdir(exist_ok=True, parents=True)
+    path = (folder / f"{name}.{format}").resolve()
+    scratch = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    scratch.write_bytes(data)
+    os.replace(scratch, path)
+    return str(path)
+
+
+# AnnotatedImage and Image outputs reach it through this module attribute (save_img_array_to_cache included).
+processing_utils.save_pil_to_cache = save_pil_to_cache_atomically
+
+
+# ---- input checks and drawing ------------------------------------------------------------------------------------
+def check_image(image: Image.Image | None) -> Image.Image:
+    if image is None:
+        raise gr.Error("No image: upload an image first.")
+    if image.width * image.height > MAX_IMAGE_PIXELS:
+        raise gr.Error(
+            f"Image is {image.width}x{image.height} = {image.width * image.height / 1e6:.1f} MP; this demo accepts up "
+            f"to {MAX_IMAGE_PIXELS / 1e6:.1f} MP. Downscale it and upload again."
+        )
+    return image.convert("RGB")
+
+
+def check_text(text: str | None, what: str) -> str:
+    text = (text or "").strip()
+    if not text:
+        raise gr.Error(f"Empty {what}: type a {what} first.")
+    if len(text) > MAX_TEXT_CHARS:
+        raise gr.Error(f"The {what} has {len(text)} characters; the limit is {MAX_TEXT_CHARS}.")
+    return text
+
+
+def read_annotation(value: dict | None, processor, max_boxes: int) -> tuple[Image.Image, list[list[float]]]:
+    """image_annotator value -> (upright RGB image, validated boxes in its pixels)."""
+    if not value or value.get("image") is None:
+        raise gr.Error("No image: upload an image first.")
+    image = value["image"]
+    # The annotator can rotate the image in the browser (quarter turns clockwise); its boxes are in that frame.
+    if value.get("orientation"):
+        image = image.rotate(-90 * value["orientation"], expand=True)
+    image = check_image(image)
+    boxes = [[b["xmin"], b["ymin"], b["xmax"], b["ymax"]] for b in value.get("boxes") or []]
+    if not boxes:
+        raise gr.Error("No box: drag on the image to draw a box.")
+    if len(boxes) > max_boxes:
+        raise gr.Error(f"{len(boxes)} boxes drawn; the limit is {max_boxes}. Remove some.")
+    for i, box in enumerate(boxes, 1):
+        try:
+            processor.validate_box(box, image.size)
+        except ValueError as err:
+            raise gr.Error(f"Box {i} is invalid: {err}") from None
+    return image, [[float(v) for v in box] for box in boxes]
+
+
+def heatmap_overlay(image: Image.Image, sim: np.ndarray, box: list[float]) -> Image.Image:
+    """Similarity -> blue (map minimum) .. yellow .. red (map maximum), blended over the image, box outlined.
+
+    The colours span this map's own range: ViT patch features share a large common component, so raw cosines of
+    one image often sit within a narrow band (e.g. 0.9 .. 1.0) that a fixed [-1, 1] scale would paint one colour.
+    """
+    low, high = float(sim.min()), float(sim.max())
+    scaled = (sim - low) / max(high - low, 1e-6)
+    gray = Image.fromarray((scaled * 255).round().astype(np.uint8), mode="L")
+    colored = ImageOps.colorize(gray, black="#2040ff", mid="#ffe040", white="#ff2020")
+    overlay = Image.blend(image, colored, alpha=0.55)
+    ImageDraw.Draw(overlay).rectangle(box, outline="#ffffff", width=max(2, round(max(image.size) / 200)))
+    return overlay
+
+
+def pixel_box(box: list[float]) -> tuple[int, int, int, int]:
+    return tuple(int(round(v)) for v in box)
+
+
+# ---- UI ----------------------------------------------------------------------------------------------------------
+def build_demo(demo_model: GranViTDemo, untrained: bool = False) -> gr.Blocks:
+    processor = demo_model.processor
+
+    def describe_regions(value):
+        image, boxes = read_annotation(value, processor, MAX_BOXES)
+        captions = demo_model.describe(image, boxes)
+        annotations = [(pixel_box(b), f"{i}: {c}") for i, (b, c) in enumerate(zip(boxes, captions), 1)]
+        return (image, annotations), [{"box": b, "caption": c} for b, c in zip(boxes, captions)]
+
+    def find(image, phrase):
+        image, phrase = check_image(image), check_text(phrase, "phrase")
+        boxes, answer = demo_model.find(image, phrase)
+        if not boxes:
+            gr.Warning(f"The model's answer contains no box: {answer!r}")
+        annotations = [(pixel_box(b), f"{i}: {phrase}") for i, b in enumerate(boxes, 1)]
+        return (image, annotations), {"phrase": phrase, "boxes": boxes, "answer": answer}
+
+    def ask(image, question):
+        image, question = check_image(image), check_text(question, "question")
+        return demo_model.ask(image, question)
+
+    def region_similarity(value):
+        image, [box] = read_annotation(value, processor, 1)
+        sim = demo_model.similarity(image, box)
+        x1, y1, x2, y2 = pixel_box(box)
+        inside = np.zeros(sim.shape, dtype=bool)
+        inside[y1:y2, x1:x2] = True
+        stats = {
+            "box": box,
+            "min": float(sim.min()),
+            "max": float(sim.max()),
+            "mean_inside": float(sim[inside].mean()),
+            "mean_outside": float(sim[~inside].mean()) if (~inside).any() else None,
+        }
+        return heatmap_overlay(image, sim, box), stats
+
+    with gr.Blocks(title="GranViT region demo") as demo:
+        gr.Markdown(
+            "# GranViT: fine-grained, region-aware vision features\n"
+            f"Model: `{demo_model.model_id}` on {demo_model.device}. Boxes are `[x1, y1, x2, y2]` in image pixels."
+        )
+        if untrained:
+            gr.Markdown(
+                "**UNTRAINED model**: the default checkpoint was not found, so this is a randomly initialized tiny "
+                "GranViT built on launch. The UI works; captions, boxes and answers are noise. Pass `--model` or set "
+                "`GRANVIT_MODEL` to a trained checkpoint.",
+                elem_id="untrained_banner",
+            )
+        with gr.Tab("Describe regions"):
+            gr.Markdown(f"Upload an image and drag to draw up to {MAX_BOXES} boxes; each gets a caption.")
+            with gr.Row():
+                describe_in = image_annotator(
+                    image_type="pil", disable_edit_boxes=True, label="Image and boxes", elem_id="describe_in"
+                )
+                with gr.Column():
+                    describe_img = gr.AnnotatedImage(label="Captions", elem_id="describe_img")
+                    describe_json = gr.JSON(label="Boxes and captions", elem_id="describe_json")
+            describe_btn = gr.Button("Describe regions", variant="primary", elem_id="describe_btn")
+            describe_btn.click(
+                describe_regions, describe_in, [describe_img, describe_json], api_name="describe_regions"
+            )
+        with gr.Tab("Find"):
+            with gr.Row():
+                with gr.Column():
+                    find_img_in = gr.Image(type="pil", label="Image", elem_id="find_in")
+                    find_text = gr.Textbox(label="Phrase", placeholder="the red car on the left", elem_id="find_text")
+                    find_btn = gr.Button("Find", variant="primary", elem_id="find_btn")
+                with gr.Column():
+                    find_img = gr.AnnotatedImage(label="Predicted boxes", elem_id="find_img")
+                    find_json = gr.JSON(label="Boxes", elem_id="find_json")
+            gr.on([find_btn.click, find_text.submit], find, [find_img_in, find_text], [find_img, find_json], api_name="find")
+        with gr.Tab("Ask"):
+            with gr.Row():
+                with gr.Column():
+                    ask_img = gr.Image(type="pil", label="Image", elem_id="ask_in")
+                    ask_text = gr.Textbox(label="Question", placeholder="What colour is the car?", elem_id="ask_text")
+                    ask_btn = gr.Button("Ask", variant="primary", elem_id="ask_btn")
+                ask_out = gr.Textbox(label="Answer", elem_id="ask_out")
+            gr.on([ask_btn.click, ask_text.submit], ask, [ask_img, ask_text], ask_out, api_name="ask")
+        with gr.Tab("Region similarity"):
+            gr.Markdown(
+                "Draw one box: the heatmap is the cosine similarity between the box's region feature (ROIAlign over "
+                "the ViT patch grid) and every patch feature. Colours span this map's range: red = its maximum, blue = its "
+                "minimum (the JSON gives the values)."
+            )
+            with gr.Row():
+                sim_in = image_annotator(
+                    image_type="pil", single_box=True, disable_edit_boxes=True, label="Image and box", elem_id="sim_in"
+                )
+                with gr.Column():
+                    sim_img = gr.Image(type="pil", label="Similarity heatmap", elem_id="sim_img")
+                    sim_json = gr.JSON(label="Mean similarity inside / outside the box", elem_id="sim_json")
+            sim_btn = gr.Button("Show similarity", variant="primary", elem_id="sim_btn")
+            sim_btn.click(region_similarity, sim_in, [sim_img, sim_json], api_name="region_similarity")
+    return demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help=f"Hub id or checkpoint folder (default: $GRANVIT_MODEL, else {DEFAULT_MODEL})")
+    args = parser.parse_args(argv)
+    model_id, untrained = resolve_model(args.model)
+    demo = build_demo(GranViTDemo(model_id), untrained=untrained)
+    demo.launch(
+        server_name=os.environ.get("HOST", os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")),
+        server_port=int(os.environ.get("PORT", os.environ.get("GRADIO_SERVER_PORT", 7860))),
+        max_file_size="25mb",
+        show_error=True,
+    )
+
+
+if __name__ == "__main__":
+    main()
