@@ -1,0 +1,208 @@
+"""The Space app through its public API (gradio_client), in-process, on the tiny checkpoint."""
+
+import socket
+import time
+from concurrent.futures import wait
+
+import pytest
+import torch
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+from granvit.spaces import app as space_app
+
+WIDTH, HEIGHT = 120, 80
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def annotation(path, boxes):
+    """The image_annotator value as the API takes it (colour must be an "rgb(r, g, b)" string)."""
+    return {
+        "image": handle_file(str(path)),
+        "boxes": [
+            {"xmin": x1, "ymin": y1, "xmax": x2, "ymax": y2, "label": "", "color": "rgb(255, 0, 0)"}
+            for x1, y1, x2, y2 in boxes
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory):
+    image = Image.new("RGB", (WIDTH, HEIGHT), "white")
+    image.paste((200, 20, 20), (10, 10, 50, 40))
+    image.paste((20, 20, 200), (60, 20, 110, 70))
+    path = tmp_path_factory.mktemp("space") / "shapes.png"
+    image.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def served(tiny_checkpoint):
+    """(GranViTDemo, gradio_client.Client) with the app running in this process."""
+    demo_model = space_app.GranViTDemo(str(tiny_checkpoint))
+    demo = space_app.build_demo(demo_model)
+    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True, show_error=True)
+    try:
+        yield demo_model, Client(demo.local_url, verbose=False)
+    finally:
+        demo.close()
+
+
+def test_loads_through_auto_classes_with_remote_code(served):
+    demo_model, _ = served
+    assert type(demo_model.model).__name__ == "GranViTForConditionalGeneration"
+    assert type(demo_model.processor).__name__ == "GranViTProcessor"
+
+
+def test_describe_regions_one_batched_call_equals_single_calls(served, image_path, monkeypatch):
+    demo_model, client = served
+    boxes = [[10, 10, 50, 40], [60, 20, 110, 70], [0, 0, 120, 80]]
+    calls = []
+    generate = demo_model.model.generate
+    monkeypatch.setattr(demo_model.model, "generate", lambda **kw: calls.append(kw["input_ids"].shape) or generate(**kw))
+    annotated, regions = client.predict(annotation(image_path, boxes), api_name="/describe_regions")
+    assert calls == [calls[0]] and calls[0][0] == 3  # one generate call with the 3 boxes as a batch
+    assert [r["box"] for r in regions] == boxes
+    image = Image.open(image_path)
+    singles = [demo_model.describe(image, [box])[0] for box in boxes]
+    assert [r["caption"] for r in regions] == singles
+    assert len(annotated["annotations"]) == 3
+    assert [a["label"] for a in annotated["annotations"]] == [f"{i}: {c}" for i, c in enumerate(singles, 1)]
+
+
+def test_find_draws_well_formed_boxes(served, image_path):
+    _, client = served
+    annotated, found = client.predict(handle_file(str(image_path)), "the red square", api_name="/find")
+    assert found["phrase"] == "the red square"
+    assert 1 <= len(found["boxes"]) <= space_app.MAX_FOUND_BOXES
+    for x1, y1, x2, y2 in found["boxes"]:
+        assert 0 <= x1 < x2 <= WIDTH and 0 <= y1 < y2 <= HEIGHT
+    assert len(annotated["annotations"]) == len(found["boxes"])
+
+
+def test_box_grammar_forces_parseable_answers(served):
+    """Whatever the model picks among the allowed tokens (the largest coordinates, then middle ones), boxes parse."""
+    demo_model, _ = served
+    allowed = demo_model._box_grammar(prompt_length=2)
+    answer = []
+    for step in range(6 * space_app.MAX_FOUND_BOXES):
+        options = allowed(0, torch.tensor([7, 7] + answer))
+        if step % 6 in (3, 4):  # x2 > x1, y2 > y1
+            assert options[0] == answer[-2] + 1
+        if step % 6 == 0:
+            assert options[0] == demo_model.box_start_id
+            answer.append(options[0])  # another box rather than eos
+        else:
+            answer.append(options[-1] if step < 6 else options[len(options) // 2])
+    boxes = demo_model.processor.decode_boxes(demo_model.processor.tokenizer.decode(answer), (100, 100))
+    assert len(boxes) == space_app.MAX_FOUND_BOXES
+    assert all(x2 > x1 and y2 > y1 for x1, y1, x2, y2 in boxes)
+    assert allowed(0, torch.tensor([7, 7] + answer)) == [demo_model.box_start_id, demo_model.eos_id]
+    assert allowed(0, torch.tensor([7, 7] + answer + [demo_model.eos_id])) == [demo_model.eos_id]
+
+
+def test_ask_matches_direct_call(served, image_path):
+    demo_model, client = served
+    answer = client.predict(handle_file(str(image_path)), "what colour is the left square?", api_name="/ask")
+    assert answer == demo_model.ask(Image.open(image_path), "what colour is the left square?")
+
+
+def test_region_similarity_heatmap(served, image_path):
+    _, client = served
+    heatmap_path, stats = client.predict(annotation(image_path, [[10, 10, 50, 40]]), api_name="/region_similarity")
+    heatmap = Image.open(heatmap_path)
+    assert heatmap.size == (WIDTH, HEIGHT)
+    assert stats["box"] == [10, 10, 50, 40]
+    assert -1 <= stats["min"] <= stats["mean_outside"] <= stats["max"] <= 1
+    assert stats["min"] <= stats["mean_inside"] <= stats["max"]
+
+
+def test_similarity_peaks_on_a_patch_like_the_box(served):
+    """A box on one patch of a repeated texture is most similar to the identical patches, not to a blank one."""
+    demo_model, _ = served
+    size = demo_model.processor.image_processor.image_size  # 64 px, 16 px patches: a 4 x 4 grid
+    image = Image.new("RGB", (size, size), "white")
+    image.paste((255, 0, 0), (0, 0, 16, 16))
+    sim = demo_model.similarity(image, [0, 0, 16, 16])
+    assert sim.shape == (size, size)
+    assert sim[:16, :16].mean() > sim[40:, 40:].mean()
+
+
+@pytest.mark.parametrize(
+    ("inputs", "api_name", "message"),
+    [
+        (lambda p: [None], "/describe_regions", "No image"),
+        (lambda p: [annotation(p, [])], "/describe_regions", "No box"),
+        (lambda p: [annotation(p, [[50, 10, 10, 40]])], "/describe_regions", "Box 1 is invalid"),
+        (lambda p: [annotation(p, [[10, 10, 500, 40]])], "/describe_regions", "outside"),
+        (lambda p: [annotation(p, [[0, 0, 5 + i, 5 + i] for i in range(17)])], "/describe_regions", "limit is 16"),
+        (lambda p: [annotation(p, [[0, 0, 5, 5], [5, 5, 9, 9]])], "/region_similarity", "limit is 1"),
+        (lambda p: [handle_file(str(p)), "   "], "/find", "Empty phrase"),
+        (lambda p: [None, "the red square"], "/find", "No image"),
+        (lambda p: [handle_file(str(p)), ""], "/ask", "Empty question"),
+        (lambda p: [handle_file(str(p)), "x" * 301], "/ask", "limit is 300"),
+    ],
+)
+def test_bad_input_gives_a_clear_error(served, image_path, inputs, api_name, message):
+    _, client = served
+    with pytest.raises(AppError, match=message):
+        client.predict(*inputs(image_path), api_name=api_name)
+
+
+def test_image_over_the_pixel_limit_is_rejected(served, image_path, monkeypatch):
+    _, client = served
+    monkeypatch.setattr(space_app, "MAX_IMAGE_PIXELS", WIDTH * HEIGHT - 1)
+    with pytest.raises(AppError, match=r"120x80 = 0.0 MP; this demo accepts up to"):
+        client.predict(handle_file(str(image_path)), "what?", api_name="/ask")
+
+
+def test_32_concurrent_requests_are_all_answered(served, image_path):
+    demo_model, client = served
+    start = time.time()
+    jobs = [
+        client.submit(annotation(image_path, [[10, 10, 50, 40], [60, 20, 110, 70]]), api_name="/describe_regions")
+        if i % 2
+        else client.submit(handle_file(str(image_path)), f"square {i}", api_name="/find")
+        for i in range(32)
+    ]
+    done, not_done = wait([job.future for job in jobs], timeout=90)
+    assert not not_done, f"{len(not_done)} of 32 requests unanswered after {time.time() - start:.0f} s"
+    results = [job.result() for job in jobs]
+    assert all(len(r[1]["boxes"]) >= 1 for r in results[0::2])
+    assert all(len(r[1]) == 2 for r in results[1::2])
+    # The server is still alive and answers a fresh request.
+    assert client.predict(handle_file(str(image_path)), "still there?", api_name="/ask") is not None
+
+
+def test_resolve_model_order_and_untrained_fallback(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRANVIT_MODEL", "org/from-env")
+    assert space_app.resolve_model("org/from-arg") == ("org/from-arg", False)
+    assert space_app.resolve_model(None) == ("org/from-env", False)
+    monkeypatch.delenv("GRANVIT_MODEL")
+    monkeypatch.setattr(space_app, "DEFAULT_MODEL", str(tmp_path / "missing"))
+    monkeypatch.setattr(space_app, "UNTRAINED_DIR", tmp_path / "untrained")
+    path, untrained = space_app.resolve_model(None)
+    assert untrained and (tmp_path / "untrained" / "granvit" / "config.json").exists()
+    assert space_app.resolve_model(None) == (path, True)  # built once, reused on the next launch
+
+
+def test_untrained_banner_only_when_untrained(served):
+    demo_model, _ = served
+
+    def banner_ids(untrained):
+        demo = space_app.build_demo(demo_model, untrained=untrained)
+        return [b.elem_id for b in demo.blocks.values() if getattr(b, "elem_id", None) == "untrained_banner"]
+
+    assert banner_ids(True) == ["untrained_banner"] and banner_ids(False) == []
+
+
+def test_every_event_has_an_api_name(served):
+    _, client = served
+    endpoints = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    assert {"/describe_regions", "/find", "/ask", "/region_similarity"} <= endpoints
