@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-
 from granvit.eval.run import evaluate_synthetic, load_model, run_benchmark
 from granvit.train.data.schema import GRAN_FEATURES
 from granvit.train.data.synth import SynthConfig, generate_record
@@ -33,7 +32,7 @@ def main():
     ckpt = build_tiny_checkpoint(tmp / "ckpt")
     model, processor = load_model(str(ckpt), args.device, args.dtype)
     cfg = SynthConfig(image_size=128, min_objects=2, max_objects=4, ocr_fraction=0)
-    gran = lambda split, n: Dataset.from_list(  # noqa: E731
+    gran = lambda split, n: Dataset.from_list(
         [generate_record(cfg, 0, split, i) for i in range(n)], features=GRAN_FEATURES)
     test = gran("test", args.regions)   # >= 2 regions per image, so `limit` is reached
     train = gran("train", 16)

@@ -14,9 +14,10 @@ so the runner and the metrics never see a benchmark's own column names. A row wi
 column raises ValueError naming the benchmark, the field and the row.
 """
 import io
+import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from PIL import Image
 
@@ -99,7 +100,7 @@ def _letter_options(row, letters="ABCDE"):
     opts = {}
     for k in letters:
         v = row.get(k)
-        if v is not None and not (isinstance(v, float) and v != v) and str(v).strip() and str(v) != "nan":
+        if v is not None and not (isinstance(v, float) and math.isnan(v)) and str(v).strip() and str(v) != "nan":
             opts[k] = str(v)
     return opts
 
@@ -201,7 +202,7 @@ def get_benchmark(name: str) -> Benchmark:
     return BENCHMARKS[name]
 
 
-def load_rows(bench: Benchmark, data: str = None, config: str = None):
+def load_rows(bench: Benchmark, data: str | None = None, config: str | None = None):
     """The benchmark's rows: a local Parquet/JSONL file (same columns as the Hub) or the Hub distribution."""
     from datasets import concatenate_datasets, load_dataset
 
@@ -250,5 +251,5 @@ def to_pil(image, base_dir: str = "."):
         return Image.open(io.BytesIO(image["bytes"])).convert("RGB")
     path = image.get("path") if isinstance(image, dict) else image
     if not isinstance(path, str):
-        raise ValueError(f"cannot read an image from {type(image).__name__}")
+        raise TypeError(f"cannot read an image from {type(image).__name__}")
     return Image.open(path if os.path.isabs(path) else os.path.join(base_dir, path)).convert("RGB")

@@ -22,12 +22,11 @@ import os
 import shutil
 
 import torch
+from granvit.eval.benchmarks import to_pil
+from granvit.eval.run import generate, load_model
 from lmms_eval.api.model import lmms
 from lmms_eval.models.registry_v2 import ModelManifest
 from tqdm import tqdm
-
-from granvit.eval.benchmarks import to_pil
-from granvit.eval.run import generate, load_model
 
 MANIFEST = ModelManifest(model_id="granvit", simple_class_path="granvit.eval.lmms_eval_granvit.GranViTLmms")
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lmms_tasks")
@@ -36,7 +35,7 @@ TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lmms_tasks
 class GranViTLmms(lmms):
     is_simple = True
 
-    def __init__(self, pretrained: str, device: str = None, batch_size=1, dtype: str = "auto", **kwargs):
+    def __init__(self, pretrained: str, device: str | None = None, batch_size=1, dtype: str = "auto", **kwargs):
         super().__init__()
         if kwargs:
             raise ValueError(f"unknown granvit model_args: {sorted(kwargs)}")
@@ -118,7 +117,7 @@ def write_tasks(data: str, out_dir: str) -> str:
     return out_dir
 
 
-def export_regions(gran_dataset, path: str, limit: int = None) -> str:
+def export_regions(gran_dataset, path: str, limit: int | None = None) -> str:
     """Flatten a Gran-schema dataset to the task Parquet: one (image, bbox, caption) row per region."""
     from datasets import Dataset, Features, Image, List, Value
 

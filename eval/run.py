@@ -10,15 +10,20 @@ benchmark scored into this folder) and report.md (a table per benchmark and the 
 `evaluate_synthetic` is the synthetic-set evaluation the main job and the experiments call.
 """
 import argparse
-import base64
 import json
 import os
 
 import torch
-from tqdm import tqdm
-
 from granvit.eval import metrics as M
-from granvit.eval.benchmarks import BENCHMARKS, FAMILIES, get_benchmark, iter_samples, load_rows, to_pil
+from granvit.eval.benchmarks import (
+    BENCHMARKS,
+    get_benchmark,
+    iter_samples,
+    load_rows,
+    to_pil,
+)
+from granvit.eval.report import draw_boxes, update_scores
+from tqdm import tqdm
 
 VQA_SUFFIX = "\nAnswer the question using a single word or phrase."
 CHOICE_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
@@ -27,7 +32,7 @@ MAX_NEW_TOKENS = {"grounding": 12, "region_caption": 32, "vqa": 16, "multiple_ch
 
 # ----------------------------------------------------------------------------- model I/O
 
-def load_model(model_id: str, device: str = None, dtype: str = "auto"):
+def load_model(model_id: str, device: str | None = None, dtype: str = "auto"):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -59,7 +64,7 @@ def build_prompt(processor, sample: dict, task_type: str) -> str:
     return processor.vqa_prompt(sample["question"])
 
 
-def predict(model, processor, samples: list, task_type: str, max_new_tokens: int = None) -> list:
+def predict(model, processor, samples: list, task_type: str, max_new_tokens: int | None = None) -> list:
     """Prediction records (JSON-ready) for one batch of canonical samples."""
     new_ids = generate(model, processor, [s["image"] for s in samples],
                        [build_prompt(processor, s, task_type) for s in samples],
@@ -160,8 +165,8 @@ def read_predictions(path: str) -> list:
     return records
 
 
-def run_benchmark(model, processor, name: str, output: str, data: str = None, limit: int = None,
-                  batch_size: int = 8, config: str = None, max_new_tokens: int = None) -> dict:
+def run_benchmark(model, processor, name: str, output: str, data: str | None = None, limit: int | None = None,
+                  batch_size: int = 8, config: str | None = None, max_new_tokens: int | None = None) -> dict:
     """Predict (resuming from <output>/<name>/predictions.jsonl), score, update scores.json and report.md."""
     bench = get_benchmark(name)
     bench_dir = os.path.join(output, name)
@@ -203,98 +208,6 @@ def _write(f, records):
     f.flush()
 
 
-# ----------------------------------------------------------------------------- scores, report, box grid
-
-def family_averages(scores: dict) -> dict:
-    """The paper's three averages: the mean headline score of the benchmarks of each family that were run."""
-    out = {}
-    for fam in FAMILIES:
-        mains = [s["main"] for s in scores.values() if s["family"] == fam and s["in_average"]]
-        out[fam] = {"average": _mean(mains), "benchmarks": len(mains)} if mains else None
-    return out
-
-
-def update_scores(output: str, name: str, result: dict):
-    path = os.path.join(output, "scores.json")
-    scores = {}
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            scores = json.load(f)["benchmarks"]
-    scores[name] = result
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump({"benchmarks": scores, "family_averages": family_averages(scores)}, f, indent=2)
-    with open(os.path.join(output, "report.md"), "w", encoding="utf-8") as f:
-        f.write(render_report(scores))
-
-
-META_KEYS = ("benchmark", "family", "metric", "hub_id", "split", "data", "in_average")
-
-
-def render_report(scores: dict) -> str:
-    lines = ["# GranViT evaluation", ""]
-    for name, s in scores.items():
-        source = f"{s['hub_id']} `{s['split']}`" + (f", local file `{s['data']}`" if s["data"] else "")
-        lines += [f"## {name}", "", f"{source} ({s['family']}, metric `{s['metric']}`)", "",
-                  "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
-                  for k, v in s.items() if k not in META_KEYS]
-        lines.append("")
-    lines += ["## Family averages (mean headline score, as in the paper; CIDEr is left out)", "",
-              "| family | average | benchmarks |", "|---|---|---|"]
-    for fam, v in family_averages(scores).items():
-        lines.append(f"| {fam} | {v['average']:.4f} | {v['benchmarks']} |" if v else f"| {fam} | - | 0 |")
-    return "\n".join(lines) + "\n"
-
-
-def draw_boxes(records, rows, bench, base_dir, out_dir, n: int = 16):
-    """boxes.png (a grid: true box green, predicted red) and boxes.html (the grid + a table) for grounding."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
-
-    wanted = {r["id"]: r for r in records[:n]}
-    images = {}
-    for s in iter_samples(bench, rows, base_dir):
-        if s["id"] in wanted:
-            images[s["id"]] = s["image"]
-        if len(images) == len(wanted):
-            break
-    cols = 4
-    rows_n = max(1, -(-len(wanted) // cols))
-    fig, axes = plt.subplots(rows_n, cols, figsize=(3 * cols, 3 * rows_n), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    table = []
-    for ax, (rid, rec) in zip(axes.flat, wanted.items()):
-        ax.imshow(images[rid])
-        (x1, y1, x2, y2) = rec["target"]["box"]
-        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color="lime", lw=2))
-        iou = 0.0
-        if M.valid_box(rec["box"]):
-            px1, py1, px2, py2 = rec["box"]
-            ax.add_patch(Rectangle((px1, py1), px2 - px1, py2 - py1, fill=False, color="red", lw=2, ls="--"))
-            iou = M.box_iou(rec["box"], rec["target"]["box"])
-        ax.set_title(f"{rec['target']['expression'][:30]}\nIoU {iou:.2f}", fontsize=8)
-        table.append(f"<tr><td>{rid}</td><td>{_html(rec['target']['expression'])}</td><td>{rec['box']}</td>"
-                     f"<td>{[round(v, 1) for v in rec['target']['box']]}</td><td>{iou:.3f}</td></tr>")
-    fig.tight_layout()
-    png = os.path.join(out_dir, "boxes.png")
-    fig.savefig(png, dpi=80)
-    plt.close(fig)
-    with open(png, "rb") as f:
-        b64 = base64.b64encode(f.read()).decode()
-    with open(os.path.join(out_dir, "boxes.html"), "w", encoding="utf-8") as f:
-        f.write(f"<html><body><h1>{bench.name}: true (green) vs predicted (red dashed)</h1>"
-                f"<img src='data:image/png;base64,{b64}'><table border=1><tr><th>id</th><th>expression</th>"
-                f"<th>predicted</th><th>true</th><th>IoU</th></tr>{''.join(table)}</table></body></html>")
-
-
-def _html(text: str) -> str:
-    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
 # ----------------------------------------------------------------------------- synthetic set
 
 def _load_gran(dataset_or_path, split: str):
@@ -325,7 +238,7 @@ def synthetic_baselines(train) -> tuple:
     return [sum(b[k] for b in boxes) / len(boxes) for k in range(4)], M.most_common(captions)
 
 
-def evaluate_synthetic(model, processor, dataset_or_path, limit: int = None, batch_size: int = 16,
+def evaluate_synthetic(model, processor, dataset_or_path, limit: int | None = None, batch_size: int = 16,
                        train=None, baseline_box=None, baseline_caption=None, split: str = "test") -> dict:
     """Caption->box grounding ACC@0.5 and box->caption exact match on a Gran-schema set, with baselines.
 

@@ -2,9 +2,15 @@
 import json
 
 import pytest
+from granvit.eval.benchmarks import (
+    BENCHMARKS,
+    FAMILIES,
+    TASK_TYPES,
+    get_benchmark,
+    iter_samples,
+    load_rows,
+)
 from PIL import Image
-
-from granvit.eval.benchmarks import BENCHMARKS, FAMILIES, TASK_TYPES, get_benchmark, iter_samples, load_rows
 
 
 def _write_jsonl(path, rows):
@@ -58,7 +64,9 @@ def test_missing_field_names_field_and_row(tmp_path, image_path):
 
 def test_parquet_with_embedded_images(tmp_path):
     import io
-    from datasets import Dataset, Features, Image as HFImage, Value
+
+    from datasets import Dataset, Features, Value
+    from datasets import Image as HFImage
 
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), "blue").save(buf, format="PNG")

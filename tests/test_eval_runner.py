@@ -2,9 +2,9 @@
 import json
 
 import pytest
-from PIL import Image
-
 from granvit.eval import run as R
+from granvit.eval.report import update_scores
+from PIL import Image
 
 
 @pytest.fixture(scope="module")
@@ -68,12 +68,12 @@ def test_resume_continues_and_drops_truncated_line(tiny_model_and_processor, ben
 
 
 def test_family_averages_in_report(tmp_path):
-    R.update_scores(str(tmp_path), "refcoco_val", {"benchmark": "refcoco_val", "family": "fine-grained",
+    update_scores(str(tmp_path), "refcoco_val", {"benchmark": "refcoco_val", "family": "fine-grained",
                     "metric": "grounding", "hub_id": "lmms-lab/RefCOCO", "split": "val", "data": None, "in_average": True, "main": 0.5})
-    R.update_scores(str(tmp_path), "blink", {"benchmark": "blink", "family": "fine-grained", "metric": "choice",
+    update_scores(str(tmp_path), "blink", {"benchmark": "blink", "family": "fine-grained", "metric": "choice",
                     "hub_id": "BLINK-Benchmark/BLINK", "split": "val", "data": None, "in_average": True,
                     "main": 0.25})
-    R.update_scores(str(tmp_path), "refcocog_caption_val", {"benchmark": "refcocog_caption_val", "family": "fine-grained",
+    update_scores(str(tmp_path), "refcocog_caption_val", {"benchmark": "refcocog_caption_val", "family": "fine-grained",
                     "metric": "caption", "hub_id": "lmms-lab/RefCOCOg", "split": "val", "data": None,
                     "in_average": False, "main": 3.1})
     saved = json.loads((tmp_path / "scores.json").read_text())
@@ -91,7 +91,6 @@ def test_cli_main(tiny_checkpoint, bench_dir, tmp_path, capsys):
 
 def _gran(n, split):
     from datasets import Dataset
-
     from granvit.train.data.schema import GRAN_FEATURES
     from granvit.train.data.synth import SynthConfig, generate_record
 

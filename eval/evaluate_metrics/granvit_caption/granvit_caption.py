@@ -8,7 +8,6 @@ Also returns "exact" (normalised exact match against any reference), the synthet
 """
 import datasets
 import evaluate
-
 from granvit.eval.metrics import caption_scores, normalize_text
 
 

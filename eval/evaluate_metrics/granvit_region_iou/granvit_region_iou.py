@@ -9,7 +9,6 @@ Boxes are [x1, y1, x2, y2] pixels; an empty or inverted prediction is a miss and
 """
 import datasets
 import evaluate
-
 from granvit.eval.metrics import grounding_scores
 
 
