@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
+
 from granvit.eval.run import evaluate_synthetic, load_model, run_benchmark
 from granvit.train.data.schema import GRAN_FEATURES
 from granvit.train.data.synth import SynthConfig, generate_record

@@ -22,11 +22,12 @@ import os
 import shutil
 
 import torch
-from granvit.eval.benchmarks import to_pil
-from granvit.eval.run import generate, load_model
 from lmms_eval.api.model import lmms
 from lmms_eval.models.registry_v2 import ModelManifest
 from tqdm import tqdm
+
+from granvit.eval.benchmarks import to_pil
+from granvit.eval.run import generate, load_model
 
 MANIFEST = ModelManifest(model_id="granvit", simple_class_path="granvit.eval.lmms_eval_granvit.GranViTLmms")
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lmms_tasks")

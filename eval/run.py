@@ -14,16 +14,11 @@ import json
 import os
 
 import torch
-from granvit.eval import metrics as M
-from granvit.eval.benchmarks import (
-    BENCHMARKS,
-    get_benchmark,
-    iter_samples,
-    load_rows,
-    to_pil,
-)
-from granvit.eval.report import draw_boxes, update_scores
 from tqdm import tqdm
+
+from granvit.eval import metrics as M
+from granvit.eval.benchmarks import BENCHMARKS, get_benchmark, iter_samples, load_rows, to_pil
+from granvit.eval.report import draw_boxes, update_scores
 
 VQA_SUFFIX = "\nAnswer the question using a single word or phrase."
 CHOICE_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
@@ -71,7 +66,7 @@ def predict(model, processor, samples: list, task_type: str, max_new_tokens: int
                        max_new_tokens or MAX_NEW_TOKENS[task_type])
     texts = [t.strip() for t in processor.batch_decode(new_ids, skip_special_tokens=True)]
     records = []
-    for k, (s, text) in enumerate(zip(samples, texts)):
+    for s, text in zip(samples, texts):
         rec = {"id": s["id"], "text": text, "target": {key: v for key, v in s.items() if key not in ("id", "image")}}
         rec["target"]["image_size"] = list(s["image"].size)
         if task_type == "grounding":

@@ -2,15 +2,9 @@
 import json
 
 import pytest
-from granvit.eval.benchmarks import (
-    BENCHMARKS,
-    FAMILIES,
-    TASK_TYPES,
-    get_benchmark,
-    iter_samples,
-    load_rows,
-)
 from PIL import Image
+
+from granvit.eval.benchmarks import BENCHMARKS, FAMILIES, TASK_TYPES, get_benchmark, iter_samples, load_rows
 
 
 def _write_jsonl(path, rows):

@@ -2,9 +2,10 @@
 import json
 
 import pytest
+from PIL import Image
+
 from granvit.eval import run as R
 from granvit.eval.report import update_scores
-from PIL import Image
 
 
 @pytest.fixture(scope="module")

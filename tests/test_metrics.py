@@ -4,6 +4,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from granvit.eval import metrics as M
 
 METRICS_DIR = Path(__file__).resolve().parents[1] / "eval" / "evaluate_metrics"
