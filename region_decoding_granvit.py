@@ -21,7 +21,7 @@ around these calls is faster only with ``attn_implementation="eager"`` (see benc
 """
 
 import torch
-from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
+from transformers import Cache, DynamicCache, DynamicLayer, LogitsProcessor, LogitsProcessorList
 
 
 class BoxConstraintLogitsProcessor(LogitsProcessor):
@@ -100,6 +100,64 @@ class BoxConstraintLogitsProcessor(LogitsProcessor):
         return scores.masked_fill(~allowed, float("-inf"))
 
 
+class PreallocatedKVLayer(DynamicLayer):
+    """A ``DynamicLayer`` that writes new keys/values into spare capacity instead of concatenating.
+
+    ``DynamicLayer.update`` concatenates, so every decode step copies the whole cache; with N rows over a ~1000-token
+    shared prefix that copy was ~30% of dense decoding time on CPU. Here the shared prefix is broadcast into N rows
+    once and each step writes only its new slots. ``keys`` / ``values`` stay views of the filled part, so attention
+    sees exactly what a ``DynamicLayer`` would hold.
+    """
+
+    def __init__(self, prefix_keys: torch.Tensor, prefix_values: torch.Tensor, rows: int, capacity: int):
+        super().__init__()
+        _, heads, length, _ = prefix_keys.shape  # (1, kv_heads, prefix, head_dim)
+        self.buffer_keys = prefix_keys.new_empty((rows, heads, capacity, prefix_keys.shape[-1]))
+        self.buffer_values = prefix_values.new_empty((rows, heads, capacity, prefix_values.shape[-1]))
+        self.buffer_keys[:, :, :length] = prefix_keys
+        self.buffer_values[:, :, :length] = prefix_values
+        self.length = length
+        self.device = prefix_keys.device
+        self.is_initialized = True
+        self._expose()
+
+    def _expose(self) -> None:
+        self.keys = self.buffer_keys[:, :, : self.length]
+        self.values = self.buffer_values[:, :, : self.length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        end = self.length + key_states.shape[-2]
+        if end > self.buffer_keys.shape[2]:
+            raise RuntimeError(f"PreallocatedKVLayer is full ({self.buffer_keys.shape[2]} slots)")
+        self.buffer_keys[:, :, self.length : end] = key_states
+        self.buffer_values[:, :, self.length : end] = value_states
+        self.length = end
+        self._expose()
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.buffer_keys, self.buffer_values = self.buffer_keys[indices], self.buffer_values[indices]
+        self._expose()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("PreallocatedKVLayer is only used for greedy dense decoding, which never crops")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("PreallocatedKVLayer is built with its rows; it never repeats them")
+
+
+def expand_prefix_cache(cache: DynamicCache, rows: int, capacity: int) -> Cache:
+    """A batch-1 prefix cache -> a cache of ``rows`` copies with room for ``capacity`` tokens per row.
+
+    Layers other than plain ``DynamicLayer`` (sliding windows, linear attention) keep their own update rules, so the
+    whole cache then falls back to ``DynamicCache.batch_repeat_interleave``, which is exact but copies every step.
+    """
+    if any(type(layer) is not DynamicLayer for layer in cache.layers):
+        cache.batch_repeat_interleave(rows)
+        return cache
+    return Cache(layers=[PreallocatedKVLayer(l.keys, l.values, rows, capacity) for l in cache.layers])
+
+
 def shared_prefix_length(sequences: list[list[int]]) -> int:
     """Length of the longest common prefix, leaving every sequence at least one token of its own.
 
@@ -147,7 +205,6 @@ def dense_greedy_generate(
     cache = DynamicCache(config=model.config.text_config)
     prefix = torch.tensor([sequences[0][:shared]], dtype=torch.long, device=device)
     model(input_ids=prefix, pixel_values=pixel_values, cache=cache, use_cache=True, logits_to_keep=1)
-    cache.batch_repeat_interleave(n)
 
     # 2. The N suffixes, right-aligned in one (N, W) batch: pads on the left, masked, real tokens at P .. P+S_i-1.
     lengths = torch.tensor([len(s) for s in suffixes], device=device)
@@ -155,6 +212,7 @@ def dense_greedy_generate(
     suffix_ids = torch.full((n, width), pad_token_id, dtype=torch.long, device=device)
     position_ids = torch.full((n, width), shared, dtype=torch.long, device=device)
     attention_mask = torch.ones((n, shared + width), dtype=torch.long, device=device)
+    cache = expand_prefix_cache(cache, n, shared + width + max_new_tokens)
     for i, s in enumerate(suffixes):
         start = width - len(s)
         suffix_ids[i, start:] = torch.tensor(s, device=device)
@@ -280,4 +338,11 @@ class GranViTRegionDecodingMixin:
         return processor.post_process_grounding(ids, [image_size] * len(ids))
 
 
-__all__ = ["BoxConstraintLogitsProcessor", "GranViTRegionDecodingMixin", "dense_greedy_generate", "shared_prefix_length"]
+__all__ = [
+    "BoxConstraintLogitsProcessor",
+    "GranViTRegionDecodingMixin",
+    "PreallocatedKVLayer",
+    "dense_greedy_generate",
+    "expand_prefix_cache",
+    "shared_prefix_length",
+]

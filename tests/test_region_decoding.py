@@ -187,3 +187,18 @@ def test_constraint_inside_generate(tiny_model_and_processor):
     assert all(len(b) >= 1 for b in boxes)
     free = model.generate(**batch, max_new_tokens=14, do_sample=False)[:, batch["input_ids"].shape[1] :]
     assert not torch.equal(free, out)  # the constraint changed what the untrained model says
+
+
+def test_repeat_interleave_fallback_is_exact_too(tiny_model_and_processor, monkeypatch):
+    """LLMs with sliding-window layers take the plain DynamicCache path; it must give the same tokens."""
+    from granvit import region_decoding_granvit as rd
+
+    def fallback(cache, rows, capacity):
+        cache.batch_repeat_interleave(rows)
+        return cache
+
+    model, processor = tiny_model_and_processor
+    image, prompts = _scene(), _mixed_prompts(processor)
+    fast = model.dense_generate(processor, image, prompts, max_new_tokens=6)
+    monkeypatch.setattr(rd, "expand_prefix_cache", fallback)
+    assert model.dense_generate(processor, image, prompts, max_new_tokens=6) == fast
