@@ -289,7 +289,7 @@ def build_demo(demo_model: GranViTDemo, untrained: bool = False) -> gr.Blocks:
                     image_type="pil", disable_edit_boxes=True, label="Image and boxes", elem_id="describe_in"
                 )
                 with gr.Column():
-                    describe_img = gr.AnnotatedImage(label="Captions", elem_id="describe_img")
+                    describe_img = gr.AnnotatedImage(label="Captions", height=420, elem_id="describe_img")
                     describe_json = gr.JSON(label="Boxes and captions", elem_id="describe_json")
             describe_btn = gr.Button("Describe regions", variant="primary", elem_id="describe_btn")
             describe_btn.click(
@@ -302,7 +302,7 @@ def build_demo(demo_model: GranViTDemo, untrained: bool = False) -> gr.Blocks:
                     find_text = gr.Textbox(label="Phrase", placeholder="the red car on the left", elem_id="find_text")
                     find_btn = gr.Button("Find", variant="primary", elem_id="find_btn")
                 with gr.Column():
-                    find_img = gr.AnnotatedImage(label="Predicted boxes", elem_id="find_img")
+                    find_img = gr.AnnotatedImage(label="Predicted boxes", height=420, elem_id="find_img")
                     find_json = gr.JSON(label="Boxes", elem_id="find_json")
             gr.on([find_btn.click, find_text.submit], find, [find_img_in, find_text], [find_img, find_json], api_name="find")
         with gr.Tab("Ask"):
@@ -324,7 +324,7 @@ def build_demo(demo_model: GranViTDemo, untrained: bool = False) -> gr.Blocks:
                     image_type="pil", single_box=True, disable_edit_boxes=True, label="Image and box", elem_id="sim_in"
                 )
                 with gr.Column():
-                    sim_img = gr.Image(type="pil", label="Similarity heatmap", elem_id="sim_img")
+                    sim_img = gr.Image(type="pil", label="Similarity heatmap", height=420, elem_id="sim_img")
                     sim_json = gr.JSON(label="Mean similarity inside / outside the box", elem_id="sim_json")
             sim_btn = gr.Button("Show similarity", variant="primary", elem_id="sim_btn")
             sim_btn.click(region_similarity, sim_in, [sim_img, sim_json], api_name="region_similarity")
