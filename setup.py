@@ -24,6 +24,8 @@ EXTRAS = {
     "train": ["datasets>=5,<6", "accelerate>=1.10", "peft>=0.17", "trl>=1.10", "matplotlib>=3.8", "pyarrow>=18"],
     "eval": ["datasets>=5,<6", "evaluate>=0.4.6", "pycocoevalcap>=1.2", "matplotlib>=3.8"],
     "demo": ["gradio>=6.14,<7", "gradio_client>=2", "gradio_image_annotation==0.5.6"],
+    # filelock 4 breaks lmms-eval 0.7.3's simple_evaluate (ModuleNotFoundError: filelock._api).
+    "lmms": ["lmms-eval==0.7.3", "filelock<4"],
 }
 EXTRAS["dev"] = sorted({d for v in EXTRAS.values() for d in v} | {"pytest>=8", "playwright>=1.50"})
 
@@ -37,7 +39,15 @@ setup(
     python_requires=">=3.10",
     package_dir={"granvit": "."},
     packages=["granvit"] + [f"granvit.{p}" for p in find_packages(include=["train*", "eval*", "spaces*"])],
-    package_data={"granvit": ["train/configs/*.yaml", "train/configs/accelerate/*", "eval/**/*.py", "eval/**/*.yaml"]},
+    package_data={
+        "granvit": [
+            "train/configs/*.yaml",
+            "train/configs/accelerate/*",
+            "eval/lmms_tasks/*.yaml",
+            "eval/lmms_tasks/*.py",
+            "eval/evaluate_metrics/*/*.py",
+        ]
+    },
     install_requires=BASE,
     extras_require=EXTRAS,
     entry_points={
@@ -50,5 +60,6 @@ setup(
             "granvit-push=granvit.train.publish:main",
             "granvit-export-encoder=granvit.train.publish:export_encoder_main",
         ],
+        "lmms_eval.models": ["granvit = granvit.eval.lmms_eval_granvit:MANIFEST"],
     },
 )
