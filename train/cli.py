@@ -162,6 +162,24 @@ def build_dataset(stage: str, data_cfg: dict, processor, args):
     return [e for e in builder.iter_examples(records) if mix(e)]
 
 
+def last_complete_checkpoint(stage_dir: str, stage: str) -> str | None:
+    """The newest checkpoint that was fully written. The Trainer writes checkpoint folders in place, so a crash while
+    saving leaves a partial `checkpoint-N` that `resume_from_checkpoint=True` would pick. `trainer_state.json` is the
+    Trainer's last file, and stage 1 writes `ema_teacher.safetensors` after it."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    from .ema import TEACHER_FILE
+
+    required = ["trainer_state.json"] + ([TEACHER_FILE] if stage == "1" else [])
+    candidates = sorted(Path(stage_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    for checkpoint in reversed(candidates):
+        if all((checkpoint / name).is_file() for name in required):
+            return str(checkpoint)
+        logger.warning("Skipping %s: incomplete (killed while saving?)", checkpoint)
+    logger.warning("No complete checkpoint in %s: starting from scratch", stage_dir)
+    return None
+
+
 # ============================================================================================ main
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -193,7 +211,10 @@ def run(config: dict, stage: str):
         model=model, args=args, train_dataset=dataset, data_collator=TaskCollator(processor, counter),
         processing_class=processor, callbacks=[skip_counter_callback(counter)],
     )
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    resume = args.resume_from_checkpoint
+    if str(resume).lower() in ("true", "last"):
+        resume = last_complete_checkpoint(stage_dir, stage)
+    trainer.train(resume_from_checkpoint=resume)
     if trainer.is_world_process_zero():
         final = os.path.join(stage_dir, "final")
         trained = trainer.model
