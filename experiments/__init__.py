@@ -1,0 +1,1 @@
+"""Small-scale reproductions of the paper's ablations on the synthetic set (see EXPERIMENTS.md at the repo root)."""
