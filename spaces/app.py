@@ -31,14 +31,14 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 DEFAULT_MODEL = "outputs/quickstart/checkpoint"
 UNTRAINED_DIR = Path(tempfile.gettempdir()) / "granvit-space-untrained-tiny"
 
-MAX_IMAGE_PIXELS = int(os.environ.get("GRANVIT_MAX_IMAGE_PIXELS", 4096 * 4096))
-MAX_BOXES = 16  # boxes per Describe call: they go through generate as one batch
+MAX_IMAGE_PIXELS = int(os.environ.get("GRANVIT_MAX_IMAGE_PIXELS", str(4096 * 4096)))
+MAX_BOXES = 16  # boxes per Describe call: they are decoded as one batch
 MAX_FOUND_BOXES = 4  # boxes per Find answer
 MAX_TEXT_CHARS = 300
 CAPTION_TOKENS = 24  # the Bbox2Caption prompt asks for at most 10 words
 ANSWER_TOKENS = 48
-CONCURRENCY = int(os.environ.get("GRANVIT_CONCURRENCY", 1))  # generate calls at once; more just share the same cores
-QUEUE_SIZE = int(os.environ.get("GRANVIT_QUEUE_SIZE", 64))
+CONCURRENCY = int(os.environ.get("GRANVIT_CONCURRENCY", "1"))  # generate calls at once; more just share the same cores
+QUEUE_SIZE = int(os.environ.get("GRANVIT_QUEUE_SIZE", "64"))
 
 
 # ---- model -------------------------------------------------------------------------------------------------------
@@ -74,60 +74,28 @@ class GranViTDemo:
         self.model = AutoModelForImageTextToText.from_pretrained(model_id, trust_remote_code=True, dtype=dtype)
         self.model = self.model.to(self.device).eval()
         self.processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)
-        self.eos_id = self.processor.tokenizer.eos_token_id
-        self.box_start_id = self.processor.box_start_token_id
-        self.box_end_id = self.processor.box_end_token_id
-        start = self.processor.coord_token_start_id
-        self.coord_ids = list(range(start, start + self.processor.num_coord_bins))
-
-    def _generate(self, images: list[Image.Image], prompts: list[str], max_new_tokens: int, boxes_only=False) -> list[str]:
-        inputs = self.processor(images=images, text=prompts, return_tensors="pt").to(self.device)
-        prompt_length = inputs["input_ids"].shape[1]  # left-padded prompts: every answer starts at this index
-        grammar = self._box_grammar(prompt_length) if boxes_only else None
-        with torch.inference_mode():
-            out = self.model.generate(
-                **inputs, max_new_tokens=max_new_tokens, do_sample=False, prefix_allowed_tokens_fn=grammar
-            )
-        new_tokens = out[:, prompt_length:]
-        return self.processor.batch_decode(new_tokens, skip_special_tokens=True)
 
     def describe(self, image: Image.Image, boxes: list[list[float]]) -> list[str]:
-        """One caption per box, all boxes in one batched ``generate`` call."""
-        prompts = [self.processor.bbox2caption_prompt(box, image.size) for box in boxes]
-        return [c.strip() for c in self._generate([image] * len(boxes), prompts, CAPTION_TOKENS)]
+        """One caption per box from the model's dense API: one image encode, one shared prefill, one decode batch."""
+        with torch.inference_mode():
+            return self.model.describe_regions(self.processor, image, boxes, max_new_tokens=CAPTION_TOKENS)
 
-    def _box_grammar(self, prompt_length: int):
-        """``prefix_allowed_tokens_fn``: answers are 1..MAX_FOUND_BOXES ``<box>x1 y1 x2 y2</box>`` with x2>x1, y2>y1.
+    def find(self, image: Image.Image, phrase: str) -> list[list[float]]:
+        """Boxes (original pixels) of the region(s) a phrase describes, at most MAX_FOUND_BOXES.
 
-        A trained model already answers Caption2Bbox in this form; the grammar makes every answer parse (an
-        undertrained one otherwise rambles), and it only removes tokens the parser would throw away.
+        ``ground`` decodes under the model's box grammar (the answer starts with a well-formed box), so an answer
+        always parses, even from an undertrained checkpoint.
         """
-        first_coord = self.coord_ids[0]
-
-        def allowed(batch_id: int, ids: torch.Tensor) -> list[int]:
-            answer = ids[prompt_length:].tolist()
-            slot = len(answer) % 6  # 6 tokens per box: <box> x1 y1 x2 y2 </box>
-            if answer and answer[-1] == self.eos_id:
-                return [self.eos_id]
-            if slot == 0:
-                return [self.box_start_id] if not answer else [self.box_start_id, self.eos_id]
-            if slot in (1, 2):  # x1, y1 leave room for a larger x2, y2
-                return self.coord_ids[:-1]
-            if slot in (3, 4):  # x2 > x1, y2 > y1: a positive area, as validate_box demands of every box
-                return self.coord_ids[answer[-2] - first_coord + 1 :]
-            return [self.box_end_id]
-
-        return allowed
-
-    def find(self, image: Image.Image, phrase: str) -> tuple[list[list[float]], str]:
-        """Boxes (original pixels) of the region(s) a phrase describes, and the raw answer."""
-        prompt = self.processor.caption2bbox_prompt(phrase)
-        [answer] = self._generate([image], [prompt], 6 * MAX_FOUND_BOXES + 1, boxes_only=True)
-        return self.processor.decode_boxes(answer, image.size), answer
+        with torch.inference_mode():
+            [boxes] = self.model.ground(self.processor, image, [phrase], max_new_tokens=6 * MAX_FOUND_BOXES + 1)
+        return boxes[:MAX_FOUND_BOXES]
 
     def ask(self, image: Image.Image, question: str) -> str:
-        [answer] = self._generate([image], [self.processor.vqa_prompt(question)], ANSWER_TOKENS)
-        return answer.strip()
+        inputs = self.processor(images=[image], text=[self.processor.vqa_prompt(question)]).to(self.device)
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, max_new_tokens=ANSWER_TOKENS, do_sample=False)
+        answer = out[:, inputs["input_ids"].shape[1] :]
+        return self.processor.batch_decode(answer, skip_special_tokens=True)[0].strip()
 
     def similarity(self, image: Image.Image, box: list[float]) -> np.ndarray:
         """Cosine similarity between the box's region feature and every ViT patch, as an (H, W) map on the image."""
@@ -144,7 +112,7 @@ class GranViTDemo:
         square = F.interpolate(sim[None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0]
         content_w, content_h = image_processor.resized_size(image.size)
         content = square[:content_h, :content_w]
-        full = F.interpolate(content[None, None], size=(image.height, image.width), mode="bilinear", align_corners=False)
+        full = F.interpolate(content[None, None], size=(image.height, image.width), mode="bilinear")
         return full[0, 0].clamp(-1, 1).cpu().numpy()
 
 
@@ -230,7 +198,7 @@ def heatmap_overlay(image: Image.Image, sim: np.ndarray, box: list[float]) -> Im
 
 
 def pixel_box(box: list[float]) -> tuple[int, int, int, int]:
-    return tuple(int(round(v)) for v in box)
+    return tuple(round(v) for v in box)
 
 
 # ---- UI ----------------------------------------------------------------------------------------------------------
@@ -245,11 +213,12 @@ def build_demo(demo_model: GranViTDemo, untrained: bool = False) -> gr.Blocks:
 
     def find(image, phrase):
         image, phrase = check_image(image), check_text(phrase, "phrase")
-        boxes, answer = demo_model.find(image, phrase)
-        if not boxes:
-            gr.Warning(f"The model's answer contains no box: {answer!r}")
+        boxes = demo_model.find(image, phrase)
+        flat = [i for i, (x1, y1, x2, y2) in enumerate(boxes, 1) if x2 <= x1 or y2 <= y1]
+        if flat:
+            gr.Warning(f"Predicted box(es) {flat} have zero width or height (both corners in one coordinate bin).")
         annotations = [(pixel_box(b), f"{i}: {phrase}") for i, b in enumerate(boxes, 1)]
-        return (image, annotations), {"phrase": phrase, "boxes": boxes, "answer": answer}
+        return (image, annotations), {"phrase": phrase, "boxes": boxes}
 
     def ask(image, question):
         image, question = check_image(image), check_text(question, "question")
@@ -304,7 +273,10 @@ def build_demo(demo_model: GranViTDemo, untrained: bool = False) -> gr.Blocks:
                 with gr.Column():
                     find_img = gr.AnnotatedImage(label="Predicted boxes", height=420, elem_id="find_img")
                     find_json = gr.JSON(label="Boxes", elem_id="find_json")
-            gr.on([find_btn.click, find_text.submit], find, [find_img_in, find_text], [find_img, find_json], api_name="find")
+            gr.on(
+                [find_btn.click, find_text.submit], find, [find_img_in, find_text], [find_img, find_json],
+                api_name="find",
+            )
         with gr.Tab("Ask"):
             with gr.Row():
                 with gr.Column():
@@ -316,8 +288,8 @@ def build_demo(demo_model: GranViTDemo, untrained: bool = False) -> gr.Blocks:
         with gr.Tab("Region similarity"):
             gr.Markdown(
                 "Draw one box: the heatmap is the cosine similarity between the box's region feature (ROIAlign over "
-                "the ViT patch grid) and every patch feature. Colours span this map's range: red = its maximum, blue = its "
-                "minimum (the JSON gives the values)."
+                "the ViT patch grid) and every patch feature. Colours span this map's range: red = its maximum, "
+                "blue = its minimum (the JSON gives the values)."
             )
             with gr.Row():
                 sim_in = image_annotator(
@@ -339,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     demo = build_demo(GranViTDemo(model_id), untrained=untrained)
     demo.launch(
         server_name=os.environ.get("HOST", os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")),
-        server_port=int(os.environ.get("PORT", os.environ.get("GRADIO_SERVER_PORT", 7860))),
+        server_port=int(os.environ.get("PORT", os.environ.get("GRADIO_SERVER_PORT", "7860"))),
         max_file_size="25mb",
         show_error=True,
     )
