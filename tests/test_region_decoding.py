@@ -193,7 +193,10 @@ def test_repeat_interleave_fallback_is_exact_too(tiny_model_and_processor, monke
     """LLMs with sliding-window layers take the plain DynamicCache path; it must give the same tokens."""
     from granvit import region_decoding_granvit as rd
 
+    calls = []
+
     def fallback(cache, rows, capacity):
+        calls.append(rows)
         cache.batch_repeat_interleave(rows)
         return cache
 
@@ -202,3 +205,4 @@ def test_repeat_interleave_fallback_is_exact_too(tiny_model_and_processor, monke
     fast = model.dense_generate(processor, image, prompts, max_new_tokens=6)
     monkeypatch.setattr(rd, "expand_prefix_cache", fallback)
     assert model.dense_generate(processor, image, prompts, max_new_tokens=6) == fast
+    assert calls == [len(prompts)]
