@@ -60,16 +60,19 @@ patch_features = out.hidden_states[-1]  # ({grid}x{grid} patches, {hidden}): wha
 - **Pad to a square.** The stock image processor resizes to {size} x {size} directly, which squashes non-square images;
   GranViT resizes the longest side and pads (above). Box coordinates in the padded frame are
   `pixels / max(width, height)`.
-- **Which layer.** GranViT uses `hidden_states[{layer}]` of the original tower; the layers after it were dropped from this
-  export ({kept} of {total} kept), so `hidden_states[-1]` here is exactly that feature. `last_hidden_state` additionally
-  applies the tower's `post_layernorm`, which GranViT training did not use (its weights are the pretrained tower's).
+- **Which layer.** GranViT uses `hidden_states[{layer}]` of the original tower; the layers after it were dropped
+  from this export ({kept} of {total} kept), so `hidden_states[-1]` here is exactly that feature. `last_hidden_state`
+  additionally applies the tower's `post_layernorm`, which GranViT training did not use (its weights are the
+  pretrained tower's).
 """
 
 
 def read_tower_weights(checkpoint: Path) -> dict:
     """The ``*vision_tower.*`` tensors of a (possibly sharded) safetensors checkpoint, without the prefix."""
     index = checkpoint / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    files = ["model.safetensors"]
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     weights = {}
     for name in files:
         with safe_open(checkpoint / name, framework="pt") as f:
@@ -108,7 +111,9 @@ def export_encoder(checkpoint: str | Path, out: str | Path):
 
     saved = json.loads((checkpoint / "processor_config.json").read_text())
     # transformers 5 nests the image processor in processor_config.json; older saves wrote preprocessor_config.json.
-    granvit_processor = saved.get("image_processor") or json.loads((checkpoint / "preprocessor_config.json").read_text())
+    granvit_processor = saved.get("image_processor")
+    if granvit_processor is None:
+        granvit_processor = json.loads((checkpoint / "preprocessor_config.json").read_text())
     size = granvit_processor["image_size"]
     SiglipImageProcessor(
         do_resize=True,

@@ -30,7 +30,8 @@ from huggingface_hub import (
 
 SPACE_DIR = Path(__file__).resolve().parent.parent / "spaces"
 SPACE_FILES = ("app.py", "requirements.txt", "README.md")
-# Trainer checkpoints (checkpoint-N/) hold optimizer and RNG state: useless to a model user, often larger than the model.
+# Trainer checkpoints (checkpoint-N/) hold optimizer and RNG state: of no use to a model user, often larger than
+# the model.
 EXCLUDE = (".*", "__pycache__", "*.pyc", "optimizer.pt", "scheduler.pt", "rng_state*.pth", "trainer_state.json",
            "training_args.bin", "README.md")
 TRAINING_CONFIG_NAMES = ("training_config.yaml", "recipe.yaml")

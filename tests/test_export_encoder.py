@@ -30,13 +30,16 @@ STOCK_LOAD = textwrap.dedent(
         hidden = encoder(pixel_values=pixel_values, output_hidden_states=True).hidden_states[-1]
     torch.save({
         "class": type(encoder).__name__, "module": type(encoder).__module__, "processor": type(processor).__name__,
-        "hidden": hidden, "stock_pixels": processor(images=Image.open(sys.argv[4]), return_tensors="pt")["pixel_values"],
+        "hidden": hidden,
+        "stock_pixels": processor(images=Image.open(sys.argv[4]), return_tensors="pt")["pixel_values"],
     }, result)
     """
 )
 
 
-def test_exported_encoder_equals_granvit_tower_in_stock_transformers(tiny_model_and_processor, tiny_checkpoint, tmp_path):
+def test_exported_encoder_equals_granvit_tower_in_stock_transformers(
+    tiny_model_and_processor, tiny_checkpoint, tmp_path
+):
     model, processor = tiny_model_and_processor
     out = tmp_path / "granvit-vit"
     export_main([str(tiny_checkpoint), str(out)])

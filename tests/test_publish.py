@@ -18,8 +18,9 @@ from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl, SpaceCard
 
 RUNNER_SCORES = {
     "benchmarks": {
-        "refcoco_val": {"benchmark": "refcoco", "family": "grounding", "metric": "acc@0.5", "hub_id": "lmms-lab/RefCOCO",
-                        "split": "val", "data": None, "in_average": True, "main": 0.4321, "miou": 0.38},
+        "refcoco_val": {"benchmark": "refcoco", "family": "grounding", "metric": "acc@0.5",
+                        "hub_id": "lmms-lab/RefCOCO", "split": "val", "data": None, "in_average": True,
+                        "main": 0.4321, "miou": 0.38},
     },
     "family_averages": {"grounding": {"average": 0.4321, "benchmarks": 1}, "ocr": None},
 }
@@ -28,7 +29,7 @@ TRAINING_YAML = "seed: 0\nstage1:\n  steps: 300  # 300 steps * 8 images = 2,400 
 
 @pytest.fixture
 def run_dir(tiny_checkpoint, tmp_path):
-    """A quickstart-like output folder: run/checkpoint (+ trainer leftovers), run/scores.json, run/training_config.yaml."""
+    """A quickstart-like run folder: checkpoint/ (+ trainer leftovers), scores.json, training_config.yaml."""
     run = tmp_path / "run"
     shutil.copytree(tiny_checkpoint, run / "checkpoint")
     (run / "checkpoint" / "optimizer.pt").write_bytes(b"not for users")
@@ -96,7 +97,8 @@ def test_not_a_checkpoint_is_refused(tmp_path):
 
 
 class FakeHub:
-    """HfApi patched on the class (transformers and datasets make their own HfApi instances): writes land in a folder."""
+    """HfApi patched on the class (transformers and datasets make their own HfApi instances); writes land in a
+    folder."""
 
     def __init__(self, root: Path, monkeypatch):
         self.root, self.repos, self.variables = root, [], {}
@@ -131,7 +133,8 @@ class FakeHub:
 
 
 def populate_hf_cache(folder: Path, repo_id: str, hf_home: Path) -> None:
-    """Lay a repo folder out as huggingface_hub's cache: blobs/<sha256>, snapshots/<commit>/<file> -> blob, refs/main."""
+    """Lay a repo folder out as huggingface_hub's cache: blobs/<sha256>, snapshots/<commit>/<file> -> blob,
+    refs/main."""
     repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
     commit = hashlib.sha1(repo_id.encode()).hexdigest()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
@@ -153,7 +156,8 @@ FRESH_LOAD = textwrap.dedent(
     from transformers import AutoModel
     model = AutoModel.from_pretrained("org/granvit", trust_remote_code=True)
     checksum = sum(float(p.double().sum()) for p in model.state_dict().values())
-    print("REPORT " + json.dumps({"class": type(model).__name__, "module": type(model).__module__, "checksum": checksum}))
+    report = {"class": type(model).__name__, "module": type(model).__module__, "checksum": checksum}
+    print("REPORT " + json.dumps(report))
     """
 )
 
