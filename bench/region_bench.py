@@ -7,9 +7,9 @@
 
 The model is random-init and built here (no downloads); its size is printed on the MODEL line. Default: a SigLIP tower
 192 wide x 4 layers at 512 px with 16 px patches (32 x 32 = 1024 image tokens, merge 1), a Qwen2 LLM 256 wide x 4
-layers, 1000 coordinate bins, and a byte-level BPE tokenizer trained on digit-free text, so every digit is one token as
-in Qwen2.5's tokenizer. Every ratio is measured within one run, with the two sides interleaved; the machine is shared,
-so the LOAD lines give the 1-minute load average before and after.
+layers, 1000 coordinate bins, and a byte-level BPE tokenizer trained on digit-free text (word list + prompt templates),
+so every digit is one token as in Qwen2.5's tokenizer. Every ratio is measured within one run, with the two sides
+interleaved; the machine is shared, so the LOAD lines give the 1-minute load average before and after.
 
 Parts:
     image_tokens  image tokens per 512 px image with spatial merge 1 and 2 (GranViTConfig arithmetic, issue 2)
@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw
 from transformers import LogitsProcessorList, Qwen2Config, SiglipVisionConfig, SuppressTokensLogitsProcessor
 
 from granvit import GranViTConfig, GranViTForConditionalGeneration, GranViTImageProcessor, GranViTProcessor
+from granvit.processing_granvit import BBOX2CAPTION_TEMPLATE, CAPTION2BBOX_TEMPLATE
 from granvit.train.tiny import train_tokenizer
 
 WORDS = (
@@ -43,7 +44,10 @@ NUM_QUERIES = 16
 def build(args, attn_implementation: str = "sdpa") -> tuple[GranViTForConditionalGeneration, GranViTProcessor]:
     """Random-init GranViT of the requested size (seeded, so every call builds the same weights)."""
     torch.manual_seed(0)
-    tokenizer = train_tokenizer([" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))], vocab_size=512)
+    # A real LLM tokenizer has the prompt templates' English words as whole tokens; digits stay single tokens.
+    templates = [t.replace("{box}", "").replace("{caption}", "") for t in (BBOX2CAPTION_TEMPLATE, CAPTION2BBOX_TEMPLATE)]
+    corpus = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] + templates * 20
+    tokenizer = train_tokenizer(["".join(c for c in text if not c.isdigit()) for text in corpus], vocab_size=512)
     token_ids = GranViTProcessor.add_tokens(tokenizer, args.bins)
     vision = SiglipVisionConfig(
         hidden_size=args.vision_hidden,
