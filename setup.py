@@ -38,7 +38,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     package_dir={"granvit": "."},
-    packages=["granvit"] + [f"granvit.{p}" for p in find_packages(include=["train*", "eval*", "spaces*"])],
+    packages=["granvit"] + [f"granvit.{p}" for p in find_packages(include=["train*", "eval*", "spaces*", "hub*", "experiments*"])],
     package_data={
         "granvit": [
             "train/configs/*.yaml",
@@ -46,6 +46,8 @@ setup(
             "eval/lmms_tasks/*.yaml",
             "eval/lmms_tasks/*.py",
             "eval/evaluate_metrics/*/*.py",
+            "spaces/README.md",
+            "spaces/requirements.txt",
         ]
     },
     install_requires=BASE,
@@ -57,8 +59,9 @@ setup(
             "granvit-train=granvit.train.cli:main",
             "granvit-quickstart=granvit.train.quickstart:main",
             "granvit-eval=granvit.eval.run:main",
-            "granvit-push=granvit.train.publish:main",
-            "granvit-export-encoder=granvit.train.publish:export_encoder_main",
+            "granvit-push=granvit.hub.publish:main",
+            "granvit-export-encoder=granvit.hub.export_encoder:main",
+            "granvit-demo=granvit.spaces.app:main",
         ],
         "lmms_eval.models": ["granvit = granvit.eval.lmms_eval_granvit:MANIFEST"],
     },
