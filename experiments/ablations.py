@@ -37,6 +37,7 @@ from ..train.quickstart import (
 from .probe import linear_probe
 
 HERE = Path(__file__).parent
+REPO = HERE.parent
 EXPERIMENTS_CONFIG = HERE / "configs" / "ablations.yaml"
 DEFAULT_OUT = HERE / "results"
 SCORE_KEYS = ("grounding_acc50", "grounding_acc50_baseline", "grounding_miou", "caption_exact", "caption_exact_baseline",
@@ -154,6 +155,7 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=2, help="torch threads (this machine has 2 shared cores)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra recipe override for every run (recorded in each JSON)")
+    parser.add_argument("--conditions", nargs="+", help="run only these conditions of the claims (default: all)")
     parser.add_argument("--force", action="store_true", help="rerun runs whose JSON exists")
     return parser.parse_args(argv)
 
@@ -163,11 +165,18 @@ def main(argv=None) -> list[Path]:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     scale, claims = load_plan(args.smoke)
-    data_root = Path(args.data_root) if args.data_root else out / "data"
+    # Default results folder -> data under outputs/ (git-ignored); any other --out keeps its data inside it.
+    default_root = REPO / "outputs" / "experiments-data" if out.resolve() == DEFAULT_OUT.resolve() else out / "data"
+    data_root = Path(args.data_root) if args.data_root else default_root
 
-    plan = [(claim, name, cond, seed) for claim in args.claim for name, cond in claims[claim].items() for seed in args.seeds]
+    # seed-major: every condition of seed 0 runs before seed 1, so a cut-short session still has paired comparisons
+    plan = [(claim, name, cond, seed) for claim in args.claim for seed in args.seeds for name, cond in claims[claim].items()
+            if not args.conditions or name in args.conditions]
+    if not plan:
+        raise SystemExit(f"no condition of {args.claim} is named in --conditions {args.conditions}")
     recipes = [make_recipe(scale, cond, seed, extra=args.set) for _, _, cond, seed in plan]
-    max_train = max(r.train_images for r in recipes)
+    # One synthetic set for every claim of the preset (sized for the largest), so separate invocations share it.
+    max_train = max(make_recipe(scale, cond, 0, extra=args.set).train_images for conds in claims.values() for cond in conds.values())
     written = []
     for (claim, name, _, seed), r in zip(plan, recipes):
         path = out / "runs" / claim / f"{name}_seed{seed}.json"
