@@ -16,10 +16,10 @@ peak measured here: the best of a few 2048^3 matmuls in the same dtype and threa
 """
 
 import argparse
-import statistics
 import copy
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,9 +29,6 @@ from pathlib import Path
 
 import psutil
 import torch
-from torch.utils.flop_counter import FlopCounterMode
-from transformers import LlavaConfig, LlavaForConditionalGeneration, Trainer
-
 from granvit.modeling_granvit import GranViTForConditionalGeneration
 from granvit.processing_granvit import GranViTProcessor
 from granvit.train.build import build_granvit, save_granvit
@@ -40,6 +37,8 @@ from granvit.train.data.tasks import TaskBuilder, TaskCollator
 from granvit.train.ema import ema_update
 from granvit.train.tiny import save_tiny_parts
 from granvit.train.trainers import GranViTTrainingArguments, Stage1Trainer
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import LlavaConfig, LlavaForConditionalGeneration, Trainer
 
 BATCH = 16
 

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from granvit.train.cli import load_config
 from granvit.train.trainers import GranViTTrainingArguments
 

@@ -1,8 +1,6 @@
 """Stage trainers: what each stage trains and freezes, the EMA teacher, the distillation loss, GA scaling, LoRA."""
 import pytest
 import torch
-from transformers import TrainerCallback
-
 from granvit import GranViTForConditionalGeneration
 from granvit.train.data.synth import SynthConfig, generate_record
 from granvit.train.data.tasks import TaskBuilder, TaskCollator
@@ -15,6 +13,7 @@ from granvit.train.trainers import (
     component_of,
     parameter_table,
 )
+from transformers import TrainerCallback
 
 SYNTH = SynthConfig(image_size=64, min_objects=1, max_objects=2, ocr_fraction=0.0, allow_duplicates=False)
 
@@ -36,10 +35,11 @@ def examples(processor, stage: str, n_images: int = 4):
 
 
 def arguments(tmp_path, **overrides):
-    kwargs = dict(
-        output_dir=str(tmp_path), use_cpu=True, max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
-        logging_steps=1, save_strategy="no", report_to="none", roi_output_size=2, seed=0, disable_tqdm=True,
-    )
+    kwargs = {
+        "output_dir": str(tmp_path), "use_cpu": True, "max_steps": 3, "per_device_train_batch_size": 4,
+        "learning_rate": 1e-2, "logging_steps": 1, "save_strategy": "no", "report_to": "none", "roi_output_size": 2,
+        "seed": 0, "disable_tqdm": True,
+    }
     return GranViTTrainingArguments(**{**kwargs, **overrides})
 
 
@@ -126,6 +126,28 @@ def test_ema_update_formula():
     ema_update(teacher, student, 0.9)
     for t, e in zip(teacher.parameters(), expected):
         torch.testing.assert_close(t.detach(), e, rtol=0, atol=1e-7)
+
+
+def test_ema_update_from_an_fsdp2_sharded_student(tmp_path):
+    """Under FSDP2 the student's parameters are DTensors; the teacher, copied before sharding, holds full tensors."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        student = torch.nn.Linear(3, 2)
+        teacher = torch.nn.Linear(3, 2)
+        expected = [0.9 * t.detach() + 0.1 * s.detach() for t, s in zip(teacher.parameters(), student.parameters())]
+        fully_shard(student, mesh=init_device_mesh("cpu", (1,)))
+        assert all(hasattr(p, "full_tensor") for p in student.parameters())
+        ema_update(teacher, student, 0.9)
+        for t, e in zip(teacher.parameters(), expected):
+            torch.testing.assert_close(t.detach(), e, rtol=0, atol=1e-7)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_distill_loss_falls_on_a_fixed_batch(processor, model, tmp_path):

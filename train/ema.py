@@ -32,11 +32,16 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
     t_params, s_params = list(teacher.parameters()), list(student.parameters())
     if len(t_params) != len(s_params):
         raise ValueError(f"teacher has {len(t_params)} parameters, student {len(s_params)}: not the same architecture")
-    s_params = [s.detach().to(t.dtype) for t, s in zip(t_params, s_params)]
+    # FSDP2 shards the student into DTensors; the teacher (built before sharding) holds full tensors.
+    s_params = [_full(s).detach().to(t.dtype) for t, s in zip(t_params, s_params)]
     torch._foreach_mul_(t_params, decay)
     torch._foreach_add_(t_params, s_params, alpha=1.0 - decay)
     for t, s in zip(teacher.buffers(), student.buffers()):
-        t.copy_(s)
+        t.copy_(_full(s))
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def save_teacher(teacher: nn.Module, checkpoint_dir: str) -> str:
