@@ -152,7 +152,9 @@ def build_dataset(stage: str, data_cfg: dict, processor, args):
         if args.world_size > 1:  # whole shards per rank; `dispatch_batches: false` in the args (see below)
             ds = split_dataset_by_node(ds, rank=args.process_index, world_size=args.world_size)
         if stage == "sft":
-            raise ValueError("sft from a data.path is not wired yet: use data.synthetic, or pass examples to SFTStageTrainer")
+            from datasets import IterableDataset
+
+            return IterableDataset.from_generator(vqa_examples, gen_kwargs={"records": ds, "processor": processor})
         return builder.apply(ds).filter(mix)
     records = synthetic_records(data_cfg, "train")
     if not records:
