@@ -3,10 +3,9 @@ stage-2 task mix, and resume skipping a checkpoint that a crash left half-writte
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-
 from granvit import GranViTForConditionalGeneration
 from granvit.train.cli import keep_fraction, last_complete_checkpoint, load_config, run
+from safetensors.torch import load_file
 
 CONFIG = str(Path(__file__).resolve().parent.parent / "train" / "configs" / "cli_tiny_cpu.yaml")
 
