@@ -209,3 +209,23 @@ def test_lora_stage2_saves_reloads_and_merges(processor, model, tmp_path, tiny_c
         got = merged(**batch).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(got, untrained, atol=1e-4)  # the adapters (and projector copy) did change the model
+
+
+def test_distill_regions_cap_and_small_teacher_crops(processor, model, tmp_path):
+    trainer = Stage1Trainer(model=model, args=arguments(tmp_path, distill_regions_per_example=1),
+                            train_dataset=examples(processor, "1"), data_collator=TaskCollator(processor),
+                            processing_class=processor)
+    batch = TaskCollator(processor)(examples(processor, "1")[:2])
+    with torch.no_grad():
+        patches = model.get_image_features(batch["pixel_values"]).last_hidden_state  # (2, 16, d)
+    boxes = [torch.tensor([[0.1, 0.1, 0.6, 0.5], [0.0, 0.2, 0.3, 0.9], [0.5, 0.5, 1.0, 1.0]])] * 2  # 3 regions per example
+    crops = batch["crop_pixel_values"][[0, 0, 0, 1, 1, 1]]
+    capped = trainer.distill_loss(patches, boxes, crops)
+    trainer.args.distill_regions_per_example = 0
+    first_only = trainer.distill_loss(patches, [b[:1] for b in boxes], crops[[0, 3]])
+    everything = trainer.distill_loss(patches, boxes, crops)
+    torch.testing.assert_close(capped, first_only)
+    assert not torch.allclose(capped, everything)
+    trainer.args.crop_size = 32  # the teacher sees 2 x 2 patches; SigLIP's position table is interpolated
+    small = trainer.distill_loss(patches, boxes, crops)
+    assert torch.isfinite(small) and not torch.allclose(small, everything)
