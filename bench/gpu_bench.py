@@ -38,7 +38,7 @@ except ImportError:
     os.symlink(repo_root, os.path.join(link_dir, "granvit"))
     sys.path.insert(0, link_dir)
 
-from PIL import Image, ImageDraw  # noqa: E402
+from region_bench import scene  # noqa: E402  (bench/ is on sys.path: this file runs as a script)
 from transformers import Qwen2Config, SiglipVisionConfig  # noqa: E402
 
 from granvit import GranViTConfig, GranViTForConditionalGeneration, GranViTImageProcessor, GranViTProcessor  # noqa: E402
@@ -83,19 +83,6 @@ def build(args, attn: str, device: torch.device):
     processor = GranViTProcessor(GranViTImageProcessor(image_size=vision.image_size), tokenizer,
                                  num_image_tokens=config.num_image_tokens, num_coord_bins=args.bins)
     return model, processor
-
-
-def scene(n: int, seed: int = 0):
-    generator = torch.Generator().manual_seed(seed)
-    image = Image.new("RGB", (640, 480), "white")
-    draw = ImageDraw.Draw(image)
-    boxes = []
-    for _ in range(n):
-        x1, y1 = (torch.rand(2, generator=generator) * torch.tensor([560.0, 400.0])).tolist()
-        w, h = (20 + torch.rand(2, generator=generator) * 60).tolist()
-        boxes.append([x1, y1, x1 + w, y1 + h])
-        draw.rectangle(boxes[-1], fill=tuple(torch.randint(0, 255, (3,), generator=generator).tolist()))
-    return image, boxes
 
 
 def sync(device):
@@ -149,7 +136,7 @@ def train_throughput(args, attn: str, device, peak: float | None, matmul_peak: f
     model.lm_head.weight.requires_grad_(False)  # tied to the frozen input embeddings
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=device.type == "cuda")
-    image, boxes = scene(args.batch)
+    image, boxes = scene(n=args.batch)
     captions = ["a small red square", "the large green square above a yellow star on the left"]
     batch = processor(
         images=[image] * args.batch,
@@ -191,7 +178,7 @@ def train_throughput(args, attn: str, device, peak: float | None, matmul_peak: f
 def dense_speedup(args, device) -> None:
     model, processor = build(args, "sdpa", device)
     model.eval()
-    image, boxes = scene(16, seed=1)
+    image, boxes = scene(seed=1)
     prompts = [processor.bbox2caption_prompt(b, image.size) for b in boxes]
     eos = processor.tokenizer.eos_token_id
 

@@ -93,13 +93,13 @@ def describe(model, args) -> str:
     )
 
 
-def scene(seed: int = 0) -> tuple[Image.Image, list[list[float]]]:
-    """A 640 x 480 picture (resized to 512 px inside the processor) and NUM_QUERIES boxes on it."""
+def scene(seed: int = 0, n: int = NUM_QUERIES) -> tuple[Image.Image, list[list[float]]]:
+    """A 640 x 480 picture (resized to 512 px inside the processor) and ``n`` coloured boxes on it."""
     generator = torch.Generator().manual_seed(seed)
     image = Image.new("RGB", (640, 480), "white")
     draw = ImageDraw.Draw(image)
     boxes = []
-    for _ in range(NUM_QUERIES):
+    for _ in range(n):
         x1, y1 = (torch.rand(2, generator=generator) * torch.tensor([560.0, 400.0])).tolist()
         w, h = (20 + torch.rand(2, generator=generator) * 60).tolist()
         boxes.append([round(x1, 1), round(y1, 1), round(x1 + w, 1), round(y1 + h, 1)])
@@ -158,8 +158,7 @@ def part_dense(args, model, processor) -> None:
             independent_times.append(t)
             t, dense = timed(model.dense_generate, processor, image, prompts, args.max_new_tokens)
             dense_times.append(t)
-        t, captions = timed(model.describe_regions, processor, image, boxes, args.max_new_tokens)
-        dense_times.append(t)
+        dense_times.append(timed(model.describe_regions, processor, image, boxes, args.max_new_tokens)[0])
     identical = [trim_at_eos(a, eos) for a in independent] == dense
     print(f"dense: 16 x generate {[round(t, 2) for t in independent_times]} s; dense {[round(t, 2) for t in dense_times]} s; "
           f"token-identical={identical}; {args.max_new_tokens} new tokens per query")
@@ -176,16 +175,18 @@ def part_constraint(args, model, processor) -> None:
     with torch.no_grad():
         free = model.ground(processor, image, queries, max_new_tokens=8, constrain_boxes=False)
         constrained = model.ground(processor, image, queries, max_new_tokens=8, constrain_boxes=True)
-    unparseable = lambda answers: sum(not boxes for boxes in answers) / len(answers)  # noqa: E731
     print(f"constraint: {len(queries)} grounding queries on the untrained model, 8 new tokens each")
-    result("unparseable_rate_free", unparseable(free))
-    result("unparseable_rate_constrained", unparseable(constrained))
+    result("unparseable_rate_free", sum(not boxes for boxes in free) / len(free))
+    result("unparseable_rate_constrained", sum(not boxes for boxes in constrained) / len(constrained))
 
 
 def part_tokens(args, model, processor) -> None:
     image, boxes = scene()
     tokenizer = processor.tokenizer
-    count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
     box_tokens = [count(processor.encode_box(box, image.size)) for box in boxes]
     digit_texts = ["[{}, {}, {}, {}]".format(*processor.box_to_bins(box, image.size)) for box in boxes]
     digit_tokens = [count(text) for text in digit_texts]
@@ -300,7 +301,7 @@ def part_precision(args) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="image_tokens,dense,constraint,tokens,precision")
-    parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 2)))
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions per measurement (median reported)")
     parser.add_argument("--image-size", type=int, default=512)
     parser.add_argument("--vision-hidden", type=int, default=192)
