@@ -87,6 +87,11 @@ def test_prompt_ids_match_processor_call(tiny_model_and_processor):
         assert ids == row[mask.bool()].tolist()
 
 
+def test_no_queries_give_no_answers(tiny_model_and_processor):
+    model, processor = tiny_model_and_processor
+    assert model.describe_regions(processor, _scene(), []) == [] and model.ground(processor, _scene(), []) == []
+
+
 def test_shared_prefix_leaves_each_prompt_a_token():
     assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5]]) == 2
     assert shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2
@@ -176,7 +181,7 @@ def test_constraint_inside_generate(tiny_model_and_processor):
     model, processor = tiny_model_and_processor
     image = _scene()
     batch = processor(images=[image, image], text=[processor.caption2bbox_prompt("red"), processor.vqa_prompt("hm?")])
-    constraint = BoxConstraintLogitsProcessor.from_processor(processor, force_box=True)
+    constraint = model.box_constraint(processor, force_box=True)
     out = model.generate(
         **batch, max_new_tokens=14, do_sample=False, logits_processor=LogitsProcessorList([constraint])
     )[:, batch["input_ids"].shape[1] :]
