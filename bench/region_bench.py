@@ -1,6 +1,7 @@
 """Region inference on this CPU (issue 7): dense region decoding, constrained boxes, token budget, bf16 vs fp32.
 
-    OMP_NUM_THREADS=2 python bench/region_bench.py                       # every part (~3-5 min on 2 shared cores)
+    OMP_NUM_THREADS=2 python bench/region_bench.py                       # every part (~1 min idle, 6 min at load 6)
+    OMP_NUM_THREADS=1 python bench/region_bench.py --threads 1           # steadier while others load the 2 cores
     OMP_NUM_THREADS=2 python bench/region_bench.py --parts dense,tokens  # some parts
     OMP_NUM_THREADS=2 python bench/region_bench.py --parts precision --vision-hidden 384 --vision-layers 6 \\
         --text-hidden 512 --text-layers 8                                 # precision at a wider model
