@@ -12,7 +12,7 @@ every real token attends to the same keys at the same positions as in ``generate
 outputs are token-identical to N independent ``generate`` calls in fp32 (tests/test_region_decoding.py).
 
 ``BoxConstraintLogitsProcessor`` is the box grammar as a ``transformers.LogitsProcessor``: after ``<box>`` only
-coordinate tokens in x1, y1, x2, y2 order with x2 >= x1 and y2 >= y1, then ``</box>``; outside a box no coordinate
+coordinate tokens in x1, y1, x2, y2 order with x2 > x1 and y2 > y1 (in bins), then ``</box>``; outside a box no coordinate
 token and no ``</box>``; optionally the answer must start with ``<box>`` (grounding). It works in ``generate``
 (``logits_processor=LogitsProcessorList([...])``) and in the dense APIs.
 
@@ -81,9 +81,11 @@ class BoxConstraintLogitsProcessor(LogitsProcessor):
                 continue
             if k == 4:
                 return self.box_end, self.box_end + 1
-            # x2 >= x1 and y2 >= y1: the lower bound of coordinate k is coordinate k - 2.
-            low = bins[k - 2] if k >= 2 else 0
-            return self.coord_start + low, self.coord_start + self.num_bins
+            # x2 > x1 and y2 > y1 in bins, so a decoded box always has an area (bin centres of equal bins would give
+            # a zero-area box, which no caller can use): x1, y1 stop one bin short of the end.
+            if k < 2:
+                return self.coord_start, self.coord_start + self.num_bins - 1
+            return self.coord_start + bins[k - 2] + 1, self.coord_start + self.num_bins
         return None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:

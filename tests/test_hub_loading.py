@@ -37,6 +37,8 @@ FRESH_PROCESS = textwrap.dedent(
         report["hidden_equal"] = torch.equal(base(**batch).last_hidden_state, ref["hidden"])
     generated = model.generate(**batch, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     report["generate_equal"] = torch.equal(generated, ref["generated"])
+    boxes = model.ground(processor, Image.new("RGB", (50, 30), "red"), ["red", "a longer phrase"], max_new_tokens=8)
+    report["ground_boxes"] = [len(b) for b in boxes]
     pipe = pipeline("image-text-to-text", model=ckpt, trust_remote_code=True)
     messages = [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (50, 30), "red")},
                                              {"type": "text", "text": "what?"}]}]
@@ -76,6 +78,7 @@ def test_fresh_process_remote_code_load(tmp_path, tiny_checkpoint):
     assert report["module"].startswith("transformers_modules.")
     assert report["same_inputs"] and report["logits_equal"] and report["hidden_equal"] and report["generate_equal"]
     assert report["pipeline_roles"] == ["user", "assistant"]
+    assert report["ground_boxes"] == [1, 1]  # the box grammar makes every grounding answer parse
 
 
 def test_native_registration_without_remote_code(tiny_checkpoint):
@@ -97,7 +100,7 @@ def test_build_cli_writes_a_complete_checkpoint(tmp_path):
     files = set(os.listdir(tmp_path / "ckpt"))
     assert {"model.safetensors", "config.json", "generation_config.json", "processor_config.json", "tokenizer.json",
             "chat_template.jinja", "configuration_granvit.py", "modeling_granvit.py", "processing_granvit.py",
-            "image_processing_granvit.py"} <= files
+            "image_processing_granvit.py", "region_decoding_granvit.py"} <= files
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForImageTextToText"}
     assert config["tie_word_embeddings"] is True and config["spatial_merge_size"] == 2

@@ -129,7 +129,7 @@ def test_dense_needs_the_image_in_the_shared_prefix(tiny_model_and_processor):
 
 # ---- constrained box decoding -------------------------------------------------------------------------------------
 def _check_boxes(processor, tokens, constraint):
-    """Every <box> in ``tokens`` is <box> + 4 coordinates (x2 >= x1, y2 >= y1) + </box>, unless cut off at the end."""
+    """Every <box> in ``tokens`` is <box> + 4 coordinates (x2 > x1, y2 > y1 in bins: positive area) + </box>, unless cut off at the end."""
     start, n = processor.coord_token_start_id, processor.num_coord_bins
     i = 0
     while i < len(tokens):
@@ -142,7 +142,7 @@ def _check_boxes(processor, tokens, constraint):
             if len(body) == 5:
                 assert body[4] == processor.box_end_token_id, tokens
             if len(bins) == 4:
-                assert bins[2] >= bins[0] and bins[3] >= bins[1], tokens
+                assert bins[2] > bins[0] and bins[3] > bins[1], tokens
             i += 6
         else:
             i += 1
