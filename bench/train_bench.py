@@ -128,8 +128,11 @@ def median_cpu_times(cases: dict, batch, steps: int) -> dict[str, float]:
     process's own CPU time (one thread, so CPU time = compute time) does not count the time other processes hold the
     core."""
     times = {name: [] for name in cases}
+    order = list(cases)
     for i in range(3 + steps):
-        for name, step in cases.items():
+        order = order[1:] + order[:1]  # rotate: no case always runs right after the same other one
+        for name in order:
+            step = cases[name]
             start = time.process_time()
             step(batch)
             if i >= 3:
