@@ -1,6 +1,6 @@
 """The paper's three ablations at tiny scale on the synthetic set, seeded: one JSON per run, then a summary.
 
-    python -m granvit.experiments.ablations --claim stages distill --seeds 0 1 2     # ~3 min a run on 2 CPU cores
+    python -m granvit.experiments.ablations --claim stages distill --seeds 0 1 2     # ~3 min a run, 1 thread
     python -m granvit.experiments.ablations --claim data --seeds 0 1 2
     python -m granvit.experiments.ablations --claim stages distill data --seeds 0 --smoke --out /tmp/abl  # < 1 min
     python -m granvit.experiments.aggregate                                           # table + plots only
@@ -152,7 +152,9 @@ def parse_args(argv=None):
     parser.add_argument("--smoke", action="store_true", help="a few steps on a few images (the test preset)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="results folder (runs/, summary.md, PNGs)")
     parser.add_argument("--data-root", help="where the synthetic set is cached (default: <out>/data)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (this machine has 2 shared cores)")
+    # 1 thread: on the shared 2 cores, 2 OpenMP threads per process were up to 8x slower (quickstart.yaml's note);
+    # use the second core for a second invocation (another claim or --conditions) instead.
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra recipe override for every run (recorded in each JSON)")
     parser.add_argument("--conditions", nargs="+", help="run only these conditions of the claims (default: all)")
