@@ -13,7 +13,7 @@ from granvit.train import quickstart
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("quickstart")
-    result = quickstart.main(["--smoke", "--out", str(out)])
+    result = quickstart.run(["--smoke", "--out", str(out)])
     return out, result
 
 

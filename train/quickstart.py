@@ -4,6 +4,7 @@
     python -m granvit.train.quickstart --out runs/qs --minutes 12 # shorter: every stage's steps scaled down
     python -m granvit.train.quickstart --smoke                    # < 1 min: tiny sizes, a few steps (the test)
     python -m granvit.train.quickstart --set stage2.steps=2000 --set lr_llm=3e-4   # any recipe field
+    python -m granvit.train.quickstart --set device=cuda --set threads=0             # one GPU (~2 min)
 
 Steps: (1) the synthetic Gran set (train/val/test shards, `train/data/synth.py`); (2) "pretrained" parts made on the
 spot, since nothing can be downloaded: a BPE tokenizer trained on the synthetic captions, a tiny SigLIP tower and a
@@ -14,7 +15,17 @@ match next to the mean-box / most-common-caption baselines); (7) a `trust_remote
 loss-curve PNG and a PNG grid of predicted (red) vs true (green) boxes.
 
 The recipe lives in `train/configs/quickstart.yaml` (arithmetic in its comments). What made a model this small learn
-on this CPU is written next to the decisions below (search for "LEARNS:").
+on this CPU is written next to each decision below (search for "LEARNS:"). In short, from a sweep of 22 variants
+(validation ACC@0.5 at equal steps, one seed each; learning per step measured on a GPU, speed on this CPU):
+- a joint warm-up before the stages is required: with a text-only warm-up and the paper's stages alone the model
+  stayed at the baseline (10-14 % vs 57-68 %): a frozen random LLM passes the ViT no usable signal;
+- 16 image tokens (128 px / 32 px patches) beat 64 ViT patches merged 2 x 2 per step and per second;
+- soft coordinate targets (+6 points), 32 bins (64: same), tied embeddings (untied: -7), sin/cos code of both the
+  coordinate tokens and the ViT positions, lr 5e-4 with 1e-3 for the new projector;
+- every query of an image in one batch; no single-object curriculum (it cost 20 points);
+- stage 1 as implemented (raw-feature MSE, lambda 1, EMA 0.9) first *lowers* both scores while the distillation loss
+  grows (~10 -> 40 in 150 steps): it is kept short and at 0.3x the learning rate, and stage 2 (which also keeps
+  Bbox2Caption) recovers and improves grounding. Joint training alone for the same steps scored higher here.
 """
 
 from __future__ import annotations
@@ -39,7 +50,8 @@ from ..processing_granvit import GranViTProcessor
 from .build import build_granvit, save_granvit
 from .data.synth import SynthConfig, write_synth
 from .tiny import save_tiny_parts
-from .trainers import GranViTTrainingArguments, Stage1Trainer, Stage2Trainer, apply_stage
+from .freezing import apply_stage
+from .trainers import GranViTTrainingArguments, Stage1Trainer, Stage2Trainer
 
 CONFIG = Path(__file__).parent / "configs" / "quickstart.yaml"
 
@@ -510,7 +522,8 @@ SMOKE = [
 ]
 
 
-def main(argv=None) -> dict:
+def run(argv=None) -> dict:
+    """The whole job; returns what it writes to scores.json."""
     args = parse_args(argv)
     start = time.time()
     r = load_recipe(args.config, (SMOKE if args.smoke else []) + args.set)
@@ -586,6 +599,10 @@ def main(argv=None) -> dict:
           "(scores.json, loss_curve.png, boxes.png)")
     print(f"checkpoint: {checkpoint}\nopen the demo:  GRANVIT_MODEL={checkpoint} python spaces/app.py")
     return result
+
+
+def main(argv=None) -> None:
+    run(argv)  # the console script exits with main()'s return value: keep it None
 
 
 if __name__ == "__main__":
