@@ -92,7 +92,6 @@ def run_one(r: Recipe, data_dir: Path, work: Path, eval_after_stage1: bool = Fal
     # Crops are needed by stage 1 even with lambda = 0: the stage-1 collator always sends them (and the trainer
     # pops them), so build them whenever stage 1 runs.
     store = QueryStore(train, processor, crops=r.stage1.steps > 0)
-    test_store = QueryStore(test, processor, crops=False)
     baseline_box, baseline_caption = synthetic_baselines(train)
     timings = {"setup_s": time.time() - start}
 
@@ -104,7 +103,7 @@ def run_one(r: Recipe, data_dir: Path, work: Path, eval_after_stage1: bool = Fal
         timings["eval_s"] = timings.get("eval_s", 0.0) + time.time() - t0
         return {k: scores[k] for k in SCORE_KEYS}
 
-    result = {"probe_init": linear_probe(model, store, test_store, r.roi_output_size, seed=r.seed)}
+    result = {"probe_init": linear_probe(model, processor, train, test, r.roi_output_size, seed=r.seed)}
     curve = {"loss": [], "val": []}
     step = 0
     for name in ("warmup", "stage1", "stage2"):
@@ -115,7 +114,7 @@ def run_one(r: Recipe, data_dir: Path, work: Path, eval_after_stage1: bool = Fal
         if name == "stage1" and eval_after_stage1 and r.stage1.steps > 0:
             result["after_stage1"] = evaluate()  # the paper's "stage 1 only" grounding (its ~13% vs ~55%)
     result["scores"] = evaluate()
-    result["probe"] = linear_probe(model, store, test_store, r.roi_output_size, seed=r.seed)
+    result["probe"] = linear_probe(model, processor, train, test, r.roi_output_size, seed=r.seed)
     timings["total_s"] = time.time() - start
     result.update(timings=timings, steps=step, curve=curve["loss"])
     return result

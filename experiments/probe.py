@@ -37,26 +37,30 @@ def caption_attributes(caption: str) -> dict[str, str] | None:
 
 
 @torch.no_grad()
-def region_features(model, store, output_size: int, max_images: int | None = None, batch_size: int = 64):
-    """ROI features and attribute labels of every region of the first `max_images` images of a `QueryStore`.
+def region_features(model, processor, dataset, output_size: int, max_images: int | None = None, batch_size: int = 64):
+    """ROI features and attribute labels of every natural region of the first `max_images` rows of a Gran dataset.
 
     Returns (features (regions, vision_hidden * output_size**2) float32 numpy, {attribute: list of labels}).
     """
     was_training = model.training
     model.eval()
-    n_images = len(store.regions) if max_images is None else min(max_images, len(store.regions))
+    ip = processor.image_processor
+    n_images = len(dataset) if max_images is None else min(max_images, len(dataset))
     features, labels = [], {a: [] for a in ATTRIBUTES}
     for start in range(0, n_images, batch_size):
-        images = range(start, min(start + batch_size, n_images))
-        boxes, kept = [], []
-        for i in images:
-            regions = [(r, caption_attributes(r["caption"])) for r in store.regions[i]]
+        images, boxes, kept = [], [], []
+        for row in dataset.select(range(start, min(start + batch_size, n_images))):
+            regions = [(r, caption_attributes(r["caption"])) for r in row["regions"]]
             regions = [(r, attrs) for r, attrs in regions if attrs is not None]
-            boxes.append(torch.stack([torch.as_tensor(r["model_box"]) for r, _ in regions]) if regions else torch.zeros(0, 4))
+            if not regions:
+                continue
+            image = row["image"].convert("RGB")
+            images.append(image)
+            boxes.append(ip.to_model_space([r["bbox"] for r, _ in regions], image.size))  # (K, 4) model frame
             kept += [attrs for _, attrs in regions]
-        if not kept:
+        if not images:
             continue
-        pixel_values = store.normalize(store.pixels[list(images)]).to(model.device)
+        pixel_values = ip(images)["pixel_values"].to(model.device)
         rois = model.get_region_features(pixel_values, boxes, output_size=output_size)  # (regions, d, out, out)
         features.append(rois.flatten(1).float().cpu().numpy())
         for attrs in kept:
@@ -68,10 +72,14 @@ def region_features(model, store, output_size: int, max_images: int | None = Non
     return np.concatenate(features), labels
 
 
-def linear_probe(model, train_store, test_store, output_size: int, max_train_images: int = 400, seed: int = 0) -> dict:
-    """Held-out accuracy of a logistic regression per attribute, next to the majority-class accuracy."""
-    x_train, y_train = region_features(model, train_store, output_size, max_train_images)
-    x_test, y_test = region_features(model, test_store, output_size)
+def linear_probe(model, processor, train, test, output_size: int, max_train_images: int = 400, seed: int = 0) -> dict:
+    """Held-out accuracy of a logistic regression per attribute, next to the majority-class accuracy.
+
+    train, test: Gran `datasets.Dataset` splits; the probe is fit on regions of the first `max_train_images`
+    training images and scored on every region of the test images.
+    """
+    x_train, y_train = region_features(model, processor, train, output_size, max_train_images)
+    x_test, y_test = region_features(model, processor, test, output_size)
     scores = {"probe_train_regions": len(x_train), "probe_test_regions": len(x_test)}
     for attribute in ATTRIBUTES:
         # Standardize first: ViT features of different layers/runs differ in scale, and lbfgs converges on unit scale.
