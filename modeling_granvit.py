@@ -119,8 +119,12 @@ class GranViTModel(GranViTPreTrainedModel):
         else:
             rois = boxes.to(feature_map).clone()
             rois[:, 1:] *= grid
+        dtype = feature_map.dtype
+        if feature_map.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+            # torchvision's CPU roi_align kernel has no half-precision version.
+            feature_map, rois = feature_map.float(), [r.float() for r in rois] if isinstance(rois, list) else rois.float()
         # aligned=True: a box [0, 0, 1, 1] covers exactly the whole grid (pixel i spans [i, i+1)).
-        return roi_align(feature_map, rois, output_size=output_size, spatial_scale=1.0, aligned=True)
+        return roi_align(feature_map, rois, output_size=output_size, spatial_scale=1.0, aligned=True).to(dtype)
 
     def forward(
         self,

@@ -1,5 +1,6 @@
 """Model behaviour on a tiny GranViT: loss, generation with/without cache, batching, region features, save/load."""
 
+import copy
 import pytest
 import torch
 from PIL import Image
@@ -132,3 +133,15 @@ def test_coordinate_embeddings_are_smooth(tiny_model_and_processor):
     neighbour = (emb[:-1] * emb[1:]).sum(-1).mean()
     far = (emb[: n // 2] * emb[n // 2 :]).sum(-1).mean()
     assert neighbour > 0.9 and neighbour > far + 0.3
+
+
+def test_region_features_in_bf16_on_cpu(tiny_model_and_processor):
+    """torchvision's CPU roi_align has no bf16 kernel: the model computes it in fp32 and returns bf16."""
+    model, processor = tiny_model_and_processor
+    pixel_values = processor.image_processor([_scene()])["pixel_values"]
+    box = [torch.tensor([[0.1, 0.1, 0.6, 0.7]])]
+    with torch.no_grad():
+        reference = model.get_region_features(pixel_values, box, output_size=2)
+        half = copy.deepcopy(model).to(torch.bfloat16).get_region_features(pixel_values, box, output_size=2)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), reference, rtol=0.1, atol=0.1)
