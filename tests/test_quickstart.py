@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-
 from granvit.train import quickstart
 
 
@@ -16,7 +15,7 @@ def smoke_run(tmp_path_factory):
 
 
 def test_outputs_and_scores(smoke_run):
-    out, result = smoke_run
+    out, _ = smoke_run
     scores = json.loads((out / "scores.json").read_text())
     for key in ("grounding_acc50", "grounding_acc50_baseline", "caption_exact", "caption_exact_baseline"):
         assert 0.0 <= scores[key] <= 1.0, key
@@ -30,10 +29,9 @@ def test_outputs_and_scores(smoke_run):
 
 
 def test_checkpoint_loads_with_remote_code_and_reproduces_predictions(smoke_run):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
     from granvit.eval.run import evaluate_synthetic
     from granvit.train.quickstart import load_split
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     out, result = smoke_run
     model = AutoModelForImageTextToText.from_pretrained(out / "checkpoint", trust_remote_code=True).eval()
@@ -86,3 +84,9 @@ def test_recipe_overrides_and_unknown_keys():
         quickstart.load_recipe(quickstart.CONFIG, ["lr_llmm=1"])
     with pytest.raises(ValueError, match="stepz"):
         quickstart.load_recipe(quickstart.CONFIG, ["stage1.stepz=1"])
+
+
+def test_minutes_scale_every_phase():
+    recipe = quickstart.load_recipe(quickstart.CONFIG, ["stage1.steps=0"])
+    quickstart.scale_steps(recipe, recipe.minutes / 2)
+    assert (recipe.warmup.steps, recipe.stage1.steps, recipe.stage2.steps) == (600, 0, 175)
