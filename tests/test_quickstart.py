@@ -1,5 +1,6 @@
 """The main job end to end on a few images (`--smoke`): outputs exist and the checkpoint reproduces its own scores."""
 
+import dataclasses
 import json
 
 import pytest
@@ -24,6 +25,9 @@ def test_outputs_and_scores(smoke_run):
     # every phase ran through its Trainer and left loss points on the curve
     assert {e["phase"] for e in scores["curve"]["loss"]} == {"warmup", "stage1", "stage2"}
     assert any("distill_loss" in e for e in scores["curve"]["loss"] if e["phase"] == "stage1")
+    # the effective recipe reloads as the same recipe
+    smoke = quickstart.load_recipe(quickstart.CONFIG, quickstart.SMOKE)
+    assert dataclasses.asdict(quickstart.load_recipe(out / "recipe.yaml")) == dataclasses.asdict(smoke)
     for png in ("loss_curve.png", "boxes.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -72,8 +76,6 @@ def test_frozen_parts_unchanged_by_stage_trainers(tmp_path):
 
 
 def test_recipe_overrides_and_unknown_keys():
-    import dataclasses
-
     # the YAML and the dataclass defaults describe the same recipe
     assert dataclasses.asdict(quickstart.load_recipe(quickstart.CONFIG)) == dataclasses.asdict(quickstart.Recipe())
     recipe = quickstart.load_recipe(quickstart.CONFIG, ["stage1.steps=7", "lr_llm=3e-4"])

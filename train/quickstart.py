@@ -605,6 +605,8 @@ def run(argv=None) -> dict:
     result.update(skipped=store.skipped, timings=timings, load_average=os.getloadavg(), threads=torch.get_num_threads(),
                   recipe=dataclasses.asdict(r), examples=scores["examples"], curve=curve)
     (out / "scores.json").write_text(json.dumps(result, indent=2))
+    # the effective recipe (YAML + overrides + --minutes), next to the checkpoint: `granvit-push` puts it in the card
+    (out / "recipe.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(r))), sort_keys=False))
 
     print(f"\nheld-out test ({result['num_regions']} regions of {result['num_images']} images):")
     print(f"  grounding ACC@0.5   {result['grounding_acc50']:.3f}   "
