@@ -86,7 +86,21 @@ def effect_rows(claim: str, conditions: dict[str, list[dict]]) -> list[str]:
         else:
             p = "p: n/a (fewer than 2 seeds per arm or no variance)"
         lines.append(f"- {label}: {diff:+.1f} ({p}; n = {len(xa)} vs {len(xb)})")
+    if claim == "stages" and "staged" in conditions:
+        lines += ["", *stage2_gain(conditions["staged"])]
     return lines + [""]
+
+
+def stage2_gain(runs: list[dict]) -> list[str]:
+    """The paper's stage-1-only vs after-stage-2 grounding (its ~13% vs ~55%), paired by seed within the staged runs."""
+    pairs = [(get(r, ("scores", "grounding_acc50")), get(r, ("after_stage1", "grounding_acc50"))) for r in runs]
+    pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+    if not pairs:
+        return []
+    diffs = [100 * (a - b) for a, b in pairs]
+    p = f"paired t-test p = {stats.ttest_rel(*zip(*pairs)).pvalue:.3f}" if len(pairs) > 1 and np.std(diffs) > 0 else "p: n/a"
+    return [f"Stage 2's own gain in grounding ACC@0.5 (staged: final − after stage 1, same runs): "
+            f"{np.mean(diffs):+.1f} points ({p}; n = {len(pairs)})"]
 
 
 def summary_markdown(runs: dict) -> str:
