@@ -2,6 +2,8 @@
 
     python -m granvit.experiments.ablations --claim stages distill --seeds 0 1 2     # ~3 min a run, 1 thread
     python -m granvit.experiments.ablations --claim data --seeds 0 1 2
+    python -m granvit.experiments.ablations --claim stages distill --scale long --out experiments/results/long \
+        --data-root outputs/experiments-data                                      # 2x the steps, ~3.5 min a run
     python -m granvit.experiments.ablations --claim stages distill data --seeds 0 --smoke --out /tmp/abl  # < 1 min
     python -m granvit.experiments.aggregate                                           # table + plots only
 
@@ -45,13 +47,13 @@ SCORE_KEYS = ("grounding_acc50", "grounding_acc50_baseline", "grounding_miou", "
 
 
 # ============================================================================================ recipe per run
-def load_plan(smoke: bool, path: Path = EXPERIMENTS_CONFIG) -> tuple[dict, dict]:
-    """(scale overrides, {claim: {condition: overrides}}) for the full or the smoke preset."""
+def load_plan(smoke: bool, scale: str = "full", path: Path = EXPERIMENTS_CONFIG) -> tuple[dict, dict]:
+    """(scale overrides, {claim: {condition: overrides}}) for a scale preset, or the smoke preset."""
     plan = yaml.safe_load(path.read_text())
     claims = dict(plan["claims"])
     if smoke:
         claims.update(plan.get("smoke_claims", {}))
-    return plan["scale"]["smoke" if smoke else "full"], claims
+    return plan["scale"]["smoke" if smoke else scale], claims
 
 
 def make_recipe(scale: dict, condition: dict, seed: int, config: str | Path = CONFIG, extra: list[str] = ()) -> Recipe:
@@ -149,6 +151,7 @@ def parse_args(argv=None):
     parser.add_argument("--claim", nargs="+", required=True, choices=("stages", "distill", "data"))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--smoke", action="store_true", help="a few steps on a few images (the test preset)")
+    parser.add_argument("--scale", default="full", choices=("full", "long"), help="scale preset (ablations.yaml)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="results folder (runs/, summary.md, PNGs)")
     parser.add_argument("--data-root", help="where the synthetic set is cached (default: <out>/data)")
     # 1 thread: on the shared 2 cores, 2 OpenMP threads per process were up to 8x slower (quickstart.yaml's note);
@@ -165,7 +168,7 @@ def main(argv=None) -> list[Path]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    scale, claims = load_plan(args.smoke)
+    scale, claims = load_plan(args.smoke, args.scale)
     # Default results folder -> data under outputs/ (git-ignored); any other --out keeps its data inside it.
     default_root = REPO / "outputs" / "experiments-data" if out.resolve() == DEFAULT_OUT.resolve() else out / "data"
     data_root = Path(args.data_root) if args.data_root else default_root

@@ -112,6 +112,10 @@ def summary_markdown(runs: dict) -> str:
     for claim, conditions in runs.items():
         smoke = any(r.get("smoke") for rs in conditions.values() for r in rs)
         lines += [f"## {claim}" + (" (SMOKE preset: not a result)" if smoke else ""), ""]
+        r = next(iter(conditions.values()))[0]["recipe"]
+        lines += [f"Recipe of the runs: ViT {r['vision_layers']} x {r['vision_hidden']}, LLM {r['text_layers']} x "
+                  f"{r['text_hidden']}, {r['image_size']} px / {r['patch_size']} px patches, {r['warmup']['images_per_step']} "
+                  f"images per step, {r['test_images']} test images; steps per condition in the table.", ""]
         header = ["condition", "seeds", "train images", "steps"] + [m[0] for m in METRICS] + [e[0] for e in EXTRA] + ["wall s/run"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for name, rs in conditions.items():
