@@ -42,6 +42,7 @@ HERE = Path(__file__).parent
 REPO = HERE.parent
 EXPERIMENTS_CONFIG = HERE / "configs" / "ablations.yaml"
 DEFAULT_OUT = HERE / "results"
+PROBE_TRAIN_IMAGES = 400  # the first 400 images of the shared training split (~760 regions) fit every probe
 SCORE_KEYS = ("grounding_acc50", "grounding_acc50_baseline", "grounding_miou", "caption_exact", "caption_exact_baseline",
               "num_regions", "num_images")
 
@@ -82,11 +83,14 @@ def run_one(r: Recipe, data_dir: Path, work: Path, eval_after_stage1: bool = Fal
     """Train one model with recipe `r` on the first `r.train_images` images of `data_dir` and score it."""
     start = time.time()
     torch.manual_seed(r.seed)
-    train = load_split(data_dir, "train")
-    if r.train_images > len(train):
-        raise ValueError(f"{data_dir} holds {len(train)} training images, the run needs {r.train_images}")
-    train = train.select(range(r.train_images))
+    full_train = load_split(data_dir, "train")
+    if r.train_images > len(full_train):
+        raise ValueError(f"{data_dir} holds {len(full_train)} training images, the run needs {r.train_images}")
+    train = full_train.select(range(r.train_images))
     test = load_split(data_dir, "test")
+    # The probe is fit on the same training-split images in every run, whatever the model was trained on: with a
+    # smaller training set it would otherwise also get a smaller probe set and confound the data-size claim.
+    probe_train = full_train.select(range(min(PROBE_TRAIN_IMAGES, len(full_train))))
 
     captions = [reg["caption"] for row in train.select_columns(["regions"]) for reg in row["regions"]]
     model, processor = build_model(r, work, captions)
@@ -105,7 +109,7 @@ def run_one(r: Recipe, data_dir: Path, work: Path, eval_after_stage1: bool = Fal
         timings["eval_s"] = timings.get("eval_s", 0.0) + time.time() - t0
         return {k: scores[k] for k in SCORE_KEYS}
 
-    result = {"probe_init": linear_probe(model, processor, train, test, r.roi_output_size, seed=r.seed)}
+    result = {"probe_init": linear_probe(model, processor, probe_train, test, r.roi_output_size, seed=r.seed)}
     curve = {"loss": [], "val": []}
     step = 0
     for name in ("warmup", "stage1", "stage2"):
@@ -116,7 +120,7 @@ def run_one(r: Recipe, data_dir: Path, work: Path, eval_after_stage1: bool = Fal
         if name == "stage1" and eval_after_stage1 and r.stage1.steps > 0:
             result["after_stage1"] = evaluate()  # the paper's "stage 1 only" grounding (its ~13% vs ~55%)
     result["scores"] = evaluate()
-    result["probe"] = linear_probe(model, processor, train, test, r.roi_output_size, seed=r.seed)
+    result["probe"] = linear_probe(model, processor, probe_train, test, r.roi_output_size, seed=r.seed)
     timings["total_s"] = time.time() - start
     result.update(timings=timings, steps=step, curve=curve["loss"])
     return result

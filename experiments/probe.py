@@ -72,13 +72,13 @@ def region_features(model, processor, dataset, output_size: int, max_images: int
     return np.concatenate(features), labels
 
 
-def linear_probe(model, processor, train, test, output_size: int, max_train_images: int = 400, seed: int = 0) -> dict:
+def linear_probe(model, processor, train, test, output_size: int, seed: int = 0) -> dict:
     """Held-out accuracy of a logistic regression per attribute, next to the majority-class accuracy.
 
-    train, test: Gran `datasets.Dataset` splits; the probe is fit on regions of the first `max_train_images`
-    training images and scored on every region of the test images.
+    train, test: Gran `datasets.Dataset`s; the probe is fit on every region of `train` (training-split images)
+    and scored on every region of `test` (held-out images).
     """
-    x_train, y_train = region_features(model, processor, train, output_size, max_train_images)
+    x_train, y_train = region_features(model, processor, train, output_size)
     x_test, y_test = region_features(model, processor, test, output_size)
     scores = {"probe_train_regions": len(x_train), "probe_test_regions": len(x_test)}
     for attribute in ATTRIBUTES:
