@@ -229,3 +229,22 @@ def test_distill_regions_cap_and_small_teacher_crops(processor, model, tmp_path)
     trainer.args.crop_size = 32  # the teacher sees 2 x 2 patches; SigLIP's position table is interpolated
     small = trainer.distill_loss(patches, boxes, crops)
     assert torch.isfinite(small) and not torch.allclose(small, everything)
+
+
+def test_layer_norm_distillation_ignores_feature_scale(processor, model, tmp_path):
+    """With distill_feature_norm='layer_norm' the loss compares feature patterns, not scales; 'none' is raw MSE."""
+    trainer = Stage1Trainer(model=model, args=arguments(tmp_path), train_dataset=examples(processor, "1"),
+                            data_collator=TaskCollator(processor), processing_class=processor)
+    batch = TaskCollator(processor)(examples(processor, "1")[:1])
+    with torch.no_grad():
+        patches = model.get_image_features(batch["pixel_values"]).last_hidden_state  # (1, 16, d)
+    boxes, crops = [torch.tensor([[0.1, 0.1, 0.6, 0.5]])], batch["crop_pixel_values"][:1]
+    assert trainer.args.distill_feature_norm == "layer_norm"
+    normed = trainer.distill_loss(patches, boxes, crops)
+    torch.testing.assert_close(trainer.distill_loss(patches * 10, boxes, crops), normed, rtol=1e-3, atol=1e-4)
+    trainer.args.distill_feature_norm = "none"
+    raw = trainer.distill_loss(patches, boxes, crops)
+    assert not torch.allclose(trainer.distill_loss(patches * 10, boxes, crops), raw)
+    trainer.args.distill_feature_norm = "l2"
+    with pytest.raises(ValueError, match="distill_feature_norm"):
+        trainer.distill_loss(patches, boxes, crops)
