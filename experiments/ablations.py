@@ -164,7 +164,7 @@ def parse_args(argv=None):
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra recipe override for every run (recorded in each JSON)")
     parser.add_argument("--conditions", nargs="+", help="run only these conditions of the claims (default: all)")
-    parser.add_argument("--force", action="store_true", help="rerun runs whose JSON exists")
+    parser.add_argument("--force", action="store_true", help="rerun runs whose JSON exists (and reuse no stored run)")
     return parser.parse_args(argv)
 
 
@@ -193,7 +193,8 @@ def main(argv=None) -> list[Path]:
             written.append(path)
             continue
         wants_stage1_eval = claim == "stages"
-        source = find_same_run(out, r, args.smoke, wants_stage1_eval)
+        # --force means "compute again": never substitute a stored run (the old JSON of this very path included)
+        source = None if args.force else find_same_run(out, r, args.smoke, wants_stage1_eval)
         if source is not None:
             # e.g. distill/lambda1 and data/n1000 are the staged recipe itself: the same seeded run, not rerun.
             result = json.loads(source.read_text())
