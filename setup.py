@@ -26,6 +26,8 @@ EXTRAS = {
     "demo": ["gradio>=6.14,<7", "gradio_client>=2", "gradio_image_annotation==0.5.6"],
     # filelock 4 breaks lmms-eval 0.7.3's simple_evaluate (ModuleNotFoundError: filelock._api).
     "lmms": ["lmms-eval==0.7.3", "filelock<4"],
+    # ZeRO-2/3 launches (train/configs/accelerate/); on CPU it runs over gloo, which the resume test uses.
+    "deepspeed": ["deepspeed>=0.16"],
 }
 EXTRAS["dev"] = sorted({d for v in EXTRAS.values() for d in v} | {"pytest>=8", "playwright>=1.50"})
 

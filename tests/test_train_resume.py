@@ -1,5 +1,7 @@
-"""A stage-1 run killed with SIGKILL and resumed ends with the same student AND EMA teacher as a run that never stopped."""
+"""Resume identity: a stage-1 run killed with SIGKILL (and a DeepSpeed ZeRO-2 run) resumed from a checkpoint ends with
+the same student AND EMA teacher as a run that never stopped."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -64,3 +66,33 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     # and the teacher really moved away from the student (the comparison is not trivially between equal things)
     assert not torch.equal(teacher_a["embeddings.patch_embedding.weight"],
                            student_a["model.vision_tower.embeddings.patch_embedding.weight"])
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_resume_restores_the_teacher(tmp_path):
+    """The DeepSpeed path skips `Trainer._load_from_checkpoint`: the teacher must still come back from the checkpoint."""
+    pytest.importorskip("deepspeed", reason="deepspeed not installed (pip install -e '.[dev]' installs it)")
+    ds = ["training.deepspeed=" + str(CONFIG.parent / "accelerate" / "ds_zero2.json"), "training.max_steps=10"]
+
+    def launch(out: Path, *extra: str) -> subprocess.CompletedProcess:
+        # DeepSpeed needs a process group even for one process: torchrun provides it (gloo on CPU).
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+               *command(out, *ds, *extra)[1:]]
+        return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=900, check=False)
+
+    straight = tmp_path / "straight"
+    run = launch(straight)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (straight / "stage1" / f"checkpoint-{SAVE_EVERY}" / f"global_step{SAVE_EVERY}").is_dir()  # a DeepSpeed checkpoint
+
+    resumed = tmp_path / "resumed"  # holds only the straight run's first checkpoint, as if it had died after it
+    shutil.copytree(straight / "stage1" / f"checkpoint-{SAVE_EVERY}", resumed / "stage1" / f"checkpoint-{SAVE_EVERY}")
+    run = launch(resumed, f"model.checkpoint={straight / 'tiny-build' / 'granvit'}", "training.resume_from_checkpoint=true")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert 0 < run.stdout.count("'loss':") <= 10 - SAVE_EVERY, "the resumed run did not resume"
+
+    (student_a, teacher_a), (student_b, teacher_b) = final_weights(straight), final_weights(resumed)
+    for name in student_a:
+        assert torch.equal(student_a[name], student_b[name]), f"student {name} differs after resume"
+    for name in teacher_a:  # a teacher rebuilt from the starting weights instead of restored would differ here
+        assert torch.equal(teacher_a[name], teacher_b[name]), f"teacher {name} differs after resume"
