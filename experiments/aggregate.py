@@ -2,7 +2,8 @@
 
     python -m granvit.experiments.aggregate [--out experiments/results]
 
-With 3 seeds a Welch t-test is a rough guide only; the table shows every seed count so a reader can judge.
+With 3 seeds the tests are a rough guide only: a Welch t-test between arms, and a paired t-test over seeds (a seed
+fixes the initialisation and the batch order in both arms). The table shows every seed count so a reader can judge.
 """
 
 from __future__ import annotations
@@ -60,35 +61,48 @@ def mean_std(values: list[float]) -> str:
     return f"{100 * np.mean(values):.1f} ± {100 * std:.1f}" if len(values) > 1 else f"{100 * values[0]:.1f}"
 
 
-def contrast(claim: str, conditions: dict[str, list[dict]]) -> tuple[str, str] | None:
+def contrasts(claim: str, conditions: dict[str, list[dict]]) -> list[tuple[str, str]]:
+    """(treatment, control) pairs to report; for "data" each size vs the next smaller one, then largest vs smallest."""
     if claim == "data":
-        names = list(conditions)
-        return (names[-1], names[0]) if len(names) > 1 else None
+        names = list(conditions)  # ordered by training-set size
+        pairs = [(names[i + 1], names[i]) for i in range(len(names) - 1)]
+        return pairs + [(names[-1], names[0])] if len(names) > 2 else pairs
     pair = CONTRASTS.get(claim)
-    return pair if pair and all(p in conditions for p in pair) else None
+    return [pair] if pair and all(p in conditions for p in pair) else []
 
 
 def effect_rows(claim: str, conditions: dict[str, list[dict]]) -> list[str]:
-    """One line per metric: difference of means (points), Welch t-test p, and the seeds behind it."""
-    pair = contrast(claim, conditions)
-    if pair is None:
-        return []
-    a, b = pair
-    lines = [f"Effect `{a}` − `{b}` (percentage points; Welch t-test, two-sided):", ""]
-    for label, path, _ in METRICS:
-        xa = [get(r, path) for r in conditions[a] if get(r, path) is not None]
-        xb = [get(r, path) for r in conditions[b] if get(r, path) is not None]
-        if not xa or not xb:
-            continue
-        diff = 100 * (np.mean(xa) - np.mean(xb))
-        if len(xa) > 1 and len(xb) > 1 and (np.std(xa) > 0 or np.std(xb) > 0):
-            p = f"p = {stats.ttest_ind(xa, xb, equal_var=False).pvalue:.3f}"
-        else:
-            p = "p: n/a (fewer than 2 seeds per arm or no variance)"
-        lines.append(f"- {label}: {diff:+.1f} ({p}; n = {len(xa)} vs {len(xb)})")
+    """Per contrast, one line per metric: difference of means (points), Welch t-test p, and the seeds behind it."""
+    lines = []
+    for a, b in contrasts(claim, conditions):
+        lines += [f"Effect `{a}` − `{b}` (percentage points; Welch t-test, two-sided; then the same seeds paired):", ""]
+        for label, path, _ in METRICS:
+            xa = [get(r, path) for r in conditions[a] if get(r, path) is not None]
+            xb = [get(r, path) for r in conditions[b] if get(r, path) is not None]
+            if not xa or not xb:
+                continue
+            diff = 100 * (np.mean(xa) - np.mean(xb))
+            if len(xa) > 1 and len(xb) > 1 and (np.std(xa) > 0 or np.std(xb) > 0):
+                p = f"p = {stats.ttest_ind(xa, xb, equal_var=False).pvalue:.3f}"
+            else:
+                p = "p: n/a (fewer than 2 seeds per arm or no variance)"
+            lines.append(f"- {label}: {diff:+.1f} ({p}; n = {len(xa)} vs {len(xb)}{paired(conditions[a], conditions[b], path)})")
+        lines.append("")
     if claim == "stages" and "staged" in conditions:
-        lines += ["", *stage2_gain(conditions["staged"])]
-    return lines + [""]
+        lines += [*stage2_gain(conditions["staged"]), ""]
+    return lines
+
+
+def paired(runs_a: list[dict], runs_b: list[dict], path: tuple[str, str]) -> str:
+    """A seed fixes the initialisation and the batch order in both arms: the per-seed differences, paired."""
+    a = {r["seed"]: get(r, path) for r in runs_a if get(r, path) is not None}
+    b = {r["seed"]: get(r, path) for r in runs_b if get(r, path) is not None}
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        return ""
+    diffs = [a[s] - b[s] for s in seeds]
+    p = f", paired p = {stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).pvalue:.3f}" if np.std(diffs) > 0 else ""
+    return f"; higher in {sum(d > 0 for d in diffs)} of {len(seeds)} seeds{p}"
 
 
 def stage2_gain(runs: list[dict]) -> list[str]:

@@ -58,3 +58,4 @@ def test_smoke_runs_every_claim_and_aggregates(tmp_path):
         assert f"## {claim} (SMOKE preset" in summary
         assert (tmp_path / f"{claim}.png").read_bytes()[:4] == b"\x89PNG"
     assert "Effect `staged` − `joint`" in summary and "Effect `n16` − `n4`" in summary
+    assert "Effect `n8` − `n4`" in summary and "Effect `n16` − `n8`" in summary  # each size vs the next smaller
