@@ -1,6 +1,6 @@
-"""`granvit-quickstart`: the whole GranViT recipe, end to end, on a 2-core CPU in about 20 minutes.
+"""`granvit-quickstart`: the whole GranViT recipe, end to end, on a 2-core CPU in about 10 minutes.
 
-    python -m granvit.train.quickstart                          # outputs/quickstart, ~20 min on 2 CPU cores
+    python -m granvit.train.quickstart                          # outputs/quickstart, ~10 min on 2 CPU cores
     python -m granvit.train.quickstart --out runs/qs --minutes 12 # shorter: every stage's steps scaled down
     python -m granvit.train.quickstart --smoke                    # < 1 min: tiny sizes, a few steps (the test)
     python -m granvit.train.quickstart --set stage2.steps=2000 --set lr_llm=3e-4   # any recipe field
