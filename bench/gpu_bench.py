@@ -1,6 +1,7 @@
 """GPU figures for a realistic-size GranViT (issue 7): stage-1 training-step throughput + MFU, and dense region decoding.
 
-On the lent GPU machine (its transformers is older than 5.24, so the 5.24 wheel travels in .whl/):
+On the lent GPU machine (its transformers is older than 5.24, so the 5.24 wheel travels in .whl/, an untracked folder
+that the device tool copies: fill it here first with `pip download --no-deps transformers==5.24.0 -d .whl`):
 
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/transformers-5.24.0-py3-none-any.whl \\
         && PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 bench/gpu_bench.py
