@@ -34,6 +34,17 @@ def final_weights(out: Path) -> tuple[dict, dict]:
     return load_file(stage / "final" / "model.safetensors"), load_file(stage / "ema_teacher.safetensors")
 
 
+def assert_same_final_weights(a: Path, b: Path) -> tuple[dict, dict]:
+    """Student and EMA teacher of run `a` bitwise equal to run `b`'s; returns run `a`'s (student, teacher)."""
+    (student_a, teacher_a), (student_b, teacher_b) = final_weights(a), final_weights(b)
+    assert set(student_a) == set(student_b) and set(teacher_a) == set(teacher_b)
+    for name in student_a:
+        assert torch.equal(student_a[name], student_b[name]), f"student {name} differs after resume"
+    for name in teacher_a:  # a teacher rebuilt from the starting weights instead of restored would differ here
+        assert torch.equal(teacher_a[name], teacher_b[name]), f"teacher {name} differs after resume"
+    return student_a, teacher_a
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     straight = tmp_path / "straight"
@@ -57,12 +68,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     logged_steps = resumed.stdout.count("'loss':")  # logging_steps=1: one line per step actually run
     assert 0 < logged_steps <= STEPS - KILL_AFTER, f"resumed run trained {logged_steps} steps: it did not resume"
 
-    (student_a, teacher_a), (student_b, teacher_b) = final_weights(straight), final_weights(crashed)
-    assert set(student_a) == set(student_b) and set(teacher_a) == set(teacher_b)
-    for name in student_a:
-        assert torch.equal(student_a[name], student_b[name]), f"student {name} differs after resume"
-    for name in teacher_a:
-        assert torch.equal(teacher_a[name], teacher_b[name]), f"teacher {name} differs after resume"
+    student_a, teacher_a = assert_same_final_weights(straight, crashed)
     # and the teacher really moved away from the student (the comparison is not trivially between equal things)
     assert not torch.equal(teacher_a["embeddings.patch_embedding.weight"],
                            student_a["model.vision_tower.embeddings.patch_embedding.weight"])
@@ -90,9 +96,4 @@ def test_deepspeed_zero2_resume_restores_the_teacher(tmp_path):
     run = launch(resumed, f"model.checkpoint={straight / 'tiny-build' / 'granvit'}", "training.resume_from_checkpoint=true")
     assert run.returncode == 0, run.stderr[-3000:]
     assert 0 < run.stdout.count("'loss':") <= 10 - SAVE_EVERY, "the resumed run did not resume"
-
-    (student_a, teacher_a), (student_b, teacher_b) = final_weights(straight), final_weights(resumed)
-    for name in student_a:
-        assert torch.equal(student_a[name], student_b[name]), f"student {name} differs after resume"
-    for name in teacher_a:  # a teacher rebuilt from the starting weights instead of restored would differ here
-        assert torch.equal(teacher_a[name], teacher_b[name]), f"teacher {name} differs after resume"
+    assert_same_final_weights(straight, resumed)
