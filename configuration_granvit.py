@@ -18,6 +18,9 @@ class GranViTConfig(PreTrainedConfig):
             image tokens by k**2 (1 = off).
         vision_feature_layer: which ViT hidden state feeds the projector (and the region features).
         projector_hidden_act: activation between the two projector layers.
+        trained_tasks: the tasks this checkpoint was trained on (``bbox2caption``, ``caption2bbox``, ``vqa``, ...),
+            written by the training runner; ``None`` = unknown (a fresh build). The Space uses it to say plainly
+            when a tab asks for something the model never learned.
     """
 
     model_type = "granvit"
@@ -43,6 +46,7 @@ class GranViTConfig(PreTrainedConfig):
     vision_feature_layer: int = -1
     projector_hidden_act: str = "gelu"
     tie_word_embeddings: bool = False
+    trained_tasks: list[str] | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
