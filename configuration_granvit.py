@@ -11,9 +11,14 @@ class GranViTConfig(PreTrainedConfig):
 
     Glue fields:
         image_token_id: id of the ``<image>`` placeholder (the processor expands it to ``num_image_tokens``).
-        box_start_token_id / box_end_token_id: ids of ``<box>`` / ``</box>``.
-        coord_token_start_id: id of ``<coord_0>``; ``<coord_i>`` is ``coord_token_start_id + i`` (contiguous).
-        num_coord_bins: number of quantization bins per coordinate (``<coord_0>`` .. ``<coord_{n-1}>``).
+        box_format: how boxes are written (processing_granvit.py): ``"text"``, the paper's normalized integers
+            ``[x1, y1, x2, y2]`` in the LLM's own digits, or ``"tokens"``, ``<box><coord_a>..<coord_d></box>`` with
+            new vocabulary rows. Chosen at build time.
+        box_start_token_id / box_end_token_id: ids of ``<box>`` / ``</box>`` (``"tokens"`` format only).
+        coord_token_start_id: id of ``<coord_0>``; ``<coord_i>`` is ``coord_token_start_id + i`` (contiguous;
+            ``"tokens"`` format only).
+        num_coord_bins: N, quantization bins per coordinate: integers 0 .. N-1 (text) or ``<coord_0>`` ..
+            ``<coord_{N-1}>`` (tokens).
         spatial_merge_size: k; k x k neighbouring patches are concatenated before the projector, which cuts the
             image tokens by k**2 (1 = off).
         vision_feature_layer: which ViT hidden state feeds the projector (and the region features).
@@ -38,6 +43,7 @@ class GranViTConfig(PreTrainedConfig):
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
     image_token_id: int | None = None
+    box_format: str = "tokens"
     box_start_token_id: int | None = None
     box_end_token_id: int | None = None
     coord_token_start_id: int | None = None
@@ -53,6 +59,8 @@ class GranViTConfig(PreTrainedConfig):
         # transformers 5 ties embeddings from the *top-level* flag only; LLMs record it in their own config.
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True
+        if self.box_format not in ("text", "tokens"):
+            raise ValueError(f"box_format must be 'text' or 'tokens', got {self.box_format!r}")
         if self.patch_grid_size % self.spatial_merge_size:
             raise ValueError(
                 f"spatial_merge_size={self.spatial_merge_size} must divide the patch grid "

@@ -258,8 +258,8 @@ class GranViTForConditionalGeneration(GranViTPreTrainedModel, GenerationMixin, G
         the existing embeddings so they sit in the same range. ``lm_head`` rows get the same code (tied or not).
         """
         start, n = self.config.coord_token_start_id, self.config.num_coord_bins
-        if start is None:
-            raise ValueError("config.coord_token_start_id is not set: add the coordinate tokens first")
+        if self.config.box_format != "tokens" or start is None:
+            raise ValueError("coordinate-token embeddings exist only with box_format='tokens' and its tokens added")
         embeddings = self.get_input_embeddings().weight
         dim = embeddings.shape[1]
         position = torch.arange(n, dtype=torch.float32).unsqueeze(1) / n  # (n, 1) in [0, 1)

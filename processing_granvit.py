@@ -1,12 +1,19 @@
-"""GranViT processor: images + chat-formatted text -> model inputs, and the box <-> coordinate-token codec.
+"""GranViT processor: images + chat-formatted text -> model inputs, and the box codec.
 
-Box format (the one convention of the whole project): outside this file a box is ``[x1, y1, x2, y2]`` in pixels of the
-original (EXIF-upright) image. Here it is normalized to that image, quantized into ``num_coord_bins`` bins per
-coordinate and written as 6 tokens: ``<box><coord_x1><coord_y1><coord_x2><coord_y2></box>``. Decoding returns bin
-centres in original pixels, so a round trip is exact to within half a bin.
+Box convention (the one of the whole project): outside this file a box is ``[x1, y1, x2, y2]`` in pixels of the
+original (EXIF-upright) image. Here each coordinate is normalized to that image and quantized into ``num_coord_bins``
+bins, ``bin = min(floor(v / size * N), N - 1)``, then written in one of two box formats (``box_format``, fixed at build
+time and stored in the checkpoint):
 
-Coordinate tokens are ordinary *added* tokens, not special ones: ``skip_special_tokens=True`` (used by the
-image-text-to-text pipeline) would otherwise erase every predicted box.
+- ``"text"`` (the paper's): the bins as text the LLM's tokenizer already has, ``[x1, y1, x2, y2]``, e.g.
+  ``[123, 45, 678, 900]`` with N = 1000; several boxes are joined by ``", "``. A pretrained LLM reads numbers from
+  its own pretraining, so a stage-1 LLM that stays frozen still understands the box in the prompt.
+- ``"tokens"``: 6 new vocabulary entries per box, ``<box><coord_x1><coord_y1><coord_x2><coord_y2></box>``; shorter
+  (6 tokens instead of ~15-20) but the LLM must learn what the new rows mean.
+
+Decoding returns bin centres in original pixels, so a round trip is exact to within half a bin. Coordinate tokens are
+ordinary *added* tokens, not special ones: ``skip_special_tokens=True`` (used by the image-text-to-text pipeline) would
+otherwise erase every predicted box.
 
 Text from users (captions, questions) is marked untrusted with two private-use characters, and control strings inside
 it (``<image>``, ``<box>``, ``<coord_17>``, role tokens, ...) are tokenized as plain text, never as those tokens.
@@ -22,6 +29,8 @@ from transformers.processing_utils import ProcessorMixin
 
 IMAGE_TOKEN = "<image>"
 BOX_START, BOX_END = "<box>", "</box>"
+BOX_FORMATS = ("text", "tokens")
+TEXT_BOX_SEPARATOR = ", "  # between two boxes of one answer in the text format
 USER_TOKEN, ASSISTANT_TOKEN = "<|user|>", "<|assistant|>"
 # Private-use code points delimiting untrusted text inside a prompt string.
 UNTRUSTED_START, UNTRUSTED_END = "\ue000", "\ue001"
@@ -56,6 +65,14 @@ def coord_token(i: int) -> str:
     return f"<coord_{i}>"
 
 
+def box_format_tokens(box_format: str, num_coord_bins: int) -> list[str]:
+    """The tokens a tokenizer needs for GranViT in a box format (chat scaffolding [+ box and coordinate tokens])."""
+    tokens = [IMAGE_TOKEN, USER_TOKEN, ASSISTANT_TOKEN]
+    if box_format == "tokens":
+        tokens += [BOX_START, BOX_END] + [coord_token(i) for i in range(num_coord_bins)]
+    return tokens
+
+
 class GranViTProcessor(ProcessorMixin):
     def __init__(
         self,
@@ -67,8 +84,12 @@ class GranViTProcessor(ProcessorMixin):
         bbox2caption_template: str = BBOX2CAPTION_TEMPLATE,
         caption2bbox_template: str = CAPTION2BBOX_TEMPLATE,
         vqa_template: str = VQA_TEMPLATE,
+        box_format: str = "tokens",
         **kwargs,
     ):
+        if box_format not in BOX_FORMATS:
+            raise ValueError(f"box_format must be one of {BOX_FORMATS}, got {box_format!r}")
+        self.box_format = box_format
         self.image_token = IMAGE_TOKEN
         self.num_image_tokens = int(num_image_tokens)
         self.num_coord_bins = int(num_coord_bins)
@@ -80,45 +101,50 @@ class GranViTProcessor(ProcessorMixin):
         if missing:
             raise ValueError(
                 f"Tokenizer lacks {len(missing)} GranViT tokens (e.g. {missing[:3]}); "
-                "call GranViTProcessor.add_tokens(tokenizer, num_coord_bins) first"
+                "call GranViTProcessor.add_tokens(tokenizer, num_coord_bins, box_format) first"
             )
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        self.box_start_token_id = tokenizer.convert_tokens_to_ids(BOX_START)
-        self.box_end_token_id = tokenizer.convert_tokens_to_ids(BOX_END)
-        self.coord_token_start_id = tokenizer.convert_tokens_to_ids(coord_token(0))
-        if tokenizer.convert_tokens_to_ids(coord_token(self.num_coord_bins - 1)) != (
-            self.coord_token_start_id + self.num_coord_bins - 1
-        ):
-            raise ValueError("Coordinate tokens must have contiguous ids <coord_0> .. <coord_{n-1}>")
+        self.box_start_token_id = self.box_end_token_id = self.coord_token_start_id = None
+        if box_format == "tokens":
+            self.box_start_token_id = tokenizer.convert_tokens_to_ids(BOX_START)
+            self.box_end_token_id = tokenizer.convert_tokens_to_ids(BOX_END)
+            self.coord_token_start_id = tokenizer.convert_tokens_to_ids(coord_token(0))
+            if tokenizer.convert_tokens_to_ids(coord_token(self.num_coord_bins - 1)) != (
+                self.coord_token_start_id + self.num_coord_bins - 1
+            ):
+                raise ValueError("Coordinate tokens must have contiguous ids <coord_0> .. <coord_{n-1}>")
         if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
             raise ValueError("The tokenizer needs an eos token (it ends every turn and pads batches)")
         self._added_token_pattern = None
 
     # ---- tokenizer set-up ---------------------------------------------------------------------------------------
     def control_tokens(self) -> list[str]:
-        return [IMAGE_TOKEN, USER_TOKEN, ASSISTANT_TOKEN, BOX_START, BOX_END] + [
-            coord_token(i) for i in range(self.num_coord_bins)
-        ]
+        return box_format_tokens(self.box_format, self.num_coord_bins)
 
     @staticmethod
-    def add_tokens(tokenizer, num_coord_bins: int = 1000) -> dict:
-        """Add GranViT's tokens to any tokenizer; returns the ids the model config needs.
+    def add_tokens(tokenizer, num_coord_bins: int = 1000, box_format: str = "tokens") -> dict:
+        """Add GranViT's tokens to any tokenizer (those it already has are kept); returns the ids the config needs.
 
-        ``<image>`` and the role tokens are special (chat scaffolding, dropped by ``skip_special_tokens``); ``<box>``,
-        ``</box>`` and ``<coord_i>`` are ordinary added tokens so decoded answers keep their boxes.
+        ``<image>`` and the role tokens are special (chat scaffolding, dropped by ``skip_special_tokens``); with
+        ``box_format="tokens"``, ``<box>``, ``</box>`` and ``<coord_i>`` are ordinary added tokens so decoded answers
+        keep their boxes. The text format adds no box tokens: the tokenizer's own digits write the numbers.
         """
-        tokenizer.add_special_tokens(
-            {"extra_special_tokens": [IMAGE_TOKEN, USER_TOKEN, ASSISTANT_TOKEN]}, replace_extra_special_tokens=False
-        )
-        tokenizer.add_tokens([BOX_START, BOX_END] + [coord_token(i) for i in range(num_coord_bins)])
+        vocab = tokenizer.get_vocab()
+        special = [t for t in (IMAGE_TOKEN, USER_TOKEN, ASSISTANT_TOKEN) if t not in vocab]
+        if special:
+            tokenizer.add_special_tokens({"extra_special_tokens": special}, replace_extra_special_tokens=False)
+        ids = {"image_token_id": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)}
+        if box_format == "tokens":
+            tokenizer.add_tokens([BOX_START, BOX_END] + [coord_token(i) for i in range(num_coord_bins)])
+            ids.update(
+                box_start_token_id=tokenizer.convert_tokens_to_ids(BOX_START),
+                box_end_token_id=tokenizer.convert_tokens_to_ids(BOX_END),
+                coord_token_start_id=tokenizer.convert_tokens_to_ids(coord_token(0)),
+            )
+        elif box_format != "text":
+            raise ValueError(f"box_format must be one of {BOX_FORMATS}, got {box_format!r}")
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        ids = {
-            "image_token_id": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-            "box_start_token_id": tokenizer.convert_tokens_to_ids(BOX_START),
-            "box_end_token_id": tokenizer.convert_tokens_to_ids(BOX_END),
-            "coord_token_start_id": tokenizer.convert_tokens_to_ids(coord_token(0)),
-        }
         return ids
 
     # ---- boxes --------------------------------------------------------------------------------------------------
@@ -151,9 +177,26 @@ class GranViTProcessor(ProcessorMixin):
         n = self.num_coord_bins
         return [min(int(v / size * n), n - 1) for v, size in ((x1, width), (y1, height), (x2, width), (y2, height))]
 
+    def format_bins(self, bins: list[int]) -> str:
+        """Four bins in the box format: ``[a, b, c, d]`` (text) or ``<box><coord_a>..<coord_d></box>`` (tokens)."""
+        if self.box_format == "text":
+            return "[" + ", ".join(str(b) for b in bins) + "]"
+        return BOX_START + "".join(coord_token(b) for b in bins) + BOX_END
+
     def encode_box(self, box, image_size: tuple[int, int]) -> str:
-        """``[x1, y1, x2, y2]`` original pixels -> ``<box><coord_a><coord_b><coord_c><coord_d></box>``."""
-        return BOX_START + "".join(coord_token(b) for b in self.box_to_bins(box, image_size)) + BOX_END
+        """``[x1, y1, x2, y2]`` original pixels -> the box in the model's box format."""
+        return self.format_bins(self.box_to_bins(box, image_size))
+
+    def encode_boxes(self, boxes, image_size: tuple[int, int]) -> str:
+        """Several boxes as one answer (Caption2Bbox with more than one matching region)."""
+        separator = TEXT_BOX_SEPARATOR if self.box_format == "text" else ""
+        return separator.join(self.encode_box(box, image_size) for box in boxes)
+
+    @property
+    def max_box_tokens(self) -> int:
+        """Tokens one box takes at most in an answer (the widest bins), for ``max_new_tokens`` budgets."""
+        widest = self.format_bins([self.num_coord_bins - 1] * 4)
+        return len(self.tokenizer(widest, add_special_tokens=False)["input_ids"])
 
     def decode_boxes(self, text: str, image_size: tuple[int, int]) -> list[list[float]]:
         """Every well-formed box in ``text`` as original pixels (bin centres). Malformed output gives ``[]``."""
@@ -161,7 +204,10 @@ class GranViTProcessor(ProcessorMixin):
             return []
         width, height = image_size
         n = self.num_coord_bins
-        pattern = re.escape(BOX_START) + r"\s*" + r"\s*".join([r"<coord_(\d{1,6})>"] * 4) + r"\s*" + re.escape(BOX_END)
+        if self.box_format == "text":
+            pattern = r"\[\s*" + r"\s*,\s*".join([r"(\d{1,6})"] * 4) + r"\s*\]"
+        else:
+            pattern = re.escape(BOX_START) + r"\s*" + r"\s*".join([r"<coord_(\d{1,6})>"] * 4) + r"\s*" + re.escape(BOX_END)
         boxes = []
         for match in re.finditer(pattern, text):
             bins = [int(g) for g in match.groups()]
@@ -336,14 +382,19 @@ class GranViTProcessor(ProcessorMixin):
         return ["input_ids", "attention_mask", "pixel_values"]
 
     @classmethod
-    def from_parts(cls, image_processor, tokenizer_or_path, num_image_tokens: int, num_coord_bins: int, **kwargs):
+    def from_parts(
+        cls, image_processor, tokenizer_or_path, num_image_tokens: int, num_coord_bins: int, box_format: str = "tokens",
+        **kwargs,
+    ):
         """Build from an image processor and a tokenizer (object or path), adding GranViT's tokens if missing."""
         tokenizer = tokenizer_or_path
         if isinstance(tokenizer_or_path, str):
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_or_path)
-        if coord_token(num_coord_bins - 1) not in tokenizer.get_vocab():
-            cls.add_tokens(tokenizer, num_coord_bins)
-        return cls(image_processor, tokenizer, num_image_tokens=num_image_tokens, num_coord_bins=num_coord_bins, **kwargs)
+        cls.add_tokens(tokenizer, num_coord_bins, box_format)
+        return cls(
+            image_processor, tokenizer, num_image_tokens=num_image_tokens, num_coord_bins=num_coord_bins,
+            box_format=box_format, **kwargs,
+        )
 
 
 __all__ = ["GranViTProcessor"]

@@ -56,9 +56,14 @@ class BoxConstraintLogitsProcessor(LogitsProcessor):
         self.force_after = None if force_box_after_token_id is None else int(force_box_after_token_id)
 
     @classmethod
-    def from_processor(cls, processor, force_box: bool = False) -> "BoxConstraintLogitsProcessor":
-        """Token ids from a ``GranViTProcessor``; ``force_box=True`` makes the answer start with ``<box>``."""
+    def from_processor(cls, processor, force_box: bool = False) -> LogitsProcessor:
+        """The box grammar for a ``GranViTProcessor``'s box format; ``force_box=True`` makes the answer a box.
+
+        ``box_format="text"`` gets a ``TextBoxConstraintLogitsProcessor``.
+        """
         assistant_id = processor.tokenizer.convert_tokens_to_ids("<|assistant|>") if force_box else None
+        if getattr(processor, "box_format", "tokens") == "text":
+            return TextBoxConstraintLogitsProcessor.from_processor(processor, force_box)
         return cls(
             processor.box_start_token_id,
             processor.box_end_token_id,
@@ -101,6 +106,131 @@ class BoxConstraintLogitsProcessor(LogitsProcessor):
                 allowed[row] = vocab == self.box_start
             else:
                 allowed[row] = ~is_coord & (vocab != self.box_end)
+        return scores.masked_fill(~allowed, float("-inf"))
+
+
+class _TextBoxGrammar:
+    """Character-level grammar of a text-format grounding answer: ``[a, b, c, d]`` boxes joined by ``", "``.
+
+    Integers are bins in 0 .. N-1 without leading zeros, with c > a and d > b (so every box has an area). A state is
+    a small tuple, advanced one character at a time; ``None`` means the characters so far can never become an answer.
+    """
+
+    def __init__(self, num_bins: int):
+        self.n = num_bins
+
+    START = ("box", 0, "", ())  # expecting "[" ; (phase, number index, digits so far, finished numbers)
+
+    def advance(self, state, char: str):
+        phase, k, digits, done = state
+        if phase == "box":
+            return ("num", 0, "", ()) if char == "[" else None
+        if phase == "num":
+            if char.isdigit():
+                digits += char
+                return ("num", k, digits, done) if self._completable(digits, k, done) else None
+            if not digits or not self._final_ok(int(digits), k, done):
+                return None
+            if char == "," and k < 3:
+                return ("space", k + 1, "", done + (int(digits),))
+            if char == "]" and k == 3:
+                return ("after", 0, "", ())
+            return None
+        if phase == "space":
+            return ("num", k, "", done) if char == " " else None
+        if phase == "after":
+            return ("next", 0, "", ()) if char == "," else None
+        if phase == "next":
+            return ("box", 0, "", ()) if char == " " else None
+        return None
+
+    def _lower(self, k: int, done: tuple) -> int:
+        """Smallest allowed value of number k: x2 > x1 and y2 > y1."""
+        return done[k - 2] + 1 if k >= 2 else 0
+
+    def _upper(self, k: int) -> int:
+        return self.n - 2 if k < 2 else self.n - 1  # x1, y1 leave room for x2, y2
+
+    def _final_ok(self, value: int, k: int, done: tuple) -> bool:
+        return self._lower(k, done) <= value <= self._upper(k)
+
+    def _completable(self, digits: str, k: int, done: tuple) -> bool:
+        if len(digits) > 1 and digits[0] == "0":
+            return False  # no leading zeros: one spelling per number
+        value, scale = int(digits), 1
+        if value == 0:  # "0" takes no more digits
+            return self._lower(k, done) == 0
+        while value * scale <= self._upper(k):  # digits followed by log10(scale) more digits can land in range
+            if value * scale + scale - 1 >= self._lower(k, done):
+                return True
+            scale *= 10
+        return False
+
+    def walk(self, state, text: str):
+        for char in text:
+            state = self.advance(state, char)
+            if state is None:
+                return None
+        return state
+
+
+class TextBoxConstraintLogitsProcessor(LogitsProcessor):
+    """Box grammar for ``box_format="text"``: after ``<|assistant|>`` the answer must be ``[a, b, c, d]`` boxes
+    (joined by ``", "``) and then eos, with valid bins and x2 > x1, y2 > y1.
+
+    The answer so far is read back from each row's tokens after its last ``<|assistant|>``, so, like the token
+    grammar, it needs no per-call state and works in ``generate`` and the dense APIs. Only tokens whose text is made of
+    ``[]``, ``,``, space and digits can be part of a box; they are found once per tokenizer. Rows without
+    ``<|assistant|>`` (and every row when ``force_box`` is off: text boxes are then ordinary text) are not constrained.
+    """
+
+    CHARS = frozenset("[], 0123456789")
+
+    def __init__(self, token_texts: dict[int, str], eos_token_ids: list[int], assistant_token_id: int | None, num_bins: int):
+        self.token_texts = token_texts  # candidate token id -> its text
+        self.candidate_ids = sorted(token_texts)
+        self.eos = [int(e) for e in eos_token_ids]
+        self.assistant = assistant_token_id
+        self.grammar = _TextBoxGrammar(int(num_bins))
+
+    @classmethod
+    def from_processor(cls, processor, force_box: bool = False) -> "TextBoxConstraintLogitsProcessor":
+        tokenizer = processor.tokenizer
+        cache = getattr(processor, "_text_box_candidates", None)
+        if cache is None:
+            texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+            cache = {i: t for i, t in enumerate(texts) if t and set(t) <= cls.CHARS}
+            processor._text_box_candidates = cache
+        assistant = tokenizer.convert_tokens_to_ids("<|assistant|>") if force_box else None
+        return cls(cache, [tokenizer.eos_token_id], assistant, processor.num_coord_bins)
+
+    def answer_state(self, row: list[int]):
+        """Grammar state after the answer tokens of ``row`` (``None``: off the grammar; ``False``: unconstrained)."""
+        if self.assistant is None or self.assistant not in row:
+            return False
+        start = len(row) - row[::-1].index(self.assistant)
+        state = _TextBoxGrammar.START
+        for token in row[start:]:
+            text = self.token_texts.get(token)
+            if text is None:
+                return None
+            state = self.grammar.walk(state, text)
+            if state is None:
+                return None
+        return state
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        # input_ids: (batch, seq) prompt + generated so far; scores: (batch, vocab) next-token logits.
+        allowed = torch.zeros_like(scores, dtype=torch.bool)
+        for row, ids in enumerate(input_ids.tolist()):
+            state = self.answer_state(ids)
+            if state is False or state is None:
+                allowed[row] = True  # unconstrained row, or a row that already left the grammar (finished)
+                continue
+            ok = [t for t in self.candidate_ids if self.grammar.walk(state, self.token_texts[t]) is not None]
+            allowed[row, ok] = True
+            if state[0] == "after":
+                allowed[row, self.eos] = True
         return scores.masked_fill(~allowed, float("-inf"))
 
 
@@ -333,13 +463,14 @@ class GranViTRegionDecodingMixin:
         processor,
         image,
         phrases: list[str],
-        max_new_tokens: int = 16,
+        max_new_tokens: int | None = None,
         constrain_boxes: bool = True,
         logits_processor: LogitsProcessorList | None = None,
     ) -> list[list[list[float]]]:
-        """Boxes (original pixels) for each phrase. ``constrain_boxes`` adds ``BoxConstraintLogitsProcessor`` with the
-        answer forced to start with ``<box>``, so every answer holds at least one well-formed box (given
-        ``max_new_tokens >= 6``)."""
+        """Boxes (original pixels) for each phrase. ``constrain_boxes`` adds the box grammar of the processor's box
+        format with the answer forced to be a box, so every answer holds at least one well-formed box (given
+        ``max_new_tokens >= processor.max_box_tokens``; the default leaves room for two boxes)."""
+        max_new_tokens = max_new_tokens or 2 * processor.max_box_tokens + 4
         pixel_values, image_size = self._dense_inputs(processor, image)
         processors = LogitsProcessorList(logits_processor or [])
         if constrain_boxes:
@@ -351,6 +482,7 @@ class GranViTRegionDecodingMixin:
 
 __all__ = [
     "BoxConstraintLogitsProcessor",
+    "TextBoxConstraintLogitsProcessor",
     "GranViTRegionDecodingMixin",
     "PreallocatedKVLayer",
     "dense_greedy_generate",

@@ -15,18 +15,53 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 
+BOX_FORMATS = ("text", "tokens")
+
+
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory):
-    """An untrained tiny GranViT checkpoint folder (64 px, 16 image tokens, 100 coordinate bins), built once."""
+def tiny_checkpoints(tmp_path_factory):
+    """``get(box_format)``: an untrained tiny GranViT checkpoint folder (64 px, 16 image tokens, 100 coordinate bins)
+    in that box format, built once per format."""
     from granvit.train.tiny import build_tiny_checkpoint
 
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+    built = {}
+
+    def get(box_format: str = "text"):
+        if box_format not in built:
+            built[box_format] = build_tiny_checkpoint(tmp_path_factory.mktemp(f"tiny-{box_format}"), box_format=box_format)
+        return built[box_format]
+
+    return get
+
+
+def load_tiny(checkpoint):
+    from granvit import GranViTForConditionalGeneration, GranViTProcessor
+
+    return GranViTForConditionalGeneration.from_pretrained(checkpoint).eval(), GranViTProcessor.from_pretrained(checkpoint)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_checkpoints):
+    """The default box format's tiny checkpoint. Modules that must hold for every box format override this fixture
+    (and ``tiny_model_and_processor``) with ``every_box_format`` below."""
+    return tiny_checkpoints("text")
 
 
 @pytest.fixture(scope="session")
 def tiny_model_and_processor(tiny_checkpoint):
-    from granvit import GranViTForConditionalGeneration, GranViTProcessor
+    return load_tiny(tiny_checkpoint)
 
-    model = GranViTForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
-    processor = GranViTProcessor.from_pretrained(tiny_checkpoint)
-    return model, processor
+
+def every_box_format():
+    """Module-level overrides of the two tiny fixtures, parametrized over the box formats:
+    ``tiny_checkpoint, tiny_model_and_processor = every_box_format()`` runs the module's tests once per format."""
+
+    @pytest.fixture(scope="module", params=BOX_FORMATS)
+    def tiny_checkpoint(request, tiny_checkpoints):
+        return tiny_checkpoints(request.param)
+
+    @pytest.fixture(scope="module")
+    def tiny_model_and_processor(tiny_checkpoint):
+        return load_tiny(tiny_checkpoint)
+
+    return tiny_checkpoint, tiny_model_and_processor

@@ -73,7 +73,7 @@ def test_multi_box_targets_and_ambiguity(processor):
     assert len(out) == 2
     multi = next(e for p, e in out.items() if "red circle" in p)
     assert multi["boxes"] == [[5.0, 10.0, 30.0, 40.0], [50.0, 10.0, 80.0, 40.0]]  # reading order
-    assert multi["target"] == "".join(processor.encode_box(b, (96, 96)) for b in multi["boxes"])
+    assert multi["target"] == processor.encode_boxes(multi["boxes"], (96, 96))
 
     single = TaskBuilder(processor, tasks=("caption2bbox",), regions_per_image=3, multi_box=False)
     examples = list(single.iter_examples([rec]))

@@ -10,6 +10,9 @@ import torch
 from PIL import Image
 
 from granvit import GranViTForConditionalGeneration, GranViTModel, GranViTProcessor
+from conftest import every_box_format
+
+tiny_checkpoint, tiny_model_and_processor = every_box_format()  # every test here, once per box format
 
 FRESH_PROCESS = textwrap.dedent(
     """
@@ -37,7 +40,7 @@ FRESH_PROCESS = textwrap.dedent(
         report["hidden_equal"] = torch.equal(base(**batch).last_hidden_state, ref["hidden"])
     generated = model.generate(**batch, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     report["generate_equal"] = torch.equal(generated, ref["generated"])
-    boxes = model.ground(processor, Image.new("RGB", (50, 30), "red"), ["red", "a longer phrase"], max_new_tokens=8)
+    boxes = model.ground(processor, Image.new("RGB", (50, 30), "red"), ["red", "a longer phrase"])
     report["ground_boxes"] = [len(b) for b in boxes]
     pipe = pipeline("image-text-to-text", model=ckpt, trust_remote_code=True)
     messages = [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (50, 30), "red")},

@@ -9,6 +9,9 @@ import torch
 from PIL import Image
 
 from granvit import GranViTImageProcessor
+from conftest import every_box_format
+
+tiny_checkpoint, tiny_model_and_processor = every_box_format()  # every test here, once per box format
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +34,13 @@ def processor(tiny_model_and_processor):
 )
 def test_box_round_trip_within_one_bin(processor, box, size):
     text = processor.encode_box(box, size)
-    assert text.startswith("<box>") and text.endswith("</box>")
-    assert len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) == 6
+    bins = processor.box_to_bins(box, size)
+    if processor.box_format == "tokens":
+        assert text == "<box>" + "".join(f"<coord_{b}>" for b in bins) + "</box>"
+        assert len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) == 6
+    else:  # the paper's format: the bins as text
+        assert text == f"[{bins[0]}, {bins[1]}, {bins[2]}, {bins[3]}]"
+        assert processor.tokenizer.decode(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) == text
     (decoded,) = processor.decode_boxes(text, size)
     n = processor.num_coord_bins
     for original, back, extent in zip(box, decoded, (size[0], size[1]) * 2):
@@ -50,10 +58,21 @@ def test_box_survives_generation_decoding(processor):
 @pytest.mark.parametrize(
     "garbage",
     ["", "no box here", "<box><coord_1><coord_2></box>", "<box><coord_5><coord_5><coord_1><coord_9></box>",
-     "<box><coord_1><coord_2><coord_3><coord_999999></box>", "<box>" * 50, None, 42],
+     "<box><coord_1><coord_2><coord_3><coord_999999></box>", "<box>" * 50, None, 42,
+     "[1, 2]", "[5, 5, 1, 9]", "[1, 2, 3, 999999]", "[1, 2, 3, 4" , "[" * 50, "[-1, 2, 3, 4]"],
 )
 def test_malformed_output_gives_no_box(processor, garbage):
     assert processor.decode_boxes(garbage, (100, 100)) == []
+
+
+def test_each_format_decodes_only_its_own_boxes(processor):
+    """A box in the other format is text like any other: the decoder reads only the checkpoint's own format."""
+    tokens, text = "<box><coord_1><coord_2><coord_3><coord_4></box>", "[1, 2, 3, 4]"
+    own, other = (text, tokens) if processor.box_format == "text" else (tokens, text)
+    assert processor.decode_boxes(own, (100, 100)) == [pytest.approx([1.5, 2.5, 3.5, 4.5])]  # bin centres, 1 px bins
+    assert processor.decode_boxes(other, (100, 100)) == []
+    two = processor.encode_boxes([[10, 10, 20, 20], [30, 30, 40, 40]], (100, 100))
+    assert processor.decode_boxes(two, (100, 100)) == [pytest.approx([10.5, 10.5, 20.5, 20.5]), pytest.approx([30.5, 30.5, 40.5, 40.5])]
 
 
 @pytest.mark.parametrize(
@@ -102,13 +121,17 @@ def test_chat_template_and_prompt_builders_agree(processor):
     raw = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "a <coord_3> b"}]}]
     ids = processor.apply_chat_template(raw, add_generation_prompt=True, tokenize=True, return_dict=True,
                                         images=[image])["input_ids"][0].tolist()
-    assert processor.tokenizer.convert_tokens_to_ids("<coord_3>") not in ids
+    if "<coord_3>" in processor.tokenizer.get_vocab():
+        assert processor.tokenizer.convert_tokens_to_ids("<coord_3>") not in ids
+    assert "a <coord_3> b" in processor.tokenizer.decode(ids)
 
 
-def test_bbox2caption_prompt_carries_real_box_tokens(processor):
+def test_bbox2caption_prompt_carries_the_box(processor):
     prompt = processor.bbox2caption_prompt([10, 10, 50, 50], (100, 100))
     ids = processor(images=[Image.new("RGB", (100, 100))], text=[prompt])["input_ids"][0].tolist()
-    assert ids.count(processor.box_start_token_id) == 1 and ids.count(processor.box_end_token_id) == 1
+    if processor.box_format == "tokens":  # real box tokens, not their spelling as plain text
+        assert ids.count(processor.box_start_token_id) == 1 and ids.count(processor.box_end_token_id) == 1
+    assert processor.decode_boxes(processor.tokenizer.decode(ids), (100, 100)) == [[10.5, 10.5, 50.5, 50.5]]
     assert ids.count(processor.image_token_id) == processor.num_image_tokens
 
 

@@ -52,12 +52,17 @@ def build_granvit(
     spatial_merge_size: int = 1,
     vision_feature_layer: int = -1,
     projector_hidden_act: str = "gelu",
+    box_format: str = "text",
     dtype: torch.dtype = torch.float32,
     **processor_kwargs,
 ) -> tuple[GranViTForConditionalGeneration, GranViTProcessor]:
-    """Load both parts with ``from_pretrained``, add GranViT's tokens, and return (model, processor)."""
+    """Load both parts with ``from_pretrained``, add GranViT's tokens, and return (model, processor).
+
+    ``box_format``: ``"text"`` (the paper's: coordinates as integers in the LLM's own digits) or ``"tokens"``
+    (6 new tokens per box, with sin/cos-initialised coordinate rows); see processing_granvit.py.
+    """
     tokenizer = AutoTokenizer.from_pretrained(llm)
-    token_ids = GranViTProcessor.add_tokens(tokenizer, num_coord_bins)
+    token_ids = GranViTProcessor.add_tokens(tokenizer, num_coord_bins, box_format)
 
     vision_config = vision_config_from(vision)
     text_config = AutoConfig.from_pretrained(llm)
@@ -68,6 +73,7 @@ def build_granvit(
         spatial_merge_size=spatial_merge_size,
         vision_feature_layer=vision_feature_layer,
         projector_hidden_act=projector_hidden_act,
+        box_format=box_format,
         **token_ids,
     )
     config.auto_map = dict(AUTO_MAP)
@@ -83,7 +89,8 @@ def build_granvit(
     del tower, lm
 
     model.resize_token_embeddings(len(tokenizer), mean_resizing=True, pad_to_multiple_of=64)
-    model.initialize_coordinate_embeddings()
+    if box_format == "tokens":
+        model.initialize_coordinate_embeddings()
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id
     )
@@ -92,6 +99,7 @@ def build_granvit(
         tokenizer,
         num_image_tokens=config.num_image_tokens,
         num_coord_bins=num_coord_bins,
+        box_format=box_format,
         **processor_kwargs,
     )
     return model, processor
@@ -111,7 +119,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vision", required=True, help="Hub id or folder of a SigLIP / SigLIP 2 / CLIP checkpoint")
     parser.add_argument("--llm", required=True, help="Hub id or folder of a causal LLM (with its tokenizer)")
     parser.add_argument("--out", required=True, help="output checkpoint folder")
-    parser.add_argument("--num-coord-bins", type=int, default=1000)
+    parser.add_argument("--num-coord-bins", type=int, default=1000, help="N: coordinates are quantized to 0 .. N-1")
+    parser.add_argument("--box-format", choices=["text", "tokens"], default="text",
+                        help="text: '[x1, y1, x2, y2]' in the LLM's own digits (the paper's); tokens: 6 new tokens per box")
     parser.add_argument("--spatial-merge-size", type=int, default=1, help="k: k x k patches per image token")
     parser.add_argument("--vision-feature-layer", type=int, default=-1)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
@@ -123,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         num_coord_bins=args.num_coord_bins,
         spatial_merge_size=args.spatial_merge_size,
         vision_feature_layer=args.vision_feature_layer,
+        box_format=args.box_format,
         dtype=getattr(torch, args.dtype),
     )
     out = save_granvit(model, processor, args.out)

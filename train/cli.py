@@ -100,7 +100,7 @@ def load_model(model_cfg: dict, data_cfg: dict, output_dir: str, args):
                 tiny = dict(model_cfg["tiny"])
                 bins = tiny.pop("num_coord_bins", 100)
                 texts = [r["caption"] for rec in synthetic_records(data_cfg, "train") for r in rec["regions"]] or None
-                build_tiny_checkpoint(Path(checkpoint).parent, num_coord_bins=bins, **tiny, **({"texts": texts} if texts else {}))
+                build_tiny_checkpoint(Path(checkpoint).parent, num_coord_bins=bins, box_format=tiny.pop("box_format", "tokens"), **tiny, **({"texts": texts} if texts else {}))
     model = GranViTForConditionalGeneration.from_pretrained(checkpoint)
     return model, GranViTProcessor.from_pretrained(checkpoint)
 

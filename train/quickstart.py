@@ -300,6 +300,7 @@ def build_model(r: Recipe, work: Path, captions: list[str]):
     )
     model, processor = build_granvit(
         str(vision_dir), str(llm_dir), num_coord_bins=r.num_coord_bins, spatial_merge_size=r.spatial_merge_size,
+        box_format="tokens",
         bbox2caption_template=r.bbox2caption_template, caption2bbox_template=r.caption2bbox_template,
     )
     # LEARNS (with build_granvit's sin/cos coordinate-token embeddings): a 2-D sin/cos position code in the ViT, so

@@ -26,7 +26,11 @@ DEFAULT_CORPUS = [
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on ``texts`` (any text round-trips; frequent words become one token)."""
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Every digit its own token, as in Qwen2.5's tokenizer: numbers (text-format boxes) spell out the same way
+    # whatever digits surround them.
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
@@ -84,13 +88,16 @@ def save_tiny_parts(
     return vision_dir, llm_dir
 
 
-def build_tiny_checkpoint(out_dir: str | Path, num_coord_bins: int = 100, spatial_merge_size: int = 1, **parts_kwargs) -> Path:
+def build_tiny_checkpoint(
+    out_dir: str | Path, num_coord_bins: int = 100, spatial_merge_size: int = 1, box_format: str = "text", **parts_kwargs
+) -> Path:
     """Tiny parts -> ``granvit-build`` -> a complete (untrained) GranViT checkpoint folder at ``out_dir/granvit``."""
     from .build import build_granvit, save_granvit
 
     out_dir = Path(out_dir)
     vision_dir, llm_dir = save_tiny_parts(out_dir / "parts", **parts_kwargs)
     model, processor = build_granvit(
-        str(vision_dir), str(llm_dir), num_coord_bins=num_coord_bins, spatial_merge_size=spatial_merge_size
+        str(vision_dir), str(llm_dir), num_coord_bins=num_coord_bins, spatial_merge_size=spatial_merge_size,
+        box_format=box_format,
     )
     return save_granvit(model, processor, out_dir / "granvit")

@@ -135,7 +135,7 @@ class TaskBuilder:
                 if len(boxes) > 1 and not self.multi_box:
                     self.pending["ambiguous_caption"] += 1
                     continue
-                target = "".join(self.processor.encode_box(b, size) for b in boxes)
+                target = self.processor.encode_boxes(boxes, size)
                 out.append(self._example(record, image, "caption2bbox", self.processor.caption2bbox_prompt(region["caption"]), target, boxes))
         return out
 
