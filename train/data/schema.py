@@ -288,6 +288,20 @@ class Manifest:
         self.data["shards"][info.path] = asdict(info)
         self.save()
 
+    def drop_split(self, split: str) -> None:
+        """Forget a split and delete its shards (a conversion that wrote no row leaves nothing to resume from);
+        the manifest itself goes when no split is left."""
+        for shard in self.shards(split):
+            path = os.path.join(self.out_dir, shard["path"])
+            if os.path.exists(path):
+                os.remove(path)
+            del self.data["shards"][shard["path"]]
+        self.data["plans"].pop(split, None)
+        if self.data["plans"] or self.data["shards"]:
+            self.save()
+        elif os.path.exists(self.path):
+            os.remove(self.path)
+
     def shards(self, split: str | None = None) -> list[dict]:
         return [s for p, s in sorted(self.data["shards"].items()) if split is None or s["split"] == split]
 
