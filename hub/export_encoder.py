@@ -17,6 +17,7 @@ Two things a user must know, written into the README too:
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from safetensors import safe_open
@@ -24,6 +25,7 @@ from transformers import AutoModel, SiglipImageProcessor
 from transformers.image_utils import PILImageResampling
 
 from ..configuration_granvit import GranViTConfig
+from ..console import console_main
 
 PREFIX = "vision_tower."
 
@@ -137,6 +139,7 @@ def export_encoder(checkpoint: str | Path, out: str | Path):
     return tower
 
 
+@console_main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="GranViT checkpoint folder")
@@ -148,4 +151,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
