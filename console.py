@@ -22,7 +22,9 @@ YAML decode error. This module is part of the package, never of a checkpoint: th
 
 import functools
 import json
+import logging
 import os
+import re
 import sys
 
 DEBUG_FLAG = "--debug"
@@ -125,7 +127,8 @@ def user_message(err: BaseException, argv: list[str]) -> str | None:
     hub_like = [v for v in inputs if "/" in v and not os.path.exists(v)]
 
     def named(e, default):
-        return next((v for v in inputs if v in str(e)), hub_like[0] if hub_like else default)
+        found = [v for v in inputs if re.search(rf"(?<![\w./-]){re.escape(v)}(?![\w./-])", str(e))]
+        return next((v for v in found if v in hub_like), found[0] if found else hub_like[0] if hub_like else default)
 
     for e in _chain(err):
         if isinstance(e, UserError):
@@ -143,6 +146,8 @@ def user_message(err: BaseException, argv: list[str]) -> str | None:
                     "is set); download it first or pass a local folder")
     if isinstance(err, KeyboardInterrupt):
         return "interrupted"
+    if isinstance(err, ConnectionError):  # e.g. datasets' "Couldn't reach 'org/name' on the Hub"
+        return f"{_one_line(err)}; check the connection (or HF_HUB_OFFLINE), or pass local files"
     if isinstance(err, OSError) and err.filename is not None and _under(os.fsdecode(err.filename), inputs):
         reason = err.strerror or _one_line(err)
         return f"{os.fsdecode(err.filename)}: {reason[0].lower()}{reason[1:]}; check the path"
@@ -154,6 +159,10 @@ def user_message(err: BaseException, argv: list[str]) -> str | None:
         files = [v for v in inputs if os.path.isfile(v)] or ["an input file"]
         return f"{', '.join(files)}: could not be parsed ({text}); fix the file"
     return None
+
+
+def _errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
 
 
 def _quiet_libraries():
@@ -169,8 +178,13 @@ def _quiet_libraries():
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     huggingface_hub.utils.disable_progress_bars()
+    # DeepSpeed (imported by accelerate when installed) logs its accelerator detection to stdout; a filter set before
+    # that import survives its logger set-up.
+    deepspeed = logging.getLogger("DeepSpeed")
+    deepspeed.addFilter(_errors_only)
 
     def restore():
+        deepspeed.removeFilter(_errors_only)
         transformers.logging.set_verbosity(verbosity)
         if bars:
             transformers.logging.enable_progress_bar()

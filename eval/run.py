@@ -17,7 +17,6 @@ the answer forced to start with a box) inside batched `generate`; the unconstrai
 the Auto classes), so no code from the checkpoint runs; other checkpoints that ship code need `--trust-remote-code`.
 """
 import argparse
-import glob
 import json
 import os
 import sys
@@ -306,8 +305,8 @@ def evaluate_synthetic(model, processor, dataset_or_path, limit: int | None = No
     model writes on its own; a validation loop may skip them to save a third of the decoding).
     Baselines (`baselines=False` skips them): the mean training box (`baseline_box`, normalised [0, 1] xyxy, scaled to
     each image) and the most common training caption (`baseline_caption`); missing ones are computed from `train` (a
-    Gran Dataset, or the "train" split of the same folder). `caption_metrics` adds BLEU / ROUGE-L / CIDEr-D (and
-    METEOR with Java) of the region captions as `caption_<metric>` (pycocoevalcap, the `eval` extra).
+    Gran Dataset, or the "train" split of the same folder). `caption_metrics` adds BLEU / ROUGE-L / CIDEr-D of the
+    region captions as `caption_<metric>` (pycocoevalcap, the `eval` extra; not METEOR, a Java process per call).
     """
     data = _load_gran(dataset_or_path, split)
     if baselines and (baseline_box is None or baseline_caption is None):
@@ -354,8 +353,8 @@ def evaluate_synthetic(model, processor, dataset_or_path, limit: int | None = No
         out.update(grounding_acc50_unconstrained=free["acc@0.5"], grounding_miou_unconstrained=free["miou"],
                    grounding_invalid_unconstrained=free["invalid"])
     if caption_metrics:
-        scores = M.caption_scores(pred_caps, [q["references"] for q in queries])
-        out.update({f"caption_{k}": v for k, v in scores.items() if k != "count"})
+        scores = M.caption_scores(pred_caps, [q["references"] for q in queries], meteor=False)
+        out.update({f"caption_{k}": v for k, v in scores.items() if k not in ("count", "meteor_skipped")})
     if baselines:
         base_boxes = [[baseline_box[0] * w, baseline_box[1] * h, baseline_box[2] * w, baseline_box[3] * h]
                       for w, h in (q["image"].size for q in queries)]
@@ -371,12 +370,6 @@ def evaluate_synthetic(model, processor, dataset_or_path, limit: int | None = No
     return out
 
 
-def gran_splits(path: str) -> list[str]:
-    """Split names of a Gran folder (its `data/<split>-*.parquet` shards)."""
-    names = {os.path.basename(f).rsplit("-", 2)[0] for f in glob.glob(os.path.join(path, "data", "*.parquet"))}
-    return sorted(names)
-
-
 def run_gran(model, processor, data: str, split: str, output: str, limit: int | None = None,
              batch_size: int = 8) -> dict:
     """`--benchmark gran`: `evaluate_synthetic` on a local Gran folder's `split` (baselines from its train split,
@@ -389,10 +382,17 @@ def run_gran(model, processor, data: str, split: str, output: str, limit: int | 
     is_file = not os.path.isdir(data)
     if is_file and not data.endswith(".parquet"):
         raise UserError(f"--data {data}: expected a Gran dataset folder or a .parquet file")
-    splits = [] if is_file else gran_splits(data)
-    if not is_file and split not in splits:
-        raise UserError(f"--data {data} has no {split!r} split (found: {', '.join(splits) or 'no data/*.parquet'}); "
-                        "pass --split")
+    splits = []
+    if not is_file:
+        from datasets import get_dataset_split_names
+        from datasets.data_files import EmptyDatasetError
+
+        try:
+            splits = get_dataset_split_names(data)  # what load_dataset(data, split=...) will accept
+        except EmptyDatasetError:
+            raise UserError(f"--data {data} holds no data files; pass a Gran dataset folder") from None
+        if split not in splits:
+            raise UserError(f"--data {data} has no {split!r} split (it has {', '.join(splits)}); pass --split")
     has_train = "train" in splits and split != "train"
     result = evaluate_synthetic(model, processor, data, limit=limit, batch_size=batch_size, split=split,
                                 baselines=has_train, caption_metrics=True)

@@ -301,6 +301,8 @@ class Manifest:
             self.save()
         elif os.path.exists(self.path):
             os.remove(self.path)
+            if os.path.isdir(os.path.join(self.out_dir, "data")) and not os.listdir(os.path.join(self.out_dir, "data")):
+                os.rmdir(os.path.join(self.out_dir, "data"))
 
     def shards(self, split: str | None = None) -> list[dict]:
         return [s for p, s in sorted(self.data["shards"].items()) if split is None or s["split"] == split]
