@@ -25,7 +25,7 @@ from transformers import AutoModel, SiglipImageProcessor
 from transformers.image_utils import PILImageResampling
 
 from ..configuration_granvit import GranViTConfig
-from ..console import console_main
+from ..console import UserError, console_main
 
 PREFIX = "vision_tower."
 
@@ -82,7 +82,7 @@ def read_tower_weights(checkpoint: Path) -> dict:
                 if PREFIX in key:
                     weights[key.split(PREFIX, 1)[1]] = f.get_tensor(key)
     if not weights:
-        raise ValueError(f"No '{PREFIX}' weights in {checkpoint}: not a GranViT checkpoint?")
+        raise UserError(f"{checkpoint} has no '{PREFIX}' weights: not a GranViT checkpoint")
     return weights
 
 
@@ -145,6 +145,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoint", help="GranViT checkpoint folder")
     parser.add_argument("out", help="output folder for the plain vision encoder")
     args = parser.parse_args(argv)
+    if not (Path(args.checkpoint) / "config.json").is_file():  # a local folder: the weights are read file by file
+        raise UserError(f"{args.checkpoint} is not a checkpoint folder (no config.json); pass the folder save_granvit "
+                        "wrote")
     tower = export_encoder(args.checkpoint, args.out)
     n_params = sum(p.numel() for p in tower.parameters())
     print(f"Saved {type(tower).__name__} ({n_params / 1e6:.1f}M parameters) to {args.out}")
