@@ -138,7 +138,8 @@ class GranViTDemo:
     def describe(self, image: Image.Image, boxes: list[list[float]]) -> list[str]:
         """One caption per box from the model's dense API: one image encode, one shared prefill, one decode batch."""
         with torch.inference_mode():
-            return self.model.describe_regions(self.processor, image, boxes, max_new_tokens=CAPTION_TOKENS)
+            captions = self.model.describe_regions(self.processor, image, boxes, max_new_tokens=CAPTION_TOKENS)
+        return [self.readable(caption, image.size) for caption in captions]
 
     def find(self, image: Image.Image, phrase: str) -> list[list[float]]:
         """Boxes (original pixels) of the region(s) a phrase describes, at most MAX_FOUND_BOXES.
@@ -359,49 +360,56 @@ def build_demo(demo_model: GranViTDemo, untrained: bool = False, examples: list[
                 "`GRANVIT_MODEL` to a trained checkpoint.",
                 elem_id="untrained_banner",
             )
+        # Examples sit under their inputs, so the outputs they fill are made first and placed later (render=False).
         with gr.Tab("Describe regions"):
             describe_on = notice("bbox2caption", "describe_untrained")
             gr.Markdown(f"Upload an image and drag to draw up to {MAX_BOXES} boxes; each gets a caption.")
+            describe_img = gr.AnnotatedImage(label="Captions", height=420, elem_id="describe_img", render=False)
+            describe_json = gr.JSON(label="Boxes and captions", elem_id="describe_json", render=False)
             with gr.Row():
-                describe_in = image_annotator(
-                    image_type="pil", disable_edit_boxes=True, label="Image and boxes", elem_id="describe_in"
-                )
                 with gr.Column():
-                    describe_img = gr.AnnotatedImage(label="Captions", height=420, elem_id="describe_img")
-                    describe_json = gr.JSON(label="Boxes and captions", elem_id="describe_json")
+                    describe_in = image_annotator(
+                        image_type="pil", disable_edit_boxes=True, label="Image and boxes", elem_id="describe_in"
+                    )
+                    if examples and describe_on:
+                        gr.Examples(
+                            [[annotator_value(e)] for e in examples], describe_in, [describe_img, describe_json],
+                            describe_regions, run_on_click=True, cache_examples=False, api_name="describe_example",
+                            label="Held-out images with their true boxes (labels: true captions): click one",
+                            elem_id="describe_examples",
+                        )
+                with gr.Column():
+                    describe_img.render()
+                    describe_json.render()
             describe_btn = gr.Button(
                 "Describe regions", variant="primary", elem_id="describe_btn", interactive=describe_on
             )
             describe_btn.click(
                 describe_regions, describe_in, [describe_img, describe_json], api_name="describe_regions"
             )
-            if examples and describe_on:
-                gr.Examples(
-                    [[annotator_value(e)] for e in examples], describe_in, [describe_img, describe_json],
-                    describe_regions, run_on_click=True, cache_examples=False, api_name="describe_example",
-                    label="Held-out images with their true boxes (labels: true captions); click one",
-                    elem_id="describe_examples",
-                )
         with gr.Tab("Find"):
             find_on = notice("caption2bbox", "find_untrained")
+            find_img = gr.AnnotatedImage(label="Predicted boxes", height=420, elem_id="find_img", render=False)
+            find_json = gr.JSON(label="Boxes", elem_id="find_json", render=False)
             with gr.Row():
                 with gr.Column():
                     find_img_in = gr.Image(type="pil", label="Image", elem_id="find_in")
                     find_text = gr.Textbox(label="Phrase", placeholder="the red car on the left", elem_id="find_text")
                     find_btn = gr.Button("Find", variant="primary", elem_id="find_btn", interactive=find_on)
+                    if examples and find_on:
+                        gr.Examples(
+                            [[e["image"], e["regions"][0]["caption"]] for e in examples], [find_img_in, find_text],
+                            [find_img, find_json], find, run_on_click=True, cache_examples=False,
+                            api_name="find_example", label="Held-out images with a true phrase: click one",
+                            elem_id="find_examples",
+                        )
                 with gr.Column():
-                    find_img = gr.AnnotatedImage(label="Predicted boxes", height=420, elem_id="find_img")
-                    find_json = gr.JSON(label="Boxes", elem_id="find_json")
+                    find_img.render()
+                    find_json.render()
             gr.on(
                 [find_btn.click, find_text.submit], find, [find_img_in, find_text], [find_img, find_json],
                 api_name="find",
             )
-            if examples and find_on:
-                gr.Examples(
-                    [[e["image"], e["regions"][0]["caption"]] for e in examples], [find_img_in, find_text],
-                    [find_img, find_json], find, run_on_click=True, cache_examples=False, api_name="find_example",
-                    label="Held-out images with a true phrase; click one", elem_id="find_examples",
-                )
         with gr.Tab("Ask"):
             ask_on = notice("vqa", "ask_untrained")
             with gr.Row():

@@ -77,7 +77,7 @@ def test_describe_regions_one_batched_call_equals_independent_generate(served, i
         inputs = processor(images=[image], text=[processor.bbox2caption_prompt(box, image.size)])
         out = model.generate(**inputs, max_new_tokens=space_app.CAPTION_TOKENS, do_sample=False)
         answer = out[:, inputs["input_ids"].shape[1] :]
-        expected.append(processor.batch_decode(answer, skip_special_tokens=True)[0].strip())
+        expected.append(demo_model.readable(processor.batch_decode(answer, skip_special_tokens=True)[0], image.size))
     assert [r["caption"] for r in regions] == expected
     assert [a["label"] for a in annotated["annotations"]] == [f"{i}: {c}" for i, c in enumerate(expected, 1)]
 
