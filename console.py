@@ -134,7 +134,7 @@ def user_message(err: BaseException, argv: list[str]) -> str | None:
         if isinstance(e, UserError):
             return _one_line(e)
         if isinstance(e, hub_errors.HFValidationError):
-            return f"{named(e, 'the model')}: no such folder, and not a valid Hub repo id (owner/name); check the path"
+            return f"{named(e, 'the model')}: no such folder, and not a Hub repo id (owner/name); check the path"
         if isinstance(e, hub_errors.GatedRepoError):
             return f"{named(e, 'the repo')}: a gated Hub repo; request access on its page and log in (hf auth login)"
         if isinstance(e, hub_errors.RepositoryNotFoundError):
@@ -149,7 +149,7 @@ def user_message(err: BaseException, argv: list[str]) -> str | None:
     if isinstance(err, ConnectionError):  # e.g. datasets' "Couldn't reach 'org/name' on the Hub"
         return f"{_one_line(err)}; check the connection (or HF_HUB_OFFLINE), or pass local files"
     if isinstance(err, OSError) and err.filename is not None and _under(os.fsdecode(err.filename), inputs):
-        reason = err.strerror or _one_line(err)
+        reason = err.strerror or _one_line(err) or "cannot be read"
         return f"{os.fsdecode(err.filename)}: {reason[0].lower()}{reason[1:]}; check the path"
     text = _one_line(err)
     if isinstance(err, OSError) and err.errno is None and any(text.startswith(v) or f"'{v}'" in text for v in inputs):
@@ -209,7 +209,7 @@ def console_main(main):
 
     @functools.wraps(main)
     def run(argv: list[str] | None = None) -> int:
-        argv = list(sys.argv[1:] if argv is None else argv)
+        argv = [os.fspath(a) for a in (sys.argv[1:] if argv is None else argv)]
         debug = DEBUG_FLAG in argv or os.environ.get("GRANVIT_DEBUG", "").lower() in ("1", "true", "yes")
         argv = [a for a in argv if a != DEBUG_FLAG]
         restore = None if debug else _quiet_libraries()

@@ -233,7 +233,7 @@ def test_user_message_maps_library_errors(tmp_path):
     wrapped = OSError("Repo id must be in the form 'repo_name' or 'namespace/repo_name': '/no/such/model'.")
     wrapped.__cause__ = HFValidationError("Repo id must be in the form ...: '/no/such/model'.")
     assert user_message(wrapped, argv) == (
-        "/no/such/model: no such folder, and not a valid Hub repo id (owner/name); check the path")
+        "/no/such/model: no such folder, and not a Hub repo id (owner/name); check the path")
     missing = FileNotFoundError(2, "No such file or directory", str(tmp_path / "x.json"))
     assert user_message(missing, argv) == f"{tmp_path / 'x.json'}: no such file or directory; check the path"
     # A missing file the user never named is a bug in the package, not a user error.
