@@ -370,32 +370,36 @@ def evaluate_synthetic(model, processor, dataset_or_path, limit: int | None = No
     return out
 
 
-def run_gran(model, processor, data: str, split: str, output: str, limit: int | None = None,
-             batch_size: int = 8) -> dict:
-    """`--benchmark gran`: `evaluate_synthetic` on a local Gran folder's `split` (baselines from its train split,
-    when it has one) or on one Parquet file; region captions also get BLEU / ROUGE-L / CIDEr-D."""
+def check_gran_data(data: str | None, split: str) -> list[str]:
+    """`--benchmark gran`'s `--data`: a Gran folder that has `split` (returns its splits) or a Parquet file ([])."""
     if data is None:
         raise UserError("--benchmark gran needs --data: a Gran dataset folder (granvit-data synth/convert) or a "
                         "Parquet file of Gran rows")
     if not os.path.exists(data):
         raise UserError(f"--data {data}: no such folder or file; check the path")
-    is_file = not os.path.isdir(data)
-    if is_file and not data.endswith(".parquet"):
-        raise UserError(f"--data {data}: expected a Gran dataset folder or a .parquet file")
-    splits = []
-    if not is_file:
-        from datasets import get_dataset_split_names
-        from datasets.data_files import EmptyDatasetError
+    if not os.path.isdir(data):
+        if not data.endswith(".parquet"):
+            raise UserError(f"--data {data}: expected a Gran dataset folder or a .parquet file")
+        return []
+    from datasets import get_dataset_split_names
+    from datasets.data_files import EmptyDatasetError
 
-        try:
-            splits = get_dataset_split_names(data)  # what load_dataset(data, split=...) will accept
-        except EmptyDatasetError:
-            raise UserError(f"--data {data} holds no data files; pass a Gran dataset folder") from None
-        if split not in splits:
-            raise UserError(f"--data {data} has no {split!r} split (it has {', '.join(splits)}); pass --split")
-    has_train = "train" in splits and split != "train"
+    try:
+        splits = get_dataset_split_names(data)  # what load_dataset(data, split=...) will accept
+    except EmptyDatasetError:
+        raise UserError(f"--data {data} holds no data files; pass a Gran dataset folder") from None
+    if split not in splits:
+        raise UserError(f"--data {data} has no {split!r} split (it has {', '.join(splits)}); pass --split")
+    return splits
+
+
+def run_gran(model, processor, data: str, split: str, output: str, limit: int | None = None, batch_size: int = 8,
+             baselines: bool = False) -> dict:
+    """`--benchmark gran`: `evaluate_synthetic` on a local Gran folder's `split` or on a Parquet file (checked by
+    `check_gran_data`), with BLEU / ROUGE-L / CIDEr-D for the region captions and, with `baselines`, the baselines
+    from the folder's train split. Writes <output>/gran/result.json and the scalars into scores.json / report.md."""
     result = evaluate_synthetic(model, processor, data, limit=limit, batch_size=batch_size, split=split,
-                                baselines=has_train, caption_metrics=True)
+                                baselines=baselines, caption_metrics=True)
     bench_dir = os.path.join(output, "gran")
     os.makedirs(bench_dir, exist_ok=True)
     with open(os.path.join(bench_dir, "result.json"), "w", encoding="utf-8") as f:
@@ -417,7 +421,7 @@ def main(argv=None):
                         help="gran: a local Gran split (--data DIR --split test): grounding and region captions")
     parser.add_argument("--data", help="local Parquet/JSONL with the benchmark's Hub columns (instead of the Hub); "
                                        "for gran, a Gran dataset folder or Parquet file")
-    parser.add_argument("--split", default="test", help="gran: the split of the --data folder (default test)")
+    parser.add_argument("--split", help="gran: the split of the --data folder (default test)")
     parser.add_argument("--config", help="Hub config to use instead of the registry's (e.g. a BLINK sub-task)")
     parser.add_argument("--limit", type=int, help="score only the first N samples (gran: regions)")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -430,13 +434,20 @@ def main(argv=None):
                         help="allow a checkpoint that is not GranViT to run the model code it ships (only for "
                              "repositories you trust; GranViT checkpoints never need it)")
     args = parser.parse_args(argv)
-    if args.data and args.benchmark != "gran" and not os.path.isfile(args.data):
+    gran = args.benchmark == "gran"
+    if gran:  # checked before the model loads: a wrong path fails in a second
+        split = args.split or "test"
+        splits = check_gran_data(args.data, split)
+    elif args.split:
+        raise UserError(f"--split applies to --benchmark gran only; {args.benchmark} is scored on its registry split")
+    elif args.data and not os.path.isfile(args.data):
         raise UserError(f"--data {args.data}: no such file; check the path")
 
     model, processor = load_model(check_model_source(args.model, "--model"), args.device, args.dtype,
                                   args.trust_remote_code)
-    if args.benchmark == "gran":
-        scores = run_gran(model, processor, args.data, args.split, args.output, args.limit, args.batch_size)
+    if gran:
+        baselines = "train" in splits and split != "train"
+        scores = run_gran(model, processor, args.data, split, args.output, args.limit, args.batch_size, baselines)
     else:
         scores = run_benchmark(model, processor, args.benchmark, args.output, args.data, args.limit, args.batch_size,
                                args.config, args.max_new_tokens)

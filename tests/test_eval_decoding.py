@@ -82,3 +82,16 @@ def test_lmms_adapter_takes_trust_remote_code_as_text(tiny_checkpoint):
         "granvit.modeling_granvit")
     with pytest.raises(ValueError, match="expected true or false"):
         GranViTLmms(str(tiny_checkpoint), device="cpu", trust_remote_code="maybe")
+
+
+def test_gran_data_is_checked_before_the_model_loads(tmp_path):
+    from granvit.train.data.synth import SynthConfig, write_synth
+
+    with pytest.raises(UserError, match="--benchmark gran needs --data"):
+        R.check_gran_data(None, "test")
+    with pytest.raises(UserError, match="no such folder or file"):
+        R.check_gran_data(str(tmp_path / "nope"), "test")
+    write_synth(str(tmp_path / "gran"), {"train": 2}, SynthConfig(image_size=64, min_objects=1, max_objects=1, ocr_fraction=0))
+    with pytest.raises(UserError, match=r"has no 'test' split \(it has train\); pass --split"):
+        R.check_gran_data(str(tmp_path / "gran"), "test")
+    assert R.check_gran_data(str(tmp_path / "gran"), "train") == ["train"]
