@@ -153,7 +153,7 @@ def test_validate_fails_an_empty_split(tmp_path, capsys):
 
     assert data_main(["validate", str(empty_split(tmp_path))]) == 1  # in-process: the exit code is main's return
     assert json.loads(capsys.readouterr().out) == {"rows": 0, "ok": 0, "broken": {}, "checksum_mismatch": [],
-                                                   "unreadable_files": [], "empty_splits": ["train"]}
+                                                   "unreadable_files": [], "empty_splits": [f"{tmp_path}:train"]}
 
 
 def test_remote_code_needs_the_flag(table):

@@ -129,10 +129,11 @@ def parquet_files(paths: list[str]) -> list[str]:
 
 
 def _split_of(file: str) -> str:
-    """data/train-00000-of-00008.parquet -> "train"; a file outside that layout is its own split."""
-    name = os.path.basename(file)
-    match = re.fullmatch(r"(.+)-\d{5}-of-\d{5}\.parquet", name)
-    return match.group(1) if match and os.path.basename(os.path.dirname(file)) == "data" else file
+    """"<dataset folder>:<split>" for a shard of a Gran folder; any other Parquet file is a split of its own."""
+    from .schema import shard_split
+
+    split = shard_split(file)
+    return file if split is None else f"{os.path.dirname(os.path.dirname(file)) or '.'}:{split}"
 
 
 def validate_paths(paths: list[str], decode: bool = True) -> dict:

@@ -16,6 +16,7 @@ import io
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
@@ -196,6 +197,13 @@ def shard_bounds(num_items: int, num_shards: int, index: int) -> tuple[int, int]
 
 def shard_relpath(split: str, index: int, num_shards: int) -> str:
     return f"data/{split}-{index:05d}-of-{num_shards:05d}.parquet"
+
+
+def shard_split(path: str) -> str | None:
+    """The split of a shard written by `shard_relpath` (``.../data/train-00000-of-00008.parquet`` -> "train"), else
+    None."""
+    match = re.fullmatch(r"(.+)-\d{5}-of-\d{5}\.parquet", os.path.basename(path))
+    return match.group(1) if match and os.path.basename(os.path.dirname(path)) == "data" else None
 
 
 @dataclass
