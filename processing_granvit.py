@@ -16,7 +16,9 @@ ordinary *added* tokens, not special ones: ``skip_special_tokens=True`` (used by
 otherwise erase every predicted box.
 
 Text from users (captions, questions) is marked untrusted with two private-use characters, and control strings inside
-it (``<image>``, ``<box>``, ``<coord_17>``, role tokens, ...) are tokenized as plain text, never as those tokens.
+it (``<image>``, ``<box>``, ``<coord_17>``, role tokens, ...) are tokenized as plain text, never as those tokens. The
+markers never reach the model and never appear in decoded text (``decode``, ``batch_decode`` and the pipeline's
+``post_process_image_text_to_text`` drop them).
 """
 
 import math
@@ -369,6 +371,24 @@ class GranViTProcessor(ProcessorMixin):
         if labels is not None:
             data["labels"] = label_tensor
         return data
+
+    # ---- decoding -----------------------------------------------------------------------------------------------
+    @staticmethod
+    def strip_markers(text):
+        """Text (or a list of texts) without the untrusted-text markers: what a person should read."""
+        if isinstance(text, str):
+            return text.replace(UNTRUSTED_START, "").replace(UNTRUSTED_END, "")
+        return [GranViTProcessor.strip_markers(t) for t in text]
+
+    def decode(self, *args, **kwargs):
+        return self.strip_markers(self.tokenizer.decode(*args, **kwargs))
+
+    def batch_decode(self, *args, **kwargs):
+        return self.strip_markers(self.tokenizer.batch_decode(*args, **kwargs))
+
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens=True, **kwargs):
+        texts = super().post_process_image_text_to_text(generated_outputs, skip_special_tokens, **kwargs)
+        return self.strip_markers(texts)
 
     # ---- dense region decoding ------------------------------------------------------------------------------------
     def prompt_ids(self, prompts: list[str], num_images: int = 1) -> list[list[int]]:

@@ -28,8 +28,12 @@ EXTRAS = {
     "lmms": ["lmms-eval==0.7.3", "filelock<4"],
     # ZeRO-2/3 launches (train/configs/accelerate/); on CPU it runs over gloo, which the resume test uses.
     "deepspeed": ["deepspeed>=0.16"],
+    # experiments/: the linear probe and the statistics over seeds; it trains with the quickstart recipe, so it is
+    # installed with the train extra: pip install -e ".[train,eval,experiments]".
+    "experiments": ["scikit-learn>=1.3", "threadpoolctl>=3", "scipy>=1.10", "matplotlib>=3.8"],
 }
-EXTRAS["dev"] = sorted({d for v in EXTRAS.values() for d in v} | {"pytest>=8", "playwright>=1.50"})
+# psutil: bench/ (measurements in the repository, not installed with the package).
+EXTRAS["dev"] = sorted({d for v in EXTRAS.values() for d in v} | {"pytest>=8", "playwright>=1.50", "psutil>=5.9"})
 
 setup(
     name="granvit",

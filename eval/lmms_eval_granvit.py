@@ -15,6 +15,10 @@ Local region tasks over a Parquet file of (image, bbox, caption) rows:
     python -m lmms_eval --model granvit --model_args pretrained=DIR,device=cpu \
         --tasks granvit_grounding,granvit_regcap --include_path ./granvit_tasks --output_path ./out
     ls out/*/*_results.json     # check it: the lmms-eval CLI exits 0 even when a task throws
+
+Grounding decodes under the box grammar, as `model.ground` does. GranViT checkpoints load with the installed package;
+`trust_remote_code=true` in `--model_args` lets a checkpoint that ships other model code run it (opt-in, as in
+`granvit-eval --trust-remote-code`).
 """
 import argparse
 import json
@@ -27,7 +31,7 @@ from lmms_eval.models.registry_v2 import ModelManifest
 from tqdm import tqdm
 
 from granvit.eval.benchmarks import to_pil
-from granvit.eval.run import generate, load_model
+from granvit.eval.run import box_grammar, generate, load_model
 
 MANIFEST = ModelManifest(model_id="granvit", simple_class_path="granvit.eval.lmms_eval_granvit.GranViTLmms")
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lmms_tasks")
@@ -36,11 +40,16 @@ TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lmms_tasks
 class GranViTLmms(lmms):
     is_simple = True
 
-    def __init__(self, pretrained: str, device: str | None = None, batch_size=1, dtype: str = "auto", **kwargs):
+    def __init__(self, pretrained: str, device: str | None = None, batch_size=1, dtype: str = "auto",
+                 trust_remote_code=False, **kwargs):
         super().__init__()
         if kwargs:
             raise ValueError(f"unknown granvit model_args: {sorted(kwargs)}")
-        self.model, self.processor = load_model(pretrained, device, dtype)
+        # model_args arrive as text ("True", "false") or already parsed, depending on the lmms-eval entry point.
+        trust = str(trust_remote_code).strip().lower()
+        if trust not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"trust_remote_code={trust_remote_code!r}: expected true or false")
+        self.model, self.processor = load_model(pretrained, device, dtype, trust in ("true", "1", "yes"))
         self.batch_size = int(batch_size)
 
     def _prompt(self, kind: str, context: str, image) -> str:
@@ -68,7 +77,8 @@ class GranViTLmms(lmms):
             for start in range(0, len(items), self.batch_size):
                 batch = items[start:start + self.batch_size]
                 images = [im for _, _, im in batch]
-                ids = generate(self.model, self.processor, images, [p for _, p, _ in batch], max_new_tokens)
+                grammar = box_grammar(self.processor) if kind == "grounding" else None
+                ids = generate(self.model, self.processor, images, [p for _, p, _ in batch], max_new_tokens, grammar)
                 texts = self.processor.batch_decode(ids, skip_special_tokens=True)
                 if kind == "grounding":
                     boxes = self.processor.post_process_grounding(texts, [im.size for im in images])

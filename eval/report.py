@@ -36,7 +36,9 @@ META_KEYS = ("benchmark", "family", "metric", "hub_id", "split", "data", "in_ave
 def render_report(scores: dict) -> str:
     lines = ["# GranViT evaluation", ""]
     for name, s in scores.items():
-        source = f"{s['hub_id']} `{s['split']}`" + (f", local file `{s['data']}`" if s["data"] else "")
+        # hub_id None: a local Gran set (`--benchmark gran`), which has no Hub distribution.
+        source = f"{s['hub_id'] or 'local Gran set'} `{s['split']}`"
+        source += f", local file `{s['data']}`" if s["data"] else ""
         lines += [f"## {name}", "", f"{source} ({s['family']}, metric `{s['metric']}`)", "",
                   "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"

@@ -2,23 +2,34 @@
 
     granvit-eval --model ./granvit-ckpt --benchmark refcoco_val --limit 500 --batch-size 16 --output eval_out
     granvit-eval --model org/granvit --benchmark docvqa_val --data docvqa_val.parquet   # local file, Hub columns
+    granvit-eval --model ./granvit-ckpt --benchmark gran --data ./my-gran-set --split test  # any local Gran split
 
 Layout of --output: <benchmark>/predictions.jsonl (one line per sample, appended per batch, so a rerun
 continues where it stopped), <benchmark>/boxes.png + boxes.html (grounding only), scores.json (every
 benchmark scored into this folder) and report.md (a table per benchmark and the paper's family averages).
 
-`evaluate_synthetic` is the synthetic-set evaluation the main job and the experiments call.
+`evaluate_synthetic` scores a Gran split (grounding and region captions, every region one query): the main job and
+the experiments call it, and `--benchmark gran` runs it on any local Gran folder or Parquet file.
+
+Grounding decodes the way users decode, through `model.ground`'s box grammar (`BoxConstraintLogitsProcessor` with
+the answer forced to start with a box) inside batched `generate`; the unconstrained answers are scored too, under
+`*_unconstrained` keys. GranViT checkpoints load natively (importing this module imports `granvit`, which registers
+the Auto classes), so no code from the checkpoint runs; other checkpoints that ship code need `--trust-remote-code`.
 """
 import argparse
 import json
 import os
+import sys
 
 import torch
 from tqdm import tqdm
+from transformers import LogitsProcessorList
 
+from granvit.console import UserError, check_model_source, console_main
 from granvit.eval import metrics as M
 from granvit.eval.benchmarks import BENCHMARKS, get_benchmark, iter_samples, load_rows, to_pil
 from granvit.eval.report import draw_boxes, update_scores
+from granvit.region_decoding_granvit import BoxConstraintLogitsProcessor
 
 VQA_SUFFIX = "\nAnswer the question using a single word or phrase."
 CHOICE_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
@@ -27,17 +38,28 @@ MAX_NEW_TOKENS = {"grounding": 12, "region_caption": 32, "vqa": 16, "multiple_ch
 
 # ----------------------------------------------------------------------------- model I/O
 
-def load_model(model_id: str, device: str | None = None, dtype: str = "auto"):
+def load_model(model_id: str, device: str | None = None, dtype: str = "auto", trust_remote_code: bool = False):
     """``dtype="auto"``: bf16 on GPUs and on CPUs with AMX / AVX512-BF16 (1.7x faster there with the same held-out
-    scores on the quickstart checkpoint: BENCHMARKS.md), else the checkpoint's own dtype."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    scores on the quickstart checkpoint: BENCHMARKS.md), else the checkpoint's own dtype.
 
+    GranViT checkpoints load with the installed package's classes. A checkpoint whose ``model_type`` neither
+    transformers nor GranViT knows, and which ships its own code (``auto_map``), is refused unless
+    ``trust_remote_code`` (running a repository's code is the caller's decision, never a default)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config = PreTrainedConfig.get_config_dict(model_id)[0]
+    if not trust_remote_code and config.get("model_type") not in CONFIG_MAPPING and config.get("auto_map"):
+        raise UserError(
+            f"{model_id} ships its own model code (model_type {config.get('model_type')!r}, which neither "
+            "transformers nor GranViT provides); pass --trust-remote-code if you trust that repository"
+        )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype == "auto" and (device != "cpu" or _cpu_has_bf16_matmul()):
         dtype = "bfloat16"
-    model = AutoModelForImageTextToText.from_pretrained(model_id, trust_remote_code=True, dtype=dtype).to(device)
-    processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)
-    return model.eval(), processor
+    model = AutoModelForImageTextToText.from_pretrained(model_id, trust_remote_code=trust_remote_code, dtype=dtype)
+    processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=trust_remote_code)
+    return model.to(device).eval(), processor
 
 
 def _cpu_has_bf16_matmul() -> bool:
@@ -48,12 +70,17 @@ def _cpu_has_bf16_matmul() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+def box_grammar(processor) -> LogitsProcessorList:
+    """What `model.ground` decodes with: the box grammar, the answer starting with a box."""
+    return LogitsProcessorList([BoxConstraintLogitsProcessor.from_processor(processor, force_box=True)])
+
+
 @torch.inference_mode()
-def generate(model, processor, images, prompts, max_new_tokens: int):
+def generate(model, processor, images, prompts, max_new_tokens: int, logits_processor=None):
     """Greedy generation for a batch of (image, user prompt); returns the new token ids (batch, new_len)."""
     inputs = processor(images=images, text=prompts, return_tensors="pt").to(model.device)
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=logits_processor)
     # Left padding: every prompt ends at the same column, so the answers start there.
     return out[:, inputs["input_ids"].shape[1]:]
 
@@ -71,19 +98,35 @@ def build_prompt(processor, sample: dict, task_type: str) -> str:
     return processor.vqa_prompt(sample["question"])
 
 
-def predict(model, processor, samples: list, task_type: str, max_new_tokens: int | None = None) -> list:
-    """Prediction records (JSON-ready) for one batch of canonical samples."""
-    new_ids = generate(model, processor, [s["image"] for s in samples],
-                       [build_prompt(processor, s, task_type) for s in samples],
-                       max_new_tokens or MAX_NEW_TOKENS[task_type])
-    texts = [t.strip() for t in processor.batch_decode(new_ids, skip_special_tokens=True)]
+def predict(model, processor, samples: list, task_type: str, max_new_tokens: int | None = None,
+            unconstrained: bool = True) -> list:
+    """Prediction records (JSON-ready) for one batch of canonical samples.
+
+    Grounding: ``text`` / ``box`` decoded under the box grammar (as ``model.ground``), and with ``unconstrained``
+    also ``text_unconstrained`` / ``box_unconstrained`` from plain greedy decoding."""
+    images = [s["image"] for s in samples]
+    prompts = [build_prompt(processor, s, task_type) for s in samples]
+    max_new_tokens = max_new_tokens or MAX_NEW_TOKENS[task_type]
+
+    def texts(logits_processor=None):
+        new_ids = generate(model, processor, images, prompts, max_new_tokens, logits_processor)
+        return [t.strip() for t in processor.batch_decode(new_ids, skip_special_tokens=True)]
+
+    def first_box(text, image):
+        boxes = processor.post_process_grounding([text], [image.size])[0]
+        return boxes[0] if boxes else None   # no box -> a miss, counted by grounding_scores
+
+    grounding = task_type == "grounding"
+    answers = texts(box_grammar(processor) if grounding else None)
+    free = texts() if grounding and unconstrained else [None] * len(samples)
     records = []
-    for s, text in zip(samples, texts):
+    for s, text, free_text in zip(samples, answers, free):
         rec = {"id": s["id"], "text": text, "target": {key: v for key, v in s.items() if key not in ("id", "image")}}
         rec["target"]["image_size"] = list(s["image"].size)
-        if task_type == "grounding":
-            boxes = processor.post_process_grounding([text], [s["image"].size])[0]
-            rec["box"] = boxes[0] if boxes else None   # no box -> a miss, counted by grounding_scores
+        if grounding:
+            rec["box"] = first_box(text, s["image"])
+            if free_text is not None:
+                rec["text_unconstrained"], rec["box_unconstrained"] = free_text, first_box(free_text, s["image"])
         records.append(rec)
     return records
 
@@ -91,7 +134,12 @@ def predict(model, processor, samples: list, task_type: str, max_new_tokens: int
 # ----------------------------------------------------------------------------- scoring
 
 def _score_grounding(recs):
-    out = M.grounding_scores([r["box"] for r in recs], [r["target"]["box"] for r in recs], thresholds=(0.5, 0.75))
+    refs = [r["target"]["box"] for r in recs]
+    out = M.grounding_scores([r["box"] for r in recs], refs, thresholds=(0.5, 0.75))
+    # Records written before unconstrained decoding was scored (a resumed run) have no unconstrained answer.
+    if all("box_unconstrained" in r for r in recs):
+        free = M.grounding_scores([r["box_unconstrained"] for r in recs], refs, thresholds=(0.5, 0.75))
+        out.update({f"{k}_unconstrained": v for k, v in free.items() if k != "count"})
     return {"main": out["acc@0.5"], **out}
 
 
@@ -246,17 +294,22 @@ def synthetic_baselines(train) -> tuple:
 
 
 def evaluate_synthetic(model, processor, dataset_or_path, limit: int | None = None, batch_size: int = 16,
-                       train=None, baseline_box=None, baseline_caption=None, split: str = "test") -> dict:
-    """Caption->box grounding ACC@0.5 and box->caption exact match on a Gran-schema set, with baselines.
+                       train=None, baseline_box=None, baseline_caption=None, split: str = "test",
+                       unconstrained: bool = True, baselines: bool = True, caption_metrics: bool = False) -> dict:
+    """Caption->box grounding and box->caption scores on a Gran-schema set, with baselines.
 
     dataset_or_path: a `datasets.Dataset` in the Gran schema, a Gran dataset folder (its `split` is read) or
     a Parquet file. Every region of every image is one query (up to `limit` regions).
-    Baselines: the mean training box (`baseline_box`, normalised [0, 1] xyxy, scaled to each image) and the
-    most common training caption (`baseline_caption`); missing ones are computed from `train` (a Gran
-    Dataset, or the "train" split of the same folder). Images should be RGB-decodable by PIL.
+    Grounding (`grounding_acc50`, `grounding_miou`, `grounding_invalid`) decodes as `model.ground` does, under the box
+    grammar; with `unconstrained` the plain greedy answers are scored too (`grounding_*_unconstrained`: what the
+    model writes on its own; a validation loop may skip them to save a third of the decoding).
+    Baselines (`baselines=False` skips them): the mean training box (`baseline_box`, normalised [0, 1] xyxy, scaled to
+    each image) and the most common training caption (`baseline_caption`); missing ones are computed from `train` (a
+    Gran Dataset, or the "train" split of the same folder). `caption_metrics` adds BLEU / ROUGE-L / CIDEr-D of the
+    region captions as `caption_<metric>` (pycocoevalcap, the `eval` extra; not METEOR, a Java process per call).
     """
     data = _load_gran(dataset_or_path, split)
-    if baseline_box is None or baseline_caption is None:
+    if baselines and (baseline_box is None or baseline_caption is None):
         if train is None:
             if not isinstance(dataset_or_path, (str, os.PathLike)) or str(dataset_or_path).endswith(".parquet"):
                 raise ValueError("evaluate_synthetic needs `train` (or baseline_box and baseline_caption)")
@@ -277,59 +330,130 @@ def evaluate_synthetic(model, processor, dataset_or_path, limit: int | None = No
         if limit is not None and len(queries) >= limit:
             break
     if not queries:
-        raise ValueError("the synthetic evaluation set has no regions")
+        raise UserError(f"the {split} split of {dataset_or_path} has no regions to evaluate")
 
-    pred_boxes, pred_caps = [], []
+    grounded, pred_caps = [], []
     for start in tqdm(range(0, len(queries), batch_size), desc="synthetic eval"):
         batch = queries[start:start + batch_size]
-        pred_boxes += [r["box"] for r in predict(model, processor, batch, "grounding")]
+        grounded += predict(model, processor, batch, "grounding", unconstrained=unconstrained)
         pred_caps += [r["text"] for r in predict(model, processor, batch, "region_caption")]
 
     refs = [q["box"] for q in queries]
-    sizes = [q["image"].size for q in queries]
-    base_boxes = [[baseline_box[0] * w, baseline_box[1] * h, baseline_box[2] * w, baseline_box[3] * h]
-                  for w, h in sizes]
+    pred_boxes = [r["box"] for r in grounded]
     grounding = M.grounding_scores(pred_boxes, refs)
     captions = [q["expression"] for q in queries]
-    return {
+    out = {
         "grounding_acc50": grounding["acc@0.5"],
         "grounding_miou": grounding["miou"],
-        "grounding_acc50_baseline": M.grounding_scores(base_boxes, refs)["acc@0.5"],
         "grounding_invalid": grounding["invalid"],
         "caption_exact": M.exact_match(pred_caps, captions),
-        "caption_exact_baseline": M.exact_match([baseline_caption] * len(captions), captions),
-        "baseline_box": list(baseline_box),
-        "baseline_caption": baseline_caption,
-        "num_regions": len(queries),
-        "num_images": len({q["id"].split("/")[0] for q in queries}),
-        "examples": [{"caption": c, "predicted_caption": p, "box": b, "predicted_box": pb}
-                     for c, p, b, pb in list(zip(captions, pred_caps, refs, pred_boxes))[:5]],
     }
+    if unconstrained:
+        free = M.grounding_scores([r["box_unconstrained"] for r in grounded], refs)
+        out.update(grounding_acc50_unconstrained=free["acc@0.5"], grounding_miou_unconstrained=free["miou"],
+                   grounding_invalid_unconstrained=free["invalid"])
+    if caption_metrics:
+        scores = M.caption_scores(pred_caps, [q["references"] for q in queries], meteor=False)
+        out.update({f"caption_{k}": v for k, v in scores.items() if k not in ("count", "meteor_skipped")})
+    if baselines:
+        base_boxes = [[baseline_box[0] * w, baseline_box[1] * h, baseline_box[2] * w, baseline_box[3] * h]
+                      for w, h in (q["image"].size for q in queries)]
+        out.update(grounding_acc50_baseline=M.grounding_scores(base_boxes, refs)["acc@0.5"],
+                   caption_exact_baseline=M.exact_match([baseline_caption] * len(captions), captions),
+                   baseline_box=list(baseline_box), baseline_caption=baseline_caption)
+    examples = [{"caption": c, "predicted_caption": p, "box": b, "predicted_box": r["box"]}
+                for c, p, b, r in list(zip(captions, pred_caps, refs, grounded))[:5]]
+    if unconstrained:
+        for example, r in zip(examples, grounded):
+            example["predicted_box_unconstrained"] = r["box_unconstrained"]
+    out.update(num_regions=len(queries), num_images=len({q["id"].split("/")[0] for q in queries}), examples=examples)
+    return out
+
+
+def check_gran_data(data: str | None, split: str) -> list[str]:
+    """`--benchmark gran`'s `--data`: a Gran folder that has `split` (returns its splits) or a Parquet file ([])."""
+    if data is None:
+        raise UserError("--benchmark gran needs --data: a Gran dataset folder (granvit-data synth/convert) or a "
+                        "Parquet file of Gran rows")
+    if not os.path.exists(data):
+        raise UserError(f"--data {data}: no such folder or file; check the path")
+    if not os.path.isdir(data):
+        if not data.endswith(".parquet"):
+            raise UserError(f"--data {data}: expected a Gran dataset folder or a .parquet file")
+        return []
+    from datasets import get_dataset_split_names
+    from datasets.data_files import EmptyDatasetError
+
+    try:
+        splits = get_dataset_split_names(data)  # what load_dataset(data, split=...) will accept
+    except EmptyDatasetError:
+        raise UserError(f"--data {data} holds no data files; pass a Gran dataset folder") from None
+    if split not in splits:
+        raise UserError(f"--data {data} has no {split!r} split (it has {', '.join(splits)}); pass --split")
+    return splits
+
+
+def run_gran(model, processor, data: str, split: str, output: str, limit: int | None = None, batch_size: int = 8,
+             baselines: bool = False) -> dict:
+    """`--benchmark gran`: `evaluate_synthetic` on a local Gran folder's `split` or on a Parquet file (checked by
+    `check_gran_data`), with BLEU / ROUGE-L / CIDEr-D for the region captions and, with `baselines`, the baselines
+    from the folder's train split. Writes <output>/gran/result.json and the scalars into scores.json / report.md."""
+    result = evaluate_synthetic(model, processor, data, limit=limit, batch_size=batch_size, split=split,
+                                baselines=baselines, caption_metrics=True)
+    bench_dir = os.path.join(output, "gran")
+    os.makedirs(bench_dir, exist_ok=True)
+    with open(os.path.join(bench_dir, "result.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+    scalars = {k: v for k, v in result.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    scores = {"benchmark": "gran", "family": "fine-grained", "metric": "grounding", "hub_id": None, "split": split,
+              "data": data, "in_average": False, "main": result["grounding_acc50"], **scalars}
+    update_scores(output, "gran", scores)
+    return scores
 
 
 # ----------------------------------------------------------------------------- CLI
 
+@console_main
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="checkpoint folder or Hub id")
-    parser.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS))
-    parser.add_argument("--data", help="local Parquet/JSONL with the benchmark's Hub columns (instead of the Hub)")
+    parser.add_argument("--benchmark", required=True, choices=sorted([*BENCHMARKS, "gran"]),
+                        help="gran: a local Gran split (--data DIR --split test): grounding and region captions")
+    parser.add_argument("--data", help="local Parquet/JSONL with the benchmark's Hub columns (instead of the Hub); "
+                                       "for gran, a Gran dataset folder or Parquet file")
+    parser.add_argument("--split", help="gran: the split of the --data folder (default test)")
     parser.add_argument("--config", help="Hub config to use instead of the registry's (e.g. a BLINK sub-task)")
-    parser.add_argument("--limit", type=int, help="score only the first N samples")
+    parser.add_argument("--limit", type=int, help="score only the first N samples (gran: regions)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, help="default: per task type")
     parser.add_argument("--output", default="eval_out")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                         help="auto: bf16 on GPUs and on CPUs with AMX / AVX512-BF16, else the checkpoint's dtype")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow a checkpoint that is not GranViT to run the model code it ships (only for "
+                             "repositories you trust; GranViT checkpoints never need it)")
     args = parser.parse_args(argv)
+    gran = args.benchmark == "gran"
+    if gran:  # checked before the model loads: a wrong path fails in a second
+        split = args.split or "test"
+        splits = check_gran_data(args.data, split)
+    elif args.split:
+        raise UserError(f"--split applies to --benchmark gran only; {args.benchmark} is scored on its registry split")
+    elif args.data and not os.path.isfile(args.data):
+        raise UserError(f"--data {args.data}: no such file; check the path")
 
-    model, processor = load_model(args.model, args.device, args.dtype)
-    scores = run_benchmark(model, processor, args.benchmark, args.output, args.data, args.limit, args.batch_size,
-                           args.config, args.max_new_tokens)
+    model, processor = load_model(check_model_source(args.model, "--model"), args.device, args.dtype,
+                                  args.trust_remote_code)
+    if gran:
+        baselines = "train" in splits and split != "train"
+        scores = run_gran(model, processor, args.data, split, args.output, args.limit, args.batch_size, baselines)
+    else:
+        scores = run_benchmark(model, processor, args.benchmark, args.output, args.data, args.limit, args.batch_size,
+                               args.config, args.max_new_tokens)
     print(json.dumps({k: v for k, v in scores.items() if not isinstance(v, (list, dict))}, indent=2))
     print(f"report: {os.path.join(args.output, 'report.md')}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

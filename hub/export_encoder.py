@@ -17,6 +17,7 @@ Two things a user must know, written into the README too:
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from safetensors import safe_open
@@ -24,6 +25,7 @@ from transformers import AutoModel, SiglipImageProcessor
 from transformers.image_utils import PILImageResampling
 
 from ..configuration_granvit import GranViTConfig
+from ..console import UserError, console_main
 
 PREFIX = "vision_tower."
 
@@ -80,7 +82,7 @@ def read_tower_weights(checkpoint: Path) -> dict:
                 if PREFIX in key:
                     weights[key.split(PREFIX, 1)[1]] = f.get_tensor(key)
     if not weights:
-        raise ValueError(f"No '{PREFIX}' weights in {checkpoint}: not a GranViT checkpoint?")
+        raise UserError(f"{checkpoint} has no '{PREFIX}' weights: not a GranViT checkpoint")
     return weights
 
 
@@ -137,15 +139,19 @@ def export_encoder(checkpoint: str | Path, out: str | Path):
     return tower
 
 
+@console_main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="GranViT checkpoint folder")
     parser.add_argument("out", help="output folder for the plain vision encoder")
     args = parser.parse_args(argv)
+    if not (Path(args.checkpoint) / "config.json").is_file():  # a local folder: the weights are read file by file
+        raise UserError(f"{args.checkpoint} is not a checkpoint folder (no config.json); pass the folder save_granvit "
+                        "wrote")
     tower = export_encoder(args.checkpoint, args.out)
     n_params = sum(p.numel() for p in tower.parameters())
     print(f"Saved {type(tower).__name__} ({n_params / 1e6:.1f}M parameters) to {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

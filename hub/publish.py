@@ -7,7 +7,8 @@ The model repo gets every file of the checkpoint (weights, config with ``auto_ma
 ``.py`` files; trainer state such as ``optimizer.pt`` is left out) plus a ``README.md`` model card written here: YAML
 metadata (library_name, pipeline_tag, tags, base models, datasets, license), a ``trust_remote_code`` usage snippet,
 the eval table from ``scores.json`` and the training config, when those exist. The Space gets ``spaces/`` (app,
-requirements, README with ``models:`` pointing at the model repo) and the variable ``GRANVIT_MODEL=<repo>``.
+requirements, README with ``models:`` pointing at the model repo), the checkpoint's demo examples (``examples/``,
+written by the training job with ``spaces/demo_examples.py``) and the variable ``GRANVIT_MODEL=<repo>``.
 Each repo is written in one commit. Authentication is huggingface_hub's (``hf auth login`` or ``HF_TOKEN``).
 """
 
@@ -16,6 +17,7 @@ import fnmatch
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,8 +30,11 @@ from huggingface_hub import (
     SpaceCard,
 )
 
+from ..console import UserError, console_main
+
 SPACE_DIR = Path(__file__).resolve().parent.parent / "spaces"
-SPACE_FILES = ("app.py", "requirements.txt", "README.md")
+SPACE_FILES = ("app.py", "demo_examples.py", "requirements.txt", "README.md")
+EXAMPLES_DIR = "examples"  # spaces/demo_examples.py: <checkpoint>/examples/examples.json + images
 # Trainer checkpoints (checkpoint-N/) hold optimizer and RNG state: of no use to a model user, often larger than
 # the model.
 EXCLUDE = (".*", "__pycache__", "*.pyc", "optimizer.pt", "scheduler.pt", "rng_state*.pth", "trainer_state.json",
@@ -74,7 +79,8 @@ def eval_table(scores: dict) -> str:
     if "benchmarks" in scores:
         lines = ["| benchmark | family | data | metric | score |", "|---|---|---|---|---|"]
         for name, s in scores["benchmarks"].items():
-            lines.append(f"| {name} | {s['family']} | {s['hub_id']} `{s['split']}` | {s['metric']} | {s['main']:.4f} |")
+            source = s["hub_id"] or "local Gran set"  # `granvit-eval --benchmark gran` has no Hub distribution
+            lines.append(f"| {name} | {s['family']} | {source} `{s['split']}` | {s['metric']} | {s['main']:.4f} |")
         averages = {k: v for k, v in (scores.get("family_averages") or {}).items() if v}
         if averages:
             lines += ["", "| family | average | benchmarks |", "|---|---|---|"]
@@ -184,16 +190,16 @@ def find_beside(checkpoint: Path, names: tuple[str, ...]) -> Path | None:
 
 def checkpoint_files(checkpoint: Path) -> dict[str, Path]:
     if not (checkpoint / "config.json").is_file():
-        raise FileNotFoundError(f"{checkpoint} is not a checkpoint folder: no config.json")
+        raise UserError(f"{checkpoint} is not a checkpoint folder: no config.json; pass the folder save_granvit wrote")
     if not any(checkpoint.glob("*.safetensors")):
-        raise FileNotFoundError(f"{checkpoint} has no *.safetensors weights")
+        raise UserError(f"{checkpoint} has no *.safetensors weights; pass the folder save_granvit wrote")
     files = {}
     for path in sorted(checkpoint.rglob("*")):
         relative = path.relative_to(checkpoint)
         if path.is_file() and not any(fnmatch.fnmatch(part, p) for part in relative.parts for p in EXCLUDE):
             files[relative.as_posix()] = path
     if "auto_map" not in json.loads((checkpoint / "config.json").read_text()):
-        raise ValueError(f"{checkpoint}/config.json has no auto_map: save it with granvit.train.build.save_granvit")
+        raise UserError(f"{checkpoint}/config.json has no auto_map: save it with granvit.train.build.save_granvit")
     return files
 
 
@@ -228,6 +234,10 @@ def plan(
     if space_id:
         space_dir = Path(space_dir)
         space = RepoPlan(space_id, "space", {name: space_dir / name for name in SPACE_FILES})
+        # The demo opens on the checkpoint's held-out examples (the Space reads its own examples/ first).
+        for path in sorted((checkpoint / EXAMPLES_DIR).glob("*")):
+            if path.is_file():
+                space.files[f"{EXAMPLES_DIR}/{path.name}"] = path
         space.files["README.md"] = space_readme(space_dir, repo_id).encode()
         space.variables["GRANVIT_MODEL"] = repo_id
         plans.append(space)
@@ -253,6 +263,7 @@ def push(plans: list[RepoPlan], private: bool = False, api: HfApi | None = None)
     return urls
 
 
+@console_main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="checkpoint folder (save_granvit output)")
@@ -278,4 +289,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

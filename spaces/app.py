@@ -5,15 +5,23 @@
     GRANVIT_MODEL=./my-checkpoint PORT=7861 python spaces/app.py
 
 A Space runs from a checkpoint, not from the granvit package: the model and processor come from the checkpoint's own
-Hub files through ``AutoModelForImageTextToText`` / ``AutoProcessor`` with ``trust_remote_code=True``. The one
-exception is the fallback below: with the default model missing, an untrained tiny checkpoint is built with the
-package (if installed) so the UI can be tried, and the page says so.
+Hub files through ``AutoModelForImageTextToText`` / ``AutoProcessor`` with ``trust_remote_code=True``, on purpose:
+the Space exists to run that checkpoint's code. ``GRANVIT_TRUST_REMOTE_CODE=0`` refuses it (then only a checkpoint
+type that the installed transformers, or an installed granvit package, provides will load). The one exception is the
+fallback below: with the default model missing, an untrained tiny checkpoint is built with the package (if
+installed) so the UI can be tried, and the page says so.
+
+The page opens with clickable examples (held-out images with their true boxes and phrases, ``demo_examples.py``):
+those shipped in this folder (``examples/``, by ``granvit-push``), else those next to the checkpoint. A tab whose task
+the checkpoint was not trained on (``config.trained_tasks``) says so instead of answering.
 
 Boxes are ``[x1, y1, x2, y2]`` in pixels of the image as uploaded, everywhere in the UI and the API.
 """
 
 import argparse
 import os
+import re
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -24,8 +32,25 @@ import torch
 import torch.nn.functional as F
 from gradio import processing_utils
 from gradio_image_annotation import image_annotator
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 from PIL import Image, ImageDraw, ImageOps
 from transformers import AutoModelForImageTextToText, AutoProcessor
+
+if __package__:  # granvit-demo, or imported as granvit.spaces.app: the package's console convention
+    from ..console import UserError, check_model_source, console_main
+    from .demo_examples import EXAMPLES_DIR, load_demo_examples
+else:  # `python app.py` in a Space: this folder is on sys.path, and there is no granvit package
+    from demo_examples import EXAMPLES_DIR, load_demo_examples
+
+    class UserError(SystemExit):
+        """Without the package a user error prints its message and exits (the Space's log shows it)."""
+
+    def console_main(main):
+        return main
+
+    def check_model_source(value, option):
+        return value
 
 # The checkpoint the quickstart training job writes (relative to the repository root).
 DEFAULT_MODEL = "outputs/quickstart/checkpoint"
@@ -39,6 +64,14 @@ CAPTION_TOKENS = 24  # the Bbox2Caption prompt asks for at most 10 words
 ANSWER_TOKENS = 48
 CONCURRENCY = int(os.environ.get("GRANVIT_CONCURRENCY", "1"))  # generate calls at once; more just share the same cores
 QUEUE_SIZE = int(os.environ.get("GRANVIT_QUEUE_SIZE", "64"))
+TRUST_REMOTE_CODE = os.environ.get("GRANVIT_TRUST_REMOTE_CODE", "1") != "0"  # see the module docstring
+
+# What each tab asks of the model, by the task names of `config.trained_tasks` (train/data/tasks.py).
+TASKS = {"bbox2caption": "describe a region (box -> caption)", "caption2bbox": "find a phrase (caption -> box)",
+         "vqa": "answer questions about an image"}
+# The box format of processing_granvit.py: <box><coord_a><coord_b><coord_c><coord_d></box>.
+BOX_TOKENS = re.compile(r"<box>(?:\s*<coord_\d+>){4}\s*</box>")
+STRAY_BOX_TOKENS = re.compile(r"</?box>|<coord_\d+>")
 
 
 # ---- model -------------------------------------------------------------------------------------------------------
@@ -55,7 +88,7 @@ def resolve_model(model: str | None) -> tuple[str, bool]:
     try:
         from granvit.train.tiny import build_tiny_checkpoint
     except ImportError as err:
-        raise SystemExit(
+        raise UserError(
             f"No model: {default} does not exist, GRANVIT_MODEL / --model are unset, and the granvit package "
             f"(needed to build an untrained tiny demo checkpoint) is not installed ({err}). "
             "Run the quickstart job, or pass --model <Hub id or checkpoint folder>."
@@ -84,18 +117,29 @@ def inference_dtype(device: str, requested: str = "auto") -> torch.dtype:
 class GranViTDemo:
     """The model calls behind the four tabs; inputs are PIL images and boxes in original pixels."""
 
-    def __init__(self, model_id: str):
+    def __init__(self, model_id: str, trust_remote_code: bool = TRUST_REMOTE_CODE):
         self.model_id = model_id
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = inference_dtype(self.device, os.environ.get("GRANVIT_DTYPE", "auto"))
-        self.model = AutoModelForImageTextToText.from_pretrained(model_id, trust_remote_code=True, dtype=dtype)
+        self.model = AutoModelForImageTextToText.from_pretrained(
+            model_id, trust_remote_code=trust_remote_code, dtype=dtype
+        )
         self.model = self.model.to(self.device).eval()
-        self.processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)
+        self.processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=trust_remote_code)
+
+    def untrained_note(self, task: str) -> str | None:
+        """A plain sentence when the checkpoint records its trained tasks and ``task`` is not one of them."""
+        trained = getattr(self.model.config, "trained_tasks", None)
+        if trained is None or task in trained:
+            return None
+        learned = "; ".join(TASKS.get(t, t) for t in trained) or "no task"
+        return f"This checkpoint was not trained to {TASKS[task]}, so this tab is off. It was trained to: {learned}."
 
     def describe(self, image: Image.Image, boxes: list[list[float]]) -> list[str]:
         """One caption per box from the model's dense API: one image encode, one shared prefill, one decode batch."""
         with torch.inference_mode():
-            return self.model.describe_regions(self.processor, image, boxes, max_new_tokens=CAPTION_TOKENS)
+            captions = self.model.describe_regions(self.processor, image, boxes, max_new_tokens=CAPTION_TOKENS)
+        return [self.readable(caption, image.size) for caption in captions]
 
     def find(self, image: Image.Image, phrase: str) -> list[list[float]]:
         """Boxes (original pixels) of the region(s) a phrase describes, at most MAX_FOUND_BOXES.
@@ -112,7 +156,17 @@ class GranViTDemo:
         with torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=ANSWER_TOKENS, do_sample=False)
         answer = out[:, inputs["input_ids"].shape[1] :]
-        return self.processor.batch_decode(answer, skip_special_tokens=True)[0].strip()
+        return self.readable(self.processor.batch_decode(answer, skip_special_tokens=True)[0], image.size)
+
+    def readable(self, text: str, image_size: tuple[int, int]) -> str:
+        """An answer as a person reads it: each well-formed box as its pixel coordinates, no stray box tokens."""
+
+        def pixels(match):
+            [box] = self.processor.decode_boxes(match.group(0), image_size) or [None]
+            return "" if box is None else "[" + ", ".join(f"{v:.0f}" for v in box) + "]"
+
+        text = " ".join(STRAY_BOX_TOKENS.sub(" ", BOX_TOKENS.sub(pixels, text)).split())
+        return text or "(no answer: the model replied with box tokens only)"
 
     def similarity(self, image: Image.Image, box: list[float]) -> np.ndarray:
         """Cosine similarity between the box's region feature and every ViT patch, as an (H, W) map on the image."""
@@ -131,6 +185,27 @@ class GranViTDemo:
         content = square[:content_h, :content_w]
         full = F.interpolate(content[None, None], size=(image.height, image.width), mode="bilinear")
         return full[0, 0].clamp(-1, 1).cpu().numpy()
+
+
+def find_examples(model_id: str) -> list[dict]:
+    """Examples shipped with the Space (``./examples``) win; else those next to the checkpoint (a local folder, or
+    the model repo's ``examples/`` on the Hub); [] when there are none."""
+    shipped = load_demo_examples(Path(__file__).resolve().parent / EXAMPLES_DIR)
+    if shipped or os.path.isdir(model_id):
+        return shipped or load_demo_examples(Path(model_id) / EXAMPLES_DIR)
+    try:
+        folder = snapshot_download(model_id, allow_patterns=[f"{EXAMPLES_DIR}/*"])
+    except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled) as err:  # the demo works without them
+        print(f"No demo examples from {model_id}: {type(err).__name__}: {err}")
+        return []
+    return load_demo_examples(Path(folder) / EXAMPLES_DIR)
+
+
+def annotator_value(example: dict) -> dict:
+    """An example as the image_annotator's value: the image and its true boxes, labelled with their captions."""
+    boxes = [{"xmin": r["bbox"][0], "ymin": r["bbox"][1], "xmax": r["bbox"][2], "ymax": r["bbox"][3],
+              "label": r["caption"]} for r in example["regions"]]
+    return {"image": example["image"], "boxes": boxes}
 
 
 # ---- gradio output files -----------------------------------------------------------------------------------------
@@ -219,16 +294,32 @@ def pixel_box(box: list[float]) -> tuple[int, int, int, int]:
 
 
 # ---- UI ----------------------------------------------------------------------------------------------------------
-def build_demo(demo_model: GranViTDemo, untrained: bool = False) -> gr.Blocks:
+def build_demo(demo_model: GranViTDemo, untrained: bool = False, examples: list[dict] | None = None) -> gr.Blocks:
+    """The four tabs; ``examples`` (``find_examples``) become clickable examples of Describe regions and Find."""
     processor = demo_model.processor
+    examples = examples or []
+
+    def require(task):
+        note = demo_model.untrained_note(task)
+        if note:
+            raise gr.Error(note)
+
+    def notice(task, elem_id):
+        """The tab's note when the checkpoint never learned its task; the tab's button is then disabled."""
+        note = demo_model.untrained_note(task)
+        if note:
+            gr.Markdown(f"**{note}**", elem_id=elem_id)
+        return note is None
 
     def describe_regions(value):
+        require("bbox2caption")
         image, boxes = read_annotation(value, processor, MAX_BOXES)
         captions = demo_model.describe(image, boxes)
         annotations = [(pixel_box(b), f"{i}: {c}") for i, (b, c) in enumerate(zip(boxes, captions), 1)]
         return (image, annotations), [{"box": b, "caption": c} for b, c in zip(boxes, captions)]
 
     def find(image, phrase):
+        require("caption2bbox")
         image, phrase = check_image(image), check_text(phrase, "phrase")
         boxes = demo_model.find(image, phrase)
         flat = [i for i, (x1, y1, x2, y2) in enumerate(boxes, 1) if x2 <= x1 or y2 <= y1]
@@ -238,6 +329,7 @@ def build_demo(demo_model: GranViTDemo, untrained: bool = False) -> gr.Blocks:
         return (image, annotations), {"phrase": phrase, "boxes": boxes}
 
     def ask(image, question):
+        require("vqa")
         image, question = check_image(image), check_text(question, "question")
         return demo_model.ask(image, question)
 
@@ -268,38 +360,63 @@ def build_demo(demo_model: GranViTDemo, untrained: bool = False) -> gr.Blocks:
                 "`GRANVIT_MODEL` to a trained checkpoint.",
                 elem_id="untrained_banner",
             )
+        # Examples sit under their inputs, so the outputs they fill are made first and placed later (render=False).
         with gr.Tab("Describe regions"):
+            describe_on = notice("bbox2caption", "describe_untrained")
             gr.Markdown(f"Upload an image and drag to draw up to {MAX_BOXES} boxes; each gets a caption.")
+            describe_img = gr.AnnotatedImage(label="Captions", height=420, elem_id="describe_img", render=False)
+            describe_json = gr.JSON(label="Boxes and captions", elem_id="describe_json", render=False)
             with gr.Row():
-                describe_in = image_annotator(
-                    image_type="pil", disable_edit_boxes=True, label="Image and boxes", elem_id="describe_in"
-                )
                 with gr.Column():
-                    describe_img = gr.AnnotatedImage(label="Captions", height=420, elem_id="describe_img")
-                    describe_json = gr.JSON(label="Boxes and captions", elem_id="describe_json")
-            describe_btn = gr.Button("Describe regions", variant="primary", elem_id="describe_btn")
+                    describe_in = image_annotator(
+                        image_type="pil", disable_edit_boxes=True, label="Image and boxes", elem_id="describe_in"
+                    )
+                    if examples and describe_on:
+                        gr.Examples(
+                            [[annotator_value(e)] for e in examples], describe_in, [describe_img, describe_json],
+                            describe_regions, run_on_click=True, cache_examples=False, api_name="describe_example",
+                            label="Held-out images with their true boxes (labels: true captions): click one",
+                            elem_id="describe_examples",
+                        )
+                with gr.Column():
+                    describe_img.render()
+                    describe_json.render()
+            describe_btn = gr.Button(
+                "Describe regions", variant="primary", elem_id="describe_btn", interactive=describe_on
+            )
             describe_btn.click(
                 describe_regions, describe_in, [describe_img, describe_json], api_name="describe_regions"
             )
         with gr.Tab("Find"):
+            find_on = notice("caption2bbox", "find_untrained")
+            find_img = gr.AnnotatedImage(label="Predicted boxes", height=420, elem_id="find_img", render=False)
+            find_json = gr.JSON(label="Boxes", elem_id="find_json", render=False)
             with gr.Row():
                 with gr.Column():
                     find_img_in = gr.Image(type="pil", label="Image", elem_id="find_in")
                     find_text = gr.Textbox(label="Phrase", placeholder="the red car on the left", elem_id="find_text")
-                    find_btn = gr.Button("Find", variant="primary", elem_id="find_btn")
+                    find_btn = gr.Button("Find", variant="primary", elem_id="find_btn", interactive=find_on)
+                    if examples and find_on:
+                        gr.Examples(
+                            [[e["image"], e["regions"][0]["caption"]] for e in examples], [find_img_in, find_text],
+                            [find_img, find_json], find, run_on_click=True, cache_examples=False,
+                            api_name="find_example", label="Held-out images with a true phrase: click one",
+                            elem_id="find_examples",
+                        )
                 with gr.Column():
-                    find_img = gr.AnnotatedImage(label="Predicted boxes", height=420, elem_id="find_img")
-                    find_json = gr.JSON(label="Boxes", elem_id="find_json")
+                    find_img.render()
+                    find_json.render()
             gr.on(
                 [find_btn.click, find_text.submit], find, [find_img_in, find_text], [find_img, find_json],
                 api_name="find",
             )
         with gr.Tab("Ask"):
+            ask_on = notice("vqa", "ask_untrained")
             with gr.Row():
                 with gr.Column():
                     ask_img = gr.Image(type="pil", label="Image", elem_id="ask_in")
                     ask_text = gr.Textbox(label="Question", placeholder="What colour is the car?", elem_id="ask_text")
-                    ask_btn = gr.Button("Ask", variant="primary", elem_id="ask_btn")
+                    ask_btn = gr.Button("Ask", variant="primary", elem_id="ask_btn", interactive=ask_on)
                 ask_out = gr.Textbox(label="Answer", elem_id="ask_out")
             gr.on([ask_btn.click, ask_text.submit], ask, [ask_img, ask_text], ask_out, api_name="ask")
         with gr.Tab("Region similarity"):
@@ -320,12 +437,14 @@ def build_demo(demo_model: GranViTDemo, untrained: bool = False) -> gr.Blocks:
     return demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
 
 
+@console_main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help=f"Hub id or checkpoint folder (default: $GRANVIT_MODEL, else {DEFAULT_MODEL})")
     args = parser.parse_args(argv)
     model_id, untrained = resolve_model(args.model)
-    demo = build_demo(GranViTDemo(model_id), untrained=untrained)
+    model_id = check_model_source(model_id, "--model" if args.model else "GRANVIT_MODEL")
+    demo = build_demo(GranViTDemo(model_id), untrained=untrained, examples=find_examples(model_id))
     demo.launch(
         server_name=os.environ.get("HOST", os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")),
         server_port=int(os.environ.get("PORT", os.environ.get("GRADIO_SERVER_PORT", "7860"))),
@@ -335,4 +454,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

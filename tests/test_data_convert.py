@@ -248,7 +248,8 @@ def test_cli_synth_convert_validate(tmp_path, capsys):
     assert len(load_dataset(out, split="train")) == 6
     capsys.readouterr()
     assert main(["validate", out]) == 0
-    assert json.loads(capsys.readouterr().out) == {"rows": 8, "ok": 8, "broken": {}, "checksum_mismatch": [], "unreadable_files": []}
+    assert json.loads(capsys.readouterr().out) == {"rows": 8, "ok": 8, "broken": {}, "checksum_mismatch": [], "unreadable_files": [],
+                                                      "empty_splits": []}
 
     tiny = str(tmp_path / "tiny")
     assert main(["synth", tiny, "--preset", "tiny", "--train", "3", "--val", "0", "--test", "0", "--max-objects", "2"]) == 0
@@ -274,7 +275,7 @@ def test_validate_counts_bad_rows_by_reason(tmp_path, capsys):
     assert main(["validate", out]) == 1
     report = json.loads(capsys.readouterr().out)
     assert report == {"rows": 7, "ok": 3, "broken": {"box_inverted": 1, "corrupt_image": 1, "no_regions": 1, "size_mismatch": 1},
-                      "checksum_mismatch": [], "unreadable_files": []}
+                      "checksum_mismatch": [], "unreadable_files": [], "empty_splits": []}
     with open(os.path.join(out, shard_relpath("train", 0, 1)), "r+b") as f:  # flip bytes: the checksum notices
         f.seek(100)
         f.write(b"\x00\x01\x02")

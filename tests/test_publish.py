@@ -12,8 +12,11 @@ from pathlib import Path
 
 import huggingface_hub
 import pytest
+from PIL import Image
 from granvit import GranViTModel
+from granvit.console import UserError
 from granvit.hub import publish
+from granvit.spaces.demo_examples import write_demo_examples
 from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl, SpaceCard
 
 RUNNER_SCORES = {
@@ -34,6 +37,9 @@ def run_dir(tiny_checkpoint, tmp_path):
     shutil.copytree(tiny_checkpoint, run / "checkpoint")
     (run / "checkpoint" / "optimizer.pt").write_bytes(b"not for users")
     (run / "checkpoint" / ".DS_Store").write_bytes(b"")
+    image = Image.new("RGB", (40, 30), "red")
+    write_demo_examples(run / "checkpoint", [{"image": image, "width": 40, "height": 30, "image_id": "a",
+                                              "regions": [{"bbox": [2, 3, 20, 25], "caption": "a red box"}]}])
     (run / "scores.json").write_text(json.dumps({"grounding_acc50": 0.61, "caption_exact": 0.25, "num_images": 40,
                                                  "curve": {"loss": [1.0]}}))
     (run / "training_config.yaml").write_text(TRAINING_YAML)
@@ -58,10 +64,12 @@ def test_dry_run_lists_exactly_the_files(run_dir, capsys, monkeypatch):
         monkeypatch.setattr(HfApi, name, no_network)
     publish.main([str(run_dir / "checkpoint"), "--repo", "org/granvit", "--space", "org/granvit-demo", "--dry-run"])
     rows = listed(capsys.readouterr().out)
-    weights_and_code = {p.name for p in (run_dir / "checkpoint").iterdir()} - {"optimizer.pt", ".DS_Store"}
-    expected = {("model", "org/granvit", name) for name in weights_and_code | {"README.md", "scores.json",
-                                                                               "training_config.yaml"}}
-    expected |= {("space", "org/granvit-demo", name) for name in ("app.py", "requirements.txt", "README.md")}
+    weights_and_code = {p.name for p in (run_dir / "checkpoint").iterdir()} - {"optimizer.pt", ".DS_Store", "examples"}
+    examples = {"examples/examples.json", "examples/0.png"}  # the demo's held-out examples, in both repos
+    expected = {("model", "org/granvit", name) for name in weights_and_code | examples | {"README.md", "scores.json",
+                                                                                          "training_config.yaml"}}
+    expected |= {("space", "org/granvit-demo", name)
+                 for name in {"app.py", "demo_examples.py", "requirements.txt", "README.md"} | examples}
     expected.add(("space", "org/granvit-demo", "variable GRANVIT_MODEL=org/granvit"))
     assert rows == expected
     assert {"model.safetensors", "config.json", "modeling_granvit.py", "region_decoding_granvit.py"} <= weights_and_code
@@ -92,7 +100,7 @@ def test_flat_scores_table_keeps_numbers_only():
 
 
 def test_not_a_checkpoint_is_refused(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(UserError, match="no config.json"):
         publish.plan(tmp_path, "org/granvit")
 
 
@@ -174,9 +182,20 @@ def test_push_lands_in_a_folder_that_loads_offline_in_a_fresh_process(run_dir, t
     assert {p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*") if p.is_file()} == set(planned)
     assert (model_dir / "model.safetensors").read_bytes() == (run_dir / "checkpoint" / "model.safetensors").read_bytes()
     space_dir = hub.folder("space", "org/granvit-demo")
-    assert sorted(p.name for p in space_dir.iterdir()) == ["README.md", "app.py", "requirements.txt"]
+    assert sorted(p.relative_to(space_dir).as_posix() for p in space_dir.rglob("*") if p.is_file()) == [
+        "README.md", "app.py", "demo_examples.py", "examples/0.png", "examples/examples.json", "requirements.txt"]
     space_card = SpaceCard.load(space_dir / "README.md")
     assert space_card.data.models == ["org/granvit"] and space_card.data.sdk == "gradio"
+
+    # The Space finds the demo examples in its own folder, or in the model repo (here: this process's offline cache).
+    from granvit.spaces import app as space_app
+    from huggingface_hub import constants
+
+    populate_hf_cache(model_dir, "org/granvit-examples", Path(constants.HF_HOME))
+    [example] = space_app.find_examples("org/granvit-examples")
+    assert example["regions"] == [{"bbox": [2.0, 3.0, 20.0, 25.0], "caption": "a red box"}]
+    assert space_app.load_demo_examples(space_dir / "examples") == [{**example, "image": str(
+        (space_dir / "examples" / "0.png").resolve())}]
 
     hf_home = tmp_path / "hf_home"
     populate_hf_cache(model_dir, "org/granvit", hf_home)

@@ -3,6 +3,7 @@
 import socket
 import time
 from concurrent.futures import wait
+from pathlib import Path
 
 import pytest
 from gradio_client import Client, handle_file
@@ -76,7 +77,7 @@ def test_describe_regions_one_batched_call_equals_independent_generate(served, i
         inputs = processor(images=[image], text=[processor.bbox2caption_prompt(box, image.size)])
         out = model.generate(**inputs, max_new_tokens=space_app.CAPTION_TOKENS, do_sample=False)
         answer = out[:, inputs["input_ids"].shape[1] :]
-        expected.append(processor.batch_decode(answer, skip_special_tokens=True)[0].strip())
+        expected.append(demo_model.readable(processor.batch_decode(answer, skip_special_tokens=True)[0], image.size))
     assert [r["caption"] for r in regions] == expected
     assert [a["label"] for a in annotated["annotations"]] == [f"{i}: {c}" for i, c in enumerate(expected, 1)]
 
@@ -190,3 +191,74 @@ def test_every_event_has_an_api_name(served):
     _, client = served
     endpoints = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
     assert {"/describe_regions", "/find", "/ask", "/region_similarity"} <= endpoints
+
+
+# ---- examples, trained tasks, readable answers ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def examples_dir(tmp_path_factory, image_path):
+    """A checkpoint-like folder holding only demo examples (what the training job writes next to the weights)."""
+    from granvit.spaces.demo_examples import write_demo_examples
+
+    folder = tmp_path_factory.mktemp("with-examples")
+    rows = [{"image": Image.open(image_path), "width": WIDTH, "height": HEIGHT, "image_id": "shapes",
+             "regions": [{"bbox": [10, 10, 50, 40], "caption": "a red square"},
+                         {"bbox": [60, 20, 110, 70], "caption": " the blue square "},
+                         {"bbox": [0, 0, 5, 5], "caption": ""}]},                      # no caption: left out
+            {"image": {"bytes": image_path.read_bytes(), "path": None}, "width": WIDTH, "height": HEIGHT,
+             "image_id": "again", "regions": [{"bbox": [0, 0, 120, 80], "caption": "two squares"}]}]
+    write_demo_examples(folder, rows, n=4)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def served_trained(tiny_checkpoint, examples_dir):
+    """The app on a checkpoint that records it learned region captions and grounding only, with examples."""
+    demo_model = space_app.GranViTDemo(str(tiny_checkpoint))
+    demo_model.model.config.trained_tasks = ["bbox2caption", "caption2bbox"]
+    demo = space_app.build_demo(demo_model, examples=space_app.find_examples(str(examples_dir)))
+    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True, show_error=True)
+    try:
+        yield demo, Client(demo.local_url, verbose=False)
+    finally:
+        demo.close()
+
+
+def test_examples_written_next_to_the_checkpoint(examples_dir):
+    examples = space_app.find_examples(str(examples_dir))
+    assert [(Path(e["image"]).name, e["image_id"], e["width"], e["height"]) for e in examples] == [
+        ("0.png", "shapes", WIDTH, HEIGHT), ("1.png", "again", WIDTH, HEIGHT)]
+    assert examples[0]["regions"] == [{"bbox": [10.0, 10.0, 50.0, 40.0], "caption": "a red square"},
+                                      {"bbox": [60.0, 20.0, 110.0, 70.0], "caption": "the blue square"}]
+    assert Image.open(examples[1]["image"]).getpixel((20, 20)) == (200, 20, 20)  # lossless copy of the image
+    (examples_dir / "no-examples").mkdir(exist_ok=True)
+    assert space_app.find_examples(str(examples_dir / "no-examples")) == []
+
+
+def test_clicking_an_example_fills_boxes_and_phrase(served_trained):
+    _, client = served_trained
+    described = client.predict(0, api_name="/describe_example")["value"]
+    assert [[b["xmin"], b["ymin"], b["xmax"], b["ymax"], b["label"]] for b in described["boxes"]] == [
+        [10, 10, 50, 40, "a red square"], [60, 20, 110, 70, "the blue square"]]
+    image, phrase = client.predict(1, api_name="/find_example")
+    assert phrase["value"] == "two squares" and Image.open(image["value"]).size == (WIDTH, HEIGHT)
+
+
+def test_a_tab_the_checkpoint_was_not_trained_for_says_so(served_trained, image_path):
+    demo, client = served_trained
+    notes = {b.elem_id: b.value for b in demo.blocks.values() if str(getattr(b, "elem_id", "")).endswith("_untrained")}
+    assert list(notes) == ["ask_untrained"]
+    assert "not trained to answer questions about an image" in notes["ask_untrained"]
+    buttons = {b.elem_id: b.interactive for b in demo.blocks.values() if getattr(b, "elem_id", None) in
+               ("describe_btn", "find_btn", "ask_btn")}
+    assert buttons == {"describe_btn": True, "find_btn": True, "ask_btn": False}
+    with pytest.raises(AppError, match="not trained to answer questions"):
+        client.predict(handle_file(str(image_path)), "what colour?", api_name="/ask")
+    _, found = client.predict(handle_file(str(image_path)), "the red square", api_name="/find")  # trained: answers
+    assert len(found["boxes"]) >= 1
+
+
+def test_answers_show_boxes_as_pixels_never_raw_tokens(served):
+    demo_model, _ = served  # 100 coordinate bins; a 200 x 200 image: bin b decodes to (b + 0.5) * 2 pixels
+    text = "</box>the <box><coord_1><coord_2><coord_50><coord_60></box> cat <coord_3>"
+    assert demo_model.readable(text, (200, 200)) == "the [3, 5, 101, 121] cat"
+    assert demo_model.readable("</box>", (200, 200)) == "(no answer: the model replied with box tokens only)"

@@ -1,7 +1,8 @@
 """The Space in a real headless Chromium (Debian's /usr/bin/chromium, driven by Playwright; no `playwright install`).
 
 The app runs as its own process exactly as on a Space (``python spaces/app.py --model <checkpoint>``), so it loads the
-model through the checkpoint's remote code. Screenshots go to the test's tmp dir, and also to $GRANVIT_SCREENSHOT_DIR
+model through the checkpoint's remote code. The checkpoint carries demo examples and records that it learned region
+captions and grounding only (as a trained one does), so the page opens with examples and an Ask tab that says no. Screenshots go to the test's tmp dir, and also to $GRANVIT_SCREENSHOT_DIR
 when that is set (to look at them after a run).
 """
 
@@ -37,13 +38,31 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app_url(tiny_checkpoint, tmp_path_factory):
+def checkpoint(tiny_checkpoint, tmp_path_factory):
+    import json
+
+    from granvit.spaces.demo_examples import write_demo_examples
+
+    folder = tmp_path_factory.mktemp("space-ckpt") / "granvit"
+    shutil.copytree(tiny_checkpoint, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "trained_tasks": ["bbox2caption", "caption2bbox"]}))
+    image = Image.new("RGB", (320, 240), "white")
+    image.paste((20, 160, 20), (30, 30, 150, 130))
+    write_demo_examples(folder, [{"image": image, "width": 320, "height": 240, "image_id": "green",
+                                  "regions": [{"bbox": [30, 30, 150, 130], "caption": "a green square"},
+                                              {"bbox": [0, 0, 320, 240], "caption": "the whole picture"}]}])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def app_url(checkpoint, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("space-log") / "app.log"
     env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "GRADIO_ANALYTICS_ENABLED": "False"}
     with open(log, "w") as out:
         server = subprocess.Popen(
-            [sys.executable, str(APP), "--model", str(tiny_checkpoint)], env=env, stdout=out, stderr=subprocess.STDOUT
+            [sys.executable, str(APP), "--model", str(checkpoint)], env=env, stdout=out, stderr=subprocess.STDOUT
         )
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -160,3 +179,25 @@ def test_region_similarity_heatmap(page, image_file, tmp_path):
     expect(page.locator("#sim_json")).to_contain_text('"mean_inside"', timeout=20000)
     expect(page.locator("#sim_img img")).to_have_count(1)
     screenshot(page, tmp_path, "space_region_similarity.png")
+
+
+def test_clicking_an_example_describes_its_true_boxes(page, tmp_path):
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Describe regions").click()
+    examples = page.locator("#describe_examples")
+    expect(examples).to_be_visible(timeout=15000)
+    examples.locator("button, tr, .gallery-item").first.click()
+    result = page.locator("#describe_json")
+    expect(page.locator("#describe_img img")).to_have_count(3, timeout=30000)  # the image + two box masks
+    expect(result).to_contain_text('"caption"')
+    screenshot(page, tmp_path, "space_example.png")
+
+
+def test_ask_says_the_checkpoint_was_not_trained_for_it(page, tmp_path):
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Ask").click()
+    expect(page.locator("#ask_untrained")).to_contain_text("not trained to answer questions", timeout=15000)
+    expect(page.locator("#ask_btn")).to_be_disabled()
+    screenshot(page, tmp_path, "space_ask_untrained.png")

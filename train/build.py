@@ -11,11 +11,13 @@ generation config and the Hub ``.py`` files.
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from ..console import check_model_source, console_main
 from ..registration import AUTO_MAP
 from ..configuration_granvit import GranViTConfig
 from ..image_processing_granvit import GranViTImageProcessor
@@ -114,6 +116,7 @@ def save_granvit(model: GranViTForConditionalGeneration, processor: GranViTProce
     return out
 
 
+@console_main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vision", required=True, help="Hub id or folder of a SigLIP / SigLIP 2 / CLIP checkpoint")
@@ -128,8 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     model, processor = build_granvit(
-        args.vision,
-        args.llm,
+        check_model_source(args.vision, "--vision"),
+        check_model_source(args.llm, "--llm"),
         num_coord_bins=args.num_coord_bins,
         spatial_merge_size=args.spatial_merge_size,
         vision_feature_layer=args.vision_feature_layer,
@@ -142,4 +145,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

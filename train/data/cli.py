@@ -7,10 +7,11 @@
     granvit-data convert --from vg OUT --inputs region_descriptions.json --images VG/
     granvit-data convert --from ocr OUT --inputs TextOCR_0.1_train.json --images train_images/
     granvit-data convert --from jsonl OUT --inputs data.jsonl --images imgs/ --min-short-side 0
-    granvit-data validate OUT            # every row checked; exit code 1 if any is broken
+    granvit-data validate OUT            # every row checked; exit code 1 if any is broken or a split is empty
 
 Shards: ~--shard-size each, their count a multiple of --shard-multiple (max world size x DataLoader workers).
 A rerun with the same arguments resumes: finished shards (manifest.json) are kept, the rest are written again.
+A conversion that writes no row fails (exit 2) with the count of every reason its inputs were dropped for.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import re
 import sys
 from collections import Counter
 
+from ...console import UserError, console_main
 from .schema import DEFAULT_ROW_GROUP_SIZE, MANIFEST, validate_record
 
 
@@ -126,8 +128,17 @@ def parquet_files(paths: list[str]) -> list[str]:
     return files
 
 
+def _split_of(file: str) -> str:
+    """"<dataset folder>:<split>" for a shard of a Gran folder; any other Parquet file is a split of its own."""
+    from .schema import shard_split
+
+    split = shard_split(file)
+    return file if split is None else f"{os.path.dirname(os.path.dirname(file)) or '.'}:{split}"
+
+
 def validate_paths(paths: list[str], decode: bool = True) -> dict:
-    """{"rows", "ok", "broken": {reason: rows}, "checksum_mismatch": [shards], "unreadable_files": [...]}."""
+    """{"rows", "ok", "broken": {reason: rows}, "checksum_mismatch": [shards], "unreadable_files": [...],
+    "empty_splits": [splits with no row]}."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from tqdm.auto import tqdm
@@ -142,11 +153,14 @@ def validate_paths(paths: list[str], decode: bool = True) -> dict:
             manifest = Manifest(path)
             mismatched += [s["path"] for s in manifest.shards() if sha256_file(os.path.join(path, s["path"])) != s["sha256"]]
     unreadable = []
+    split_rows: Counter = Counter()
     for file in tqdm(parquet_files(paths), desc="validate", unit="file"):
+        split_rows[_split_of(file)] += 0
         try:
             for batch in pq.ParquetFile(file).iter_batches(batch_size=256):
                 for row in batch.to_pylist():  # raw cells: image stays {bytes, path}, so decoding is checked here
                     rows += 1
+                    split_rows[_split_of(file)] += 1
                     reason = validate_record(row, decode=decode)
                     if reason:
                         reasons[reason] += 1
@@ -155,15 +169,23 @@ def validate_paths(paths: list[str], decode: bool = True) -> dict:
     return {
         "rows": rows, "ok": rows - sum(reasons.values()), "broken": dict(sorted(reasons.items())),
         "checksum_mismatch": mismatched, "unreadable_files": unreadable,
+        "empty_splits": sorted(split for split, n in split_rows.items() if n == 0),
     }
 
 
 def cmd_validate(args) -> int:
+    for path in args.path:
+        if not os.path.exists(path):
+            raise UserError(f"{path}: no such folder or file; check the path")
+        if os.path.isdir(path) and not parquet_files([path]):
+            raise UserError(f"{path}: no data/*.parquet shards; pass a Gran dataset folder or Parquet files")
     report = validate_paths(args.path, decode=not args.no_decode)
     print(json.dumps(report, indent=1))
-    return 1 if report["broken"] or report["checksum_mismatch"] or report["unreadable_files"] else 0
+    failed = report["broken"] or report["checksum_mismatch"] or report["unreadable_files"] or report["empty_splits"]
+    return 1 if failed else 0
 
 
+@console_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return {"synth": cmd_synth, "convert": cmd_convert, "validate": cmd_validate}[args.command](args)

@@ -14,7 +14,8 @@ shards are written (`schema.write_split`: parallel, atomic, resumable). Formats:
 
 Counts: `written`; `filtered` (quality rules: image_short_side, image_aspect, min_regions count images; box_aspect,
 box_area, crowd, illegible count regions); `broken` (schema.REASONS: rows for image problems, regions for box and
-caption problems).
+caption problems). A conversion that writes no row at all is an error (`EmptyOutputError`, with these counts): it
+leaves no empty split behind, so a rerun with other settings starts clean.
 """
 from __future__ import annotations
 
@@ -23,10 +24,12 @@ import os
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 
+from ...console import UserError, load_json
 from .schema import (
     DEFAULT_ROW_GROUP_SIZE,
     DEFAULT_SHARD_BYTES,
     BadRecord,
+    Manifest,
     bump,
     check_region,
     decode_image,
@@ -35,6 +38,40 @@ from .schema import (
 )
 
 FORMATS = ("coco", "refcoco", "vg", "ocr", "jsonl")
+# What to do about each reason every image was dropped for (the one-line error of a conversion that wrote nothing).
+EMPTY_OUTPUT_HINTS = {
+    "missing_image": "check --images (the folder the annotations' image paths are relative to)",
+    "image_short_side": "--min-short-side 0 turns the short-side filter off",
+    "image_aspect": "--max-aspect 0 turns the aspect filter off",
+    "box_aspect": "--max-aspect 0 turns the aspect filter off",
+    "box_area": "--min-box-area 0 turns the box-area filter off",
+    "size_mismatch": "the annotations' width/height do not match the image files",
+    "exif_orientation": "re-save the images without an EXIF rotation",
+}
+
+
+class EmptyOutputError(UserError):
+    """A conversion that wrote no row; ``counts`` says why each input was dropped."""
+
+    def __init__(self, message: str, counts: dict):
+        super().__init__(message)
+        self.counts = counts
+
+
+def empty_output_message(counts: dict, out_dir: str, split: str) -> str:
+    """One line: how many inputs, every drop reason with its count, and what to do about the main ones."""
+    reasons = {}
+    for group in ("filtered", "broken"):
+        reasons.update({f"{group} {k}": v for k, v in sorted(counts.get(group, {}).items())})
+    hints = []
+    for key in sorted(reasons, key=reasons.get, reverse=True):
+        hint = EMPTY_OUTPUT_HINTS.get(key.split(" ", 1)[1])
+        if hint and hint not in hints:
+            hints.append(hint)
+    counted = ", ".join(f"{k} {v}" for k, v in reasons.items()) or "nothing counted"
+    return (f"wrote no rows to {out_dir} ({split}): {counts.get('inputs', 0)} images in, dropped: {counted}"
+            + (f"; {'; '.join(hints)}" if hints else ""))
+
 
 
 @dataclass
@@ -144,9 +181,18 @@ class ConvertProducer:
 
 
 # ----------------------------------------------------------------------------------------------- readers
-def _load_json(path: str):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+def _load_json(path: str, shape: type, what: str):
+    data = load_json(path)
+    if not isinstance(data, shape):
+        raise UserError(f"{path} is not {what}; check --from and --inputs")
+    return data
+
+
+def _json_line(path: str, number: int, line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: line {number} is not valid JSON ({err}); fix the line") from None
 
 
 def _image_path(images_dir: str, file_name: str) -> str:
@@ -157,7 +203,9 @@ def read_coco(annotations: list[str], images_dir: str, source: str = "coco") -> 
     """COCO instances (category name per box) and/or captions (whole-image region) JSON files, merged by image."""
     items: dict = {}
     for path in annotations:
-        data = _load_json(path)
+        data = _load_json(path, dict, "a COCO annotation file (a JSON object with 'images')")
+        if "images" not in data:
+            raise UserError(f"{path} is not a COCO annotation file (no 'images' list); check --from and --inputs")
         categories = {c["id"]: c["name"] for c in data.get("categories", [])}
         for img in data["images"]:
             items.setdefault(img["id"], {
@@ -218,13 +266,13 @@ def read_refcoco(refs: str, images_dir: str, instances: str | None = None, split
             add(key, file_name, image_bytes, row["bbox"], sentences)
         return list(items.values())
     if refs.endswith((".p", ".pkl", ".pickle")):
-        raise ValueError(f"{refs}: refusing to unpickle (it can run arbitrary code); use the JSON or Parquet distribution")
+        raise UserError(f"{refs}: refusing to unpickle (it can run arbitrary code); use the JSON or Parquet distribution")
     if instances is None:
-        raise ValueError("refcoco JSON refs need --instances (the COCO instances JSON with the boxes)")
-    coco = _load_json(instances)
+        raise UserError(f"{refs}: refcoco JSON refs need --instances (the COCO instances JSON with the boxes)")
+    coco = _load_json(instances, dict, "a COCO instances file (a JSON object with 'images' and 'annotations')")
     images = {img["id"]: img for img in coco["images"]}
     anns = {ann["id"]: ann for ann in coco["annotations"]}
-    for ref in _load_json(refs):
+    for ref in _load_json(refs, list, "a RefCOCO refs file (a JSON list of refs)"):
         if split and ref.get("split") not in (None, split):
             continue
         img = images[ref["image_id"]]
@@ -241,7 +289,7 @@ def read_vg(regions_json: str, images_dir: str, source: str = "vg") -> list[dict
         for name in files:
             found[name] = os.path.join(root, name)
     items = []
-    for entry in _load_json(regions_json):
+    for entry in _load_json(regions_json, list, "Visual Genome region_descriptions.json (a JSON list)"):
         image_id = entry.get("id", entry.get("image_id"))
         regions = [
             {"bbox": [float(r["x"]), float(r["y"]), float(r["x"]) + float(r["width"]), float(r["y"]) + float(r["height"])], "caption": r["phrase"]}
@@ -256,7 +304,7 @@ def read_ocr(labels: str, images_dir: str, source: str = "ocr") -> list[dict]:
     """PaddleOCR detection labels (a text file) or TextOCR JSON; "###" / "." transcriptions mean illegible."""
     items = []
     if labels.endswith(".json"):
-        data = _load_json(labels)
+        data = _load_json(labels, dict, "a TextOCR file (a JSON object with 'imgs' and 'anns')")
         per_image = defaultdict(list)
         for ann in data["anns"].values():
             per_image[ann["image_id"]].append(ann)
@@ -274,12 +322,14 @@ def read_ocr(labels: str, images_dir: str, source: str = "ocr") -> list[dict]:
             })
         return items
     with open(labels, encoding="utf-8") as f:
-        for line in f:
+        for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            if "\t" not in line:
+                raise UserError(f"{labels}: line {number} is not 'image path<TAB>JSON words' (PaddleOCR labels)")
             path, annotation = line.rstrip("\n").split("\t", 1)
             regions, dropped = [], []
-            for word in json.loads(annotation):
+            for word in _json_line(labels, number, annotation):
                 if word["transcription"] == "###":
                     dropped.append("illegible")
                     continue
@@ -299,7 +349,9 @@ def read_jsonl(path: str, images_dir: str, source: str = "jsonl") -> list[dict]:
         for n, line in enumerate(f):
             if not line.strip():
                 continue
-            obj = json.loads(line)
+            obj = _json_line(path, n + 1, line)
+            if not isinstance(obj, dict) or not isinstance(obj.get("image"), str):
+                raise UserError(f"{path}: line {n + 1} has no \"image\" path; each line needs image and regions")
             kind = obj.get("kind", "natural")
             items.append({
                 "image_id": str(obj.get("image_id", f"{source}-{n}")), "image": _image_path(images_dir, obj["image"]),
@@ -316,6 +368,9 @@ def _num_bytes(image) -> int:
 
 
 def read_items(fmt: str, inputs: list[str], images_dir: str, instances: str | None = None, ref_split: str | None = None) -> list[dict]:
+    for path in inputs + ([instances] if instances else []):
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: no such annotation file; check the path")
     if fmt == "coco":
         return read_coco(inputs, images_dir)
     items = []
@@ -350,7 +405,7 @@ def convert(
     """Convert annotation files to one split of a Gran folder; returns (and saves as counts-<split>.json) the counts."""
     items = read_items(fmt, inputs, images_dir, instances, ref_split)
     if not items:
-        raise ValueError(f"no images found in {inputs}")
+        raise EmptyOutputError(f"{', '.join(inputs)}: no images found in the annotations; check --from and --inputs", {})
     items.sort(key=lambda it: it["image_id"])  # a fixed order: shard i holds the same items on every (re)run
     total = sum(_num_bytes(it["image"]) for it in items)
     producer = ConvertProducer(items, filters or FilterConfig(), fmt, inputs + ([instances] if instances else []))
@@ -358,5 +413,8 @@ def convert(
     counts["inputs"] = len(items)
     with open(os.path.join(out_dir, f"counts-{split}.json"), "w", encoding="utf-8") as f:
         json.dump(counts, f, indent=1, sort_keys=True)
+    if not counts.get("written"):
+        Manifest(out_dir).drop_split(split)
+        raise EmptyOutputError(empty_output_message(counts, out_dir, split), counts)
     write_dataset_card(out_dir, pretty_name=f"Gran ({fmt})", description=f"Converted by `granvit-data convert --from {fmt}`.")
     return counts

@@ -16,6 +16,7 @@ import io
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
@@ -198,6 +199,13 @@ def shard_relpath(split: str, index: int, num_shards: int) -> str:
     return f"data/{split}-{index:05d}-of-{num_shards:05d}.parquet"
 
 
+def shard_split(path: str) -> str | None:
+    """The split of a shard written by `shard_relpath` (``.../data/train-00000-of-00008.parquet`` -> "train"), else
+    None."""
+    match = re.fullmatch(r"(.+)-\d{5}-of-\d{5}\.parquet", os.path.basename(path))
+    return match.group(1) if match and os.path.basename(os.path.dirname(path)) == "data" else None
+
+
 @dataclass
 class ShardInfo:
     path: str  # relative to the dataset folder
@@ -287,6 +295,22 @@ class Manifest:
     def add(self, info: ShardInfo) -> None:
         self.data["shards"][info.path] = asdict(info)
         self.save()
+
+    def drop_split(self, split: str) -> None:
+        """Forget a split and delete its shards (a conversion that wrote no row leaves nothing to resume from);
+        the manifest itself goes when no split is left."""
+        for shard in self.shards(split):
+            path = os.path.join(self.out_dir, shard["path"])
+            if os.path.exists(path):
+                os.remove(path)
+            del self.data["shards"][shard["path"]]
+        self.data["plans"].pop(split, None)
+        if self.data["plans"] or self.data["shards"]:
+            self.save()
+        elif os.path.exists(self.path):
+            os.remove(self.path)
+            if os.path.isdir(os.path.join(self.out_dir, "data")) and not os.listdir(os.path.join(self.out_dir, "data")):
+                os.rmdir(os.path.join(self.out_dir, "data"))
 
     def shards(self, split: str | None = None) -> list[dict]:
         return [s for p, s in sorted(self.data["shards"].items()) if split is None or s["split"] == split]
