@@ -200,18 +200,21 @@ class GranViTProcessor(ProcessorMixin):
         widest = self.format_bins([self.num_coord_bins - 1] * 4)
         return len(self.tokenizer(widest, add_special_tokens=False)["input_ids"])
 
+    @property
+    def box_pattern(self) -> re.Pattern:
+        """A regex matching one box of this box format in decoded text; its 4 groups are the bins."""
+        if self.box_format == "text":
+            return re.compile(r"\[\s*" + r"\s*,\s*".join([r"(\d{1,6})"] * 4) + r"\s*\]")
+        return re.compile(re.escape(BOX_START) + r"\s*" + r"\s*".join([r"<coord_(\d{1,6})>"] * 4) + r"\s*" + re.escape(BOX_END))
+
     def decode_boxes(self, text: str, image_size: tuple[int, int]) -> list[list[float]]:
         """Every well-formed box in ``text`` as original pixels (bin centres). Malformed output gives ``[]``."""
         if not isinstance(text, str):
             return []
         width, height = image_size
         n = self.num_coord_bins
-        if self.box_format == "text":
-            pattern = r"\[\s*" + r"\s*,\s*".join([r"(\d{1,6})"] * 4) + r"\s*\]"
-        else:
-            pattern = re.escape(BOX_START) + r"\s*" + r"\s*".join([r"<coord_(\d{1,6})>"] * 4) + r"\s*" + re.escape(BOX_END)
         boxes = []
-        for match in re.finditer(pattern, text):
+        for match in self.box_pattern.finditer(text):
             bins = [int(g) for g in match.groups()]
             if max(bins) >= n or bins[2] < bins[0] or bins[3] < bins[1]:
                 continue

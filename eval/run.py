@@ -33,7 +33,7 @@ from granvit.region_decoding_granvit import BoxConstraintLogitsProcessor
 
 VQA_SUFFIX = "\nAnswer the question using a single word or phrase."
 CHOICE_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
-MAX_NEW_TOKENS = {"grounding": 12, "region_caption": 32, "vqa": 16, "multiple_choice": 8, "ocr": 64}
+MAX_NEW_TOKENS = {"region_caption": 32, "vqa": 16, "multiple_choice": 8, "ocr": 64}  # grounding: the box format's
 
 
 # ----------------------------------------------------------------------------- model I/O
@@ -106,6 +106,8 @@ def predict(model, processor, samples: list, task_type: str, max_new_tokens: int
     also ``text_unconstrained`` / ``box_unconstrained`` from plain greedy decoding."""
     images = [s["image"] for s in samples]
     prompts = [build_prompt(processor, s, task_type) for s in samples]
+    if task_type == "grounding":  # one box and its eos (6 + 1 in the token format, ~16-21 + 1 in the text format)
+        max_new_tokens = max_new_tokens or processor.max_box_tokens + 1
     max_new_tokens = max_new_tokens or MAX_NEW_TOKENS[task_type]
 
     def texts(logits_processor=None):

@@ -69,8 +69,7 @@ TRUST_REMOTE_CODE = os.environ.get("GRANVIT_TRUST_REMOTE_CODE", "1") != "0"  # s
 # What each tab asks of the model, by the task names of `config.trained_tasks` (train/data/tasks.py).
 TASKS = {"bbox2caption": "describe a region (box -> caption)", "caption2bbox": "find a phrase (caption -> box)",
          "vqa": "answer questions about an image"}
-# The box format of processing_granvit.py: <box><coord_a><coord_b><coord_c><coord_d></box>.
-BOX_TOKENS = re.compile(r"<box>(?:\s*<coord_\d+>){4}\s*</box>")
+# Pieces of the 6-token box format (processing_granvit.py) left outside a well-formed box.
 STRAY_BOX_TOKENS = re.compile(r"</?box>|<coord_\d+>")
 
 
@@ -148,7 +147,8 @@ class GranViTDemo:
         always parses, even from an undertrained checkpoint.
         """
         with torch.inference_mode():
-            [boxes] = self.model.ground(self.processor, image, [phrase], max_new_tokens=6 * MAX_FOUND_BOXES + 1)
+            budget = (self.processor.max_box_tokens + 2) * MAX_FOUND_BOXES + 1
+            [boxes] = self.model.ground(self.processor, image, [phrase], max_new_tokens=budget)
         return boxes[:MAX_FOUND_BOXES]
 
     def ask(self, image: Image.Image, question: str) -> str:
@@ -165,7 +165,7 @@ class GranViTDemo:
             [box] = self.processor.decode_boxes(match.group(0), image_size) or [None]
             return "" if box is None else "[" + ", ".join(f"{v:.0f}" for v in box) + "]"
 
-        text = " ".join(STRAY_BOX_TOKENS.sub(" ", BOX_TOKENS.sub(pixels, text)).split())
+        text = " ".join(STRAY_BOX_TOKENS.sub(" ", self.processor.box_pattern.sub(pixels, text)).split())
         return text or "(no answer: the model replied with box tokens only)"
 
     def similarity(self, image: Image.Image, box: list[float]) -> np.ndarray:

@@ -27,7 +27,7 @@ def test_constrained_grounding_equals_model_ground(tiny_model_and_processor, tes
     out = R.evaluate_synthetic(model, processor, test_split, batch_size=3, baselines=False, limit=5)
     regions = [(to_pil(row["image"]), region) for row in test_split for region in row["regions"]][:5]
     # The reference: the user's API, one phrase at a time (dense decoding), its first box.
-    expected = [model.ground(processor, image, [region["caption"]], max_new_tokens=R.MAX_NEW_TOKENS["grounding"])[0][0]
+    expected = [model.ground(processor, image, [region["caption"]], max_new_tokens=processor.max_box_tokens + 1)[0][0]
                 for image, region in regions]
     assert [e["predicted_box"] for e in out["examples"]] == expected
     assert len({tuple(b) for b in expected}) > 1  # not one constant box: the images matter
@@ -56,7 +56,7 @@ def test_benchmark_records_carry_both_decodings(tiny_model_and_processor, tmp_pa
     scores = R.run_benchmark(model, processor, "refcoco_val", str(tmp_path / "out"), data=str(tmp_path / "refcoco.jsonl"))
     [record] = R.read_predictions(str(tmp_path / "out" / "refcoco_val" / "predictions.jsonl"))
     image = Image.open(tmp_path / "0.png").convert("RGB")
-    assert record["box"] == model.ground(processor, image, ["the red thing"], max_new_tokens=12)[0][0]
+    assert record["box"] == model.ground(processor, image, ["the red thing"], max_new_tokens=processor.max_box_tokens + 1)[0][0]
     assert record["text_unconstrained"] is not None and scores["invalid"] == 0
     assert scores["invalid_unconstrained"] == (record["box_unconstrained"] is None)
 

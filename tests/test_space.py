@@ -259,6 +259,7 @@ def test_a_tab_the_checkpoint_was_not_trained_for_says_so(served_trained, image_
 
 def test_answers_show_boxes_as_pixels_never_raw_tokens(served):
     demo_model, _ = served  # 100 coordinate bins; a 200 x 200 image: bin b decodes to (b + 0.5) * 2 pixels
-    text = "</box>the <box><coord_1><coord_2><coord_50><coord_60></box> cat <coord_3>"
+    text = {"tokens": "</box>the <box><coord_1><coord_2><coord_50><coord_60></box> cat <coord_3>",
+            "text": "the [1, 2, 50, 60] cat"}[demo_model.processor.box_format]
     assert demo_model.readable(text, (200, 200)) == "the [3, 5, 101, 121] cat"
     assert demo_model.readable("</box>", (200, 200)) == "(no answer: the model replied with box tokens only)"
