@@ -28,6 +28,13 @@ EXTRAS = {
     "lmms": ["lmms-eval==0.7.3", "filelock<4"],
     # ZeRO-2/3 launches (train/configs/accelerate/); on CPU it runs over gloo, which the resume test uses.
     "deepspeed": ["deepspeed>=0.16"],
+    # granvit-data annotate's embedded OCR: PP-OCRv4 det + rec ONNX models inside the wheel, offline, CPU. It pulls
+    # opencv-python (needs libGL); on a bare server swap it for opencv-python-headless (same cv2 module). No wheel
+    # for Python >= 3.13: there, use --ocr-engine transformers.
+    "annotate": [
+        "datasets>=5,<6", "accelerate>=1.10", "matplotlib>=3.8", "pyarrow>=18",
+        "rapidocr-onnxruntime==1.4.4; python_version < '3.13'",
+    ],
 }
 EXTRAS["dev"] = sorted({d for v in EXTRAS.values() for d in v} | {"pytest>=8", "playwright>=1.50"})
 
