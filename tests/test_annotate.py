@@ -124,19 +124,21 @@ def test_cli_ocr_pages_eval_preview_validate(tmp_path, capsys):
     print, scenes without a detector are counted skips."""
     pages = tmp_path / "pages"
     write_synth(str(pages), {"train": 3}, SynthConfig(image_size=512, ocr_fraction=0.67), seed=3)
-    kinds = [generate_record(SynthConfig(image_size=512, ocr_fraction=0.67), 3, "train", i)["kind"] for i in range(3)]
+    kinds = [generate_record(SynthConfig(image_size=512, ocr_fraction=0.67), 3, "train", i)["kind"] for i in range(2)]
+    assert kinds == ["ocr", "natural"]
     out, preview = tmp_path / "out", tmp_path / "preview.png"
-    rc = main(["annotate", "--dataset", str(pages), str(out), "--eval-against", str(pages), "--preview", str(preview)])
+    rc = main(["annotate", "--dataset", str(pages), str(out), "--eval-against", str(pages), "--preview", str(preview),
+               "--limit", "2"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "line: precision" in printed and "CER" in printed
     counts = json.loads((out / "counts-train.json").read_text())
-    assert counts["routed"] == {"ocr": kinds.count("ocr"), "natural": kinds.count("natural")}
-    assert counts["skipped"] == {"no_detector": kinds.count("natural")}
-    assert counts["written"] == kinds.count("ocr") and add_up(counts) == counts["inputs"] == 3
+    assert counts["routed"] == {"ocr": 1, "natural": 1}
+    assert counts["skipped"] == {"no_detector": 1}  # a scene, and no --detector
+    assert counts["written"] == 1 and add_up(counts) == counts["inputs"] == 2  # --limit 2 of 3
     scores = json.loads((out / "eval-train.json").read_text())
     assert scores["line"]["precision"] >= 0.8 and scores["line"]["recall"] >= 0.8  # lower means a box-mapping bug
-    assert scores["line"]["cer"] < 0.1 and scores["word"]["recall"] >= 0.6
+    assert scores["images"] == 1 and scores["line"]["cer"] < 0.1 and scores["word"]["recall"] >= 0.6
     assert Image.open(preview).size[0] >= 400
     assert main(["validate", str(out)]) == 0
     from datasets import load_dataset
@@ -238,6 +240,46 @@ def test_model_errors_and_empty_detections_are_counted_skips(tmp_path):
     assert counts["skipped"] == {"detector_error": 1, "no_detections": 1, "captioner_error": 1}
     assert counts["written"] == 3 and add_up(counts) == counts["inputs"] == 6
     assert sorted(rows_by_id(tmp_path / "out")) == ["00.png", "02.png", "05.png"]
+
+
+def build_tiny_florence2(path) -> str:
+    """A random-weight Florence-2 (transformers-native) with a BPE tokenizer trained here: location tokens included."""
+    from transformers import (BartConfig, CLIPImageProcessor, Florence2Config, Florence2ForConditionalGeneration,
+                              Florence2Processor, Florence2VisionConfig, PreTrainedTokenizerFast)
+
+    from granvit.train.tiny import train_tokenizer
+
+    torch.manual_seed(0)
+    bpe = train_tokenizer(["what does the region describe", "a red car on the left"], vocab_size=300)._tokenizer
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        extra_special_tokens={"image_token": "<image>"})
+    tokenizer.add_tokens([f"<loc_{i}>" for i in range(1000)])
+    vision = Florence2VisionConfig(depths=[1, 1], patch_size=[7, 3], patch_stride=[4, 2], patch_padding=[3, 1],
+                                   patch_prenorm=[False, True], embed_dim=[16, 32], num_heads=[1, 2], num_groups=[1, 2],
+                                   window_size=2, projection_dim=32, max_position_embeddings=8)
+    text = BartConfig(vocab_size=len(tokenizer), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                      decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=256,
+                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id, decoder_start_token_id=tokenizer.eos_token_id)
+    model = Florence2ForConditionalGeneration(Florence2Config(vision_config=vision, text_config=text, image_token_id=tokenizer.image_token_id))
+    image_processor = CLIPImageProcessor(size={"height": 32, "width": 32}, do_center_crop=False)
+    image_processor.image_seq_length = 17  # (32 / 4 / 2)^2 patches + the pooled token
+    model.save_pretrained(path)
+    Florence2Processor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    return str(path)
+
+
+def test_florence2_captioner_through_the_pipeline(tmp_path):
+    from granvit.train.data.annotate_models import Florence2Captioner
+
+    captioner = load_captioner(build_tiny_florence2(tmp_path / "florence2"), max_new_tokens=6)
+    assert isinstance(captioner, Florence2Captioner)
+    folder = colour_folder(tmp_path / "in", ["red", "green", "yellow"])
+    counts = annotate(FileSource(folder), str(tmp_path / "out"), AnnotateConfig(route="natural", detector="fake"),
+                      models={"detector": FakeDetector(), "captioner": captioner})
+    rejected = sum(v for k, v in counts.get("filtered", {}).items() if k.startswith("caption_"))
+    assert rejected + counts.get("regions", {}).get("natural", 0) == 3  # one box per image
+    assert add_up(counts) == counts["inputs"] == 3
 
 
 def test_rerun_resumes_the_missing_shards_only(tmp_path):

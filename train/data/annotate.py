@@ -341,7 +341,8 @@ def cmd_annotate(args) -> int:
     if args.preview:
         print(f"preview: {write_preview(args.out, args.split, args.preview)}")
     if args.eval_against:
-        scores = evaluate_ocr(args.out, args.split, args.eval_against, args.dataset_split)
+        inputs = set(source.ids[: args.limit or None])  # with --limit, the images beyond it were never seen
+        scores = evaluate_ocr(args.out, args.split, args.eval_against, args.dataset_split, image_ids=inputs)
         _atomic_json(os.path.join(args.out, f"eval-{args.split}.json"), scores)
         print(f"OCR against {args.eval_against} ({scores['images']} images, IoU >= 0.5):")
         for level in ("line", "word"):

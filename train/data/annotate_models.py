@@ -267,11 +267,14 @@ class TransformersOCREngine:
             outputs, target_sizes=[(height, width)], box_threshold=self.box_thresh, unclip_ratio=self.unclip_ratio
         )[0]
         boxes = [_hull([b[:2], b[2:]], width, height) for b in found["boxes"].float().tolist()]
-        boxes = sorted((b for b in boxes if b[2] > b[0] and b[3] > b[1]), key=lambda b: (b[1], b[0]))  # reading order
+        boxes = [b for b in boxes if b[2] > b[0] and b[3] > b[1]]
+        # The rec processor resizes a whole batch to the size of its widest crop: batch crops of similar aspect
+        # (PaddleOCR's own order) so that short words are not stretched to the width of long lines.
+        boxes.sort(key=lambda b: (b[2] - b[0]) / (b[3] - b[1]))
         lines = []
         for start in range(0, len(boxes), self.batch_size):
             chunk = boxes[start : start + self.batch_size]
             pixel_values = self.rec_processor(images=[image.crop(tuple(b)) for b in chunk], return_tensors="pt")["pixel_values"]
             texts = self.rec_processor.post_process_text_recognition(self.rec(pixel_values=pixel_values.to(self.device, self.dtype)))
             lines += [TextLine(b, t["text"], float(t["score"])) for b, t in zip(chunk, texts) if t["score"] >= self.text_score]
-        return lines
+        return sorted(lines, key=lambda line: (line.box[1], line.box[0]))  # reading order

@@ -45,17 +45,18 @@ def lines_and_words(regions: list[dict]) -> tuple[list, list]:
     return lines, words
 
 
-def evaluate_ocr(out_dir: str, split: str, reference: str, reference_split: str = "train", iou: float = 0.5) -> dict:
+def evaluate_ocr(out_dir: str, split: str, reference: str, reference_split: str = "train", iou: float = 0.5,
+                 image_ids=None) -> dict:
     """Line- and word-level `ocr_detection_scores` of the annotated split against the OCR images of `reference`
-    (any Gran dataset: folder or Hub name), matched by image_id; a reference image that was not written (filtered,
-    skipped, routed to the detector) counts as all misses."""
+    (any Gran dataset: folder or Hub name), matched by image_id, restricted to `image_ids` (the run's inputs) when
+    given; a reference image that was not written (filtered, skipped, routed to the detector) counts as all misses."""
     from datasets import load_dataset
 
     predicted = {r["image_id"]: r["regions"] for r in read_rows(out_dir, split, ["image_id", "regions"])}
     ref = load_dataset(reference, split=reference_split).select_columns(["image_id", "kind", "regions"])
     line_pred, line_ref, word_pred, word_ref = [], [], [], []
     for row in ref:
-        if row["kind"] != OCR:
+        if row["kind"] != OCR or (image_ids is not None and row["image_id"] not in image_ids):
             continue
         pred_lines, pred_words = lines_and_words(predicted.get(row["image_id"], []))
         ref_lines, ref_words = lines_and_words(row["regions"])
