@@ -160,6 +160,10 @@ def test_cli_user_errors_exit_2(tmp_path, capsys):
     assert "no images found" in capsys.readouterr().err
     assert main(["annotate", str(tmp_path / "empty"), str(tmp_path / "out"), "--route", "natural"]) == 2
     assert "--route natural needs --detector" in capsys.readouterr().err
+    Image.new("RGB", (640, 480), "red").save(tmp_path / "empty" / "red.png")
+    assert main(["annotate", str(tmp_path / "empty"), str(tmp_path / "out"), "--route", "natural", "--detector", "no/such-model"]) == 2
+    assert "--detector no/such-model: OSError" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "manifest.json").exists()  # models load first: a typo does not start the folder
 
 
 # ----------------------------------------------------------------------------------------------- natural path

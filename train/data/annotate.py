@@ -199,6 +199,13 @@ def _merge_parts(out_dir: str) -> Manifest:
     return manifest
 
 
+def distributed_state():
+    """accelerate's process state (rank, world size, device) with a barrier timeout long enough for stragglers."""
+    from accelerate import PartialState
+
+    return PartialState(timeout=BARRIER_TIMEOUT)
+
+
 def annotate(
     source,
     out_dir: str,
@@ -215,11 +222,13 @@ def annotate(
     """Annotate `source` into split `split` of the Gran folder `out_dir`; returns the split's counts on rank 0
     (other ranks: their own). `models` ({ocr, detector, captioner}) replaces loading them from `cfg`."""
     import torch
-    from accelerate import PartialState
     from tqdm.auto import tqdm
 
     cfg = cfg or AnnotateConfig()
-    state = PartialState(timeout=BARRIER_TIMEOUT)
+    state = distributed_state()
+    if models is None:  # first: a wrong model name must not leave a started output folder behind
+        on_gpu = state.device.type == "cuda"
+        models = load_models(cfg, state.device if on_gpu else None, torch.bfloat16 if on_gpu else None, batch_size)
     n = min(limit, len(source)) if limit else len(source)
     num_shards = plan_num_shards(source.total_bytes(n), n, shard_bytes, shard_multiple, shard_images)
     plan = {"inputs": source.description, "num_items": n, "num_shards": num_shards, **asdict(cfg)}
@@ -239,11 +248,7 @@ def annotate(
     done = _finished(out_dir)
     todo = [i for i in range(num_shards) if shard_relpath(split, i, num_shards) not in done]
     mine = todo[state.process_index :: state.num_processes]
-
-    if mine and models is None:
-        on_gpu = state.device.type == "cuda"
-        models = load_models(cfg, state.device if on_gpu else None, torch.bfloat16 if on_gpu else None, batch_size)
-    annotator = Annotator(cfg, **(models or {}))
+    annotator = Annotator(cfg, **models)
     size = sum(stop - start for start, stop in (shard_bounds(n, num_shards, i) for i in mine))
     desc = f"annotate (rank {state.process_index} of {state.num_processes})" if state.num_processes > 1 else "annotate"
     bar = tqdm(total=size, desc=desc, unit="img", disable=not state.is_main_process)
@@ -263,9 +268,10 @@ def annotate(
         merge_counts(totals, shard["counts"])
     if state.is_main_process:
         _atomic_json(os.path.join(out_dir, f"counts-{split}.json"), totals)
-        models_used = cfg.detector and f"detector `{cfg.detector}`, captioner `{cfg.captioner}`, "
-        write_dataset_card(out_dir, pretty_name="Gran (annotated)", description=(
-            f"Made by `granvit-data annotate` ({models_used or ''}OCR `{cfg.ocr_engine}`, route `{cfg.route}`)."))
+        made_by = [f"route `{cfg.route}`"] + ([f"OCR `{cfg.ocr_engine}`"] if cfg.route != "natural" else [])
+        made_by += [f"detector `{cfg.detector}`", f"captioner `{cfg.captioner}`"] if cfg.detector else []
+        write_dataset_card(out_dir, pretty_name="Gran (annotated)",
+                           description=f"Made by `granvit-data annotate` ({', '.join(made_by)}).")
     return totals
 
 
@@ -324,15 +330,14 @@ def cmd_annotate(args) -> int:
             filters=FilterConfig(args.min_short_side, args.max_aspect, args.min_box_area, args.min_regions),
             ocr_max_aspect=args.ocr_max_aspect, ocr_min_box_area=args.ocr_min_box_area, source=args.source,
         )
-        source = open_source(args.input, args.dataset, args.dataset_split, args.image_column)
+        with distributed_state().main_process_first():  # rank 0 builds the `datasets` cache, the others read it
+            source = open_source(args.input, args.dataset, args.dataset_split, args.image_column)
         counts = annotate(source, args.out, cfg, args.split, args.limit, args.batch_size, args.shard_images,
                           args.shard_size, args.shard_multiple, args.row_group_size)
     except InputError as e:
         print(f"granvit-data annotate: error: {e}", file=sys.stderr)
         return 2
-    from accelerate import PartialState
-
-    if not PartialState().is_main_process:
+    if not distributed_state().is_main_process:
         return 0
     from .annotate_review import evaluate_ocr, write_preview
 

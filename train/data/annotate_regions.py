@@ -58,18 +58,27 @@ class AnnotateConfig:
 
 
 def load_models(cfg: AnnotateConfig, device=None, dtype=None, batch_size: int = 8) -> dict:
-    """The detector, captioner and OCR engine the config asks for, on `device` (bf16 on GPU)."""
+    """The detector, captioner and OCR engine the config asks for, on `device` (bf16 on GPU). A model that cannot
+    be found or loaded, or a missing OCR package, is the user's to fix: an InputError naming it."""
     from . import annotate_models as m
 
+    def load(what: str, name: str, build):
+        try:
+            return build()
+        except (OSError, ValueError, ImportError) as e:  # not found / not that kind of model / extra not installed
+            raise InputError(f"{what} {name}: {type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
+
     models = {}
-    if cfg.route != "natural":
-        if cfg.ocr_engine == "rapidocr":
-            models["ocr"] = m.RapidOCREngine(text_score=cfg.text_score)
-        else:
-            models["ocr"] = m.TransformersOCREngine(cfg.ocr_det_model, cfg.ocr_rec_model, cfg.text_score, device=device, dtype=dtype)
+    if cfg.route != "natural" and cfg.ocr_engine == "rapidocr":
+        models["ocr"] = load("--ocr-engine", "rapidocr", lambda: m.RapidOCREngine(text_score=cfg.text_score))
+    elif cfg.route != "natural":
+        models["ocr"] = load("--ocr-det-model / --ocr-rec-model", f"{cfg.ocr_det_model} + {cfg.ocr_rec_model}", lambda: m.TransformersOCREngine(
+            cfg.ocr_det_model, cfg.ocr_rec_model, cfg.text_score, device=device, dtype=dtype))
     if cfg.detector:
-        models["detector"] = m.Detector(cfg.detector, cfg.labels, cfg.det_threshold, batch_size, device, dtype)
-        models["captioner"] = m.load_captioner(cfg.captioner, cfg.max_words, cfg.max_new_tokens, batch_size, device, dtype, cfg.prompt)
+        models["detector"] = load("--detector", cfg.detector, lambda: m.Detector(
+            cfg.detector, cfg.labels, cfg.det_threshold, batch_size, device, dtype))
+        models["captioner"] = load("--captioner", cfg.captioner, lambda: m.load_captioner(
+            cfg.captioner, cfg.max_words, cfg.max_new_tokens, batch_size, device, dtype, cfg.prompt))
     return models
 
 
