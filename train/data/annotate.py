@@ -31,7 +31,7 @@ import os
 from dataclasses import asdict
 from datetime import timedelta
 
-from .annotate_regions import AnnotateConfig, AnnotateProducer, Annotator, InputError, load_models
+from .annotate_regions import IMAGE_REASONS, AnnotateConfig, AnnotateProducer, Annotator, InputError, load_models
 from .convert import FilterConfig
 from .schema import (
     DEFAULT_ROW_GROUP_SIZE,
@@ -342,7 +342,10 @@ def cmd_annotate(args) -> int:
     from .annotate_review import evaluate_ocr, write_preview
 
     print(json.dumps(counts, indent=1, sort_keys=True))
-    print(f"counts saved to {os.path.join(args.out, f'counts-{args.split}.json')}")
+    dropped = {group: sum(v for k, v in counts.get(group, {}).items() if group != "filtered" or k in IMAGE_REASONS)
+               for group in ("broken", "skipped", "filtered")}
+    print(f"{counts.get('written', 0)} of {counts.get('inputs', 0)} images written ({', '.join(f'{v} {k}' for k, v in dropped.items())}); "
+          f"counts saved to {os.path.join(args.out, f'counts-{args.split}.json')}")
     if args.preview:
         print(f"preview: {write_preview(args.out, args.split, args.preview)}")
     if args.eval_against:

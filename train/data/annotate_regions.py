@@ -115,7 +115,8 @@ def _nms_keep(boxes: list[list[float]], scores: list[float], iou: float) -> list
 def text_coverage(lines, width: int, height: int) -> float:
     """Share of the image covered by recognised lines with 2+ letters or digits (a star or a stripe pattern read
     as one glyph is not text)."""
-    area = sum((l.box[2] - l.box[0]) * (l.box[3] - l.box[1]) for l in lines if sum(c.isalnum() for c in l.text) >= 2)
+    boxes = [line.box for line in lines if sum(c.isalnum() for c in line.text) >= 2]
+    area = sum((x2 - x1) * (y2 - y1) for x1, y1, x2, y2 in boxes)
     return min(1.0, area / (width * height))
 
 
@@ -212,11 +213,11 @@ class Annotator:
     def text_regions(self, lines, width: int, height: int, counts: dict) -> list[dict]:
         """A region per line and, for lines of 2+ words, per word. Lines overlapping a more confident line beyond
         --nms-iou are near-duplicates; a one-word line is its word (one region, the detector's tighter box)."""
-        keep = _nms_keep([l.box for l in lines], [l.score for l in lines], self.cfg.nms_iou)
+        keep = _nms_keep([line.box for line in lines], [line.score for line in lines], self.cfg.nms_iou)
         if len(keep) < len(lines):
             bump(counts, "filtered", "duplicate_box", len(lines) - len(keep))
         regions = []
-        for line in sorted((lines[i] for i in keep), key=lambda l: (l.box[1], l.box[0])):  # reading order
+        for line in sorted((lines[i] for i in keep), key=lambda line: (line.box[1], line.box[0])):  # reading order
             words = line.words if line.words and len(line.words) > 1 else []
             for box, text in [(line.box, line.text), *words]:
                 text = " ".join(text.split())
