@@ -111,6 +111,9 @@ class CropCaptioner:
         from transformers import pipeline
 
         self.pipe = pipeline("image-text-to-text", model=model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        tokenizer = self.pipe.tokenizer or getattr(self.pipe.processor, "tokenizer", None)
+        if tokenizer is not None and not self.pipe.model.config.is_encoder_decoder:
+            tokenizer.padding_side = "left"  # a decoder-only model generates after the last position: pad before
         self.prompt = prompt.format(max_words=max_words)
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
 
