@@ -286,6 +286,65 @@ def test_florence2_captioner_through_the_pipeline(tmp_path):
     assert add_up(counts) == counts["inputs"] == 3
 
 
+def build_tiny_ppocrv5(path) -> tuple[str, str]:
+    """Random-weight PP-OCRv5 server det + rec (transformers-native) with tiny HGNetV2 backbones. The detector's last
+    convolution is set to say "text" everywhere, so it finds exactly one text region, the whole image, and the
+    recognizer's last layer to say "a" at every step, which CTC decoding reads as "a"."""
+    import string
+
+    from transformers import (PPOCRV5ServerDetConfig, PPOCRV5ServerDetForObjectDetection, PPOCRV5ServerDetImageProcessor,
+                              PPOCRV5ServerRecConfig, PPOCRV5ServerRecForTextRecognition, PPOCRV5ServerRecImageProcessor)
+
+    torch.manual_seed(0)
+    kernels = {"longratio": 3, "midratio": 3, "shortratio": 3}
+    intraclass = {"reduce_channel": [1, 1, 0], "return_channel": [1, 1, 0]}
+    for ratio, k in kernels.items():
+        intraclass[f"vertical_long_to_small_conv_{ratio}"] = [[k, 1], [1, 1], [k // 2, 0]]
+        intraclass[f"horizontal_small_to_long_conv_{ratio}"] = [[1, k], [1, 1], [0, k // 2]]
+        intraclass[f"symmetric_conv_long_{ratio}"] = [[k, k], [1, 1], [k // 2, k // 2]]
+    stages = {"out_features": ["stage1", "stage2", "stage3", "stage4"], "stage_num_blocks": [1, 1, 1, 1]}
+    det = PPOCRV5ServerDetForObjectDetection(PPOCRV5ServerDetConfig(
+        backbone_config={"model_type": "hgnet_v2", **stages, "out_indices": [1, 2, 3, 4], "depths": [1, 1, 1, 1],
+                         "hidden_sizes": [16, 32, 64, 128], "stage_in_channels": [16, 16, 32, 64],
+                         "stage_mid_channels": [16, 16, 32, 64], "stage_out_channels": [16, 32, 64, 128],
+                         "stage_downsample": [False, True, True, True], "stage_light_block": [False, False, True, True],
+                         "stage_kernel_size": [3, 3, 3, 3], "stage_numb_of_layers": [1, 1, 1, 1],
+                         "stem_channels": [3, 8, 16], "embedding_size": 16},
+        neck_out_channels=32, intraclass_block_number=4, intraclass_block_config=intraclass,
+        scale_factor_list=[1, 2, 4, 8], kernel_list=[3, 2, 2]))
+    with torch.no_grad():
+        final = det.head.local_refinement_module.convolution_final
+        final.weight.zero_()
+        final.bias.fill_(10.0)  # sigmoid(10): every pixel is text
+    characters = ["blank", *string.ascii_lowercase, *string.digits, " "]
+    rec = PPOCRV5ServerRecForTextRecognition(PPOCRV5ServerRecConfig(
+        backbone_config={"model_type": "hgnet_v2", "arch": "L", **stages, "hidden_sizes": [8, 8, 8, 8],
+                         "stem_channels": [3, 8, 8], "stage_in_channels": [8, 8, 8, 8], "stage_mid_channels": [8, 8, 8, 8],
+                         "stage_out_channels": [8, 8, 8, 8], "stage_downsample": [True, True, True, True],
+                         "stem_strides": [2, 1, 1, 1, 1], "stage_downsample_strides": [[2, 1], [1, 2], [2, 1], [2, 1]]},
+        hidden_size=8, depth=1, head_out_channels=len(characters), num_attention_heads=2))
+    with torch.no_grad():
+        rec.head.head.weight.zero_()
+        rec.head.head.bias.copy_(10.0 * (torch.arange(len(characters)) == characters.index("a")))
+    det.save_pretrained(path / "det")
+    PPOCRV5ServerDetImageProcessor().save_pretrained(path / "det")
+    rec.save_pretrained(path / "rec")
+    PPOCRV5ServerRecImageProcessor(character_list=characters).save_pretrained(path / "rec")
+    return str(path / "det"), str(path / "rec")
+
+
+def test_transformers_ppocr_engine_maps_boxes_to_the_original_image(tmp_path):
+    """The GPU option's plumbing on CPU: a detector that calls the whole 650 x 470 image text gives one line whose
+    box is the whole image in original pixels (the processor resizes to a multiple of 32 and back)."""
+    from granvit.train.data.annotate_models import TransformersOCREngine
+
+    det, rec = build_tiny_ppocrv5(tmp_path)
+    engine = TransformersOCREngine(det, rec, text_score=0.0)
+    (line,) = engine(Image.new("RGB", (650, 470), "white"))
+    assert line.box == [0.0, 0.0, 650.0, 470.0] and line.text == "a" and line.words is None
+    assert line.score > 0.99
+
+
 def test_rerun_resumes_the_missing_shards_only(tmp_path):
     folder = colour_folder(tmp_path / "in", ["red", "green", "orange", "purple", "yellow", "pink"])
     models = {"detector": FakeDetector(), "captioner": FakeCaptioner()}

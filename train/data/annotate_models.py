@@ -264,12 +264,12 @@ class TransformersOCREngine:
     def __call__(self, image) -> list[TextLine]:
         image = image.convert("RGB")
         width, height = image.size
-        pixel_values = self.det_processor(images=[image], return_tensors="pt")["pixel_values"]
-        outputs = self.det(pixel_values=pixel_values.to(self.device, self.dtype))
+        inputs = self.det_processor(images=[image], return_tensors="pt")  # + target_sizes: the original (h, w)
+        outputs = self.det(pixel_values=inputs["pixel_values"].to(self.device, self.dtype))
         found = self.det_processor.post_process_object_detection(
-            outputs, target_sizes=[(height, width)], box_threshold=self.box_thresh, unclip_ratio=self.unclip_ratio
+            outputs, target_sizes=inputs["target_sizes"], box_threshold=self.box_thresh, unclip_ratio=self.unclip_ratio
         )[0]
-        boxes = [_hull([b[:2], b[2:]], width, height) for b in found["boxes"].float().tolist()]
+        boxes = [_hull(quad, width, height) for quad in found["boxes"].tolist()]  # (N, 4, 2) quads, original pixels
         boxes = [b for b in boxes if b[2] > b[0] and b[3] > b[1]]
         # The rec processor resizes a whole batch to the size of its widest crop: batch crops of similar aspect
         # (PaddleOCR's own order) so that short words are not stretched to the width of long lines.
@@ -279,5 +279,6 @@ class TransformersOCREngine:
             chunk = boxes[start : start + self.batch_size]
             pixel_values = self.rec_processor(images=[image.crop(tuple(b)) for b in chunk], return_tensors="pt")["pixel_values"]
             texts = self.rec_processor.post_process_text_recognition(self.rec(pixel_values=pixel_values.to(self.device, self.dtype)))
-            lines += [TextLine(b, t["text"], float(t["score"])) for b, t in zip(chunk, texts) if t["score"] >= self.text_score]
+            # an all-blank read has text "" and score NaN (the mean of nothing): dropped with the unsure ones
+            lines += [TextLine(b, t["text"], float(t["score"])) for b, t in zip(chunk, texts) if t["text"] and t["score"] >= self.text_score]
         return sorted(lines, key=lambda line: (line.box[1], line.box[0]))  # reading order
