@@ -346,11 +346,17 @@ def cmd_annotate(args) -> int:
                for group in ("broken", "skipped", "filtered")}
     print(f"{counts.get('written', 0)} of {counts.get('inputs', 0)} images written ({', '.join(f'{v} {k}' for k, v in dropped.items())}); "
           f"counts saved to {os.path.join(args.out, f'counts-{args.split}.json')}")
-    if args.preview:
+    if args.preview and counts.get("written"):
         print(f"preview: {write_preview(args.out, args.split, args.preview)}")
+    elif args.preview:
+        print("preview: no image was written, nothing to draw (see the counts above)")
     if args.eval_against:
         inputs = set(source.ids[: args.limit or None])  # with --limit, the images beyond it were never seen
-        scores = evaluate_ocr(args.out, args.split, args.eval_against, args.dataset_split, image_ids=inputs)
+        try:
+            scores = evaluate_ocr(args.out, args.split, args.eval_against, args.dataset_split, image_ids=inputs)
+        except (OSError, ValueError) as e:  # no such dataset, or no OCR images in it: the rows are written anyway
+            print(f"granvit-data annotate: error: --eval-against {args.eval_against}: {str(e).splitlines()[0]}", file=sys.stderr)
+            return 2
         _atomic_json(os.path.join(args.out, f"eval-{args.split}.json"), scores)
         print(f"OCR against {args.eval_against} ({scores['images']} images, IoU >= 0.5):")
         for level in ("line", "word"):
