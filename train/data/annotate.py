@@ -200,10 +200,12 @@ def _merge_parts(out_dir: str) -> Manifest:
 
 
 def distributed_state():
-    """accelerate's process state (rank, world size, device) with a barrier timeout long enough for stragglers."""
+    """accelerate's process state (rank, world size, device) with a barrier timeout long enough for stragglers.
+    Without CUDA it must be told `cpu=True`, or it treats every torchrun process as a lone one (gloo never starts)."""
+    import torch
     from accelerate import PartialState
 
-    return PartialState(timeout=BARRIER_TIMEOUT)
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=BARRIER_TIMEOUT)
 
 
 def annotate(
