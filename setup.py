@@ -31,6 +31,13 @@ EXTRAS = {
     # experiments/: the linear probe and the statistics over seeds; it trains with the quickstart recipe, so it is
     # installed with the train extra: pip install -e ".[train,eval,experiments]".
     "experiments": ["scikit-learn>=1.3", "threadpoolctl>=3", "scipy>=1.10", "matplotlib>=3.8"],
+    # granvit-data annotate's embedded OCR: PP-OCRv4 det + rec ONNX models inside the wheel, offline, CPU. It pulls
+    # opencv-python (needs libGL); on a bare server swap it for opencv-python-headless (same cv2 module). No wheel
+    # for Python >= 3.13: there, use --ocr-engine transformers.
+    "annotate": [
+        "datasets>=5,<6", "accelerate>=1.10", "matplotlib>=3.8", "pyarrow>=18",
+        "rapidocr-onnxruntime==1.4.4; python_version < '3.13'",
+    ],
 }
 # psutil: bench/ (measurements in the repository, not installed with the package).
 EXTRAS["dev"] = sorted({d for v in EXTRAS.values() for d in v} | {"pytest>=8", "playwright>=1.50", "psutil>=5.9"})

@@ -222,6 +222,47 @@ def _levenshtein(a: str, b: str) -> int:
     return prev[-1]
 
 
+def ocr_detection_scores(predictions, references, iou_threshold: float = 0.5) -> dict:
+    """Text-region detection + recognition over images: precision / recall at an IoU threshold, text exact match and
+    character error rate on the matched pairs.
+
+    predictions, references: per image a list of (xyxy box, text). Within an image, pairs are matched one-to-one,
+    greedily by decreasing IoU, and a pair with IoU >= `iou_threshold` is a hit (the ICDAR 2015 IoU protocol).
+    exact = matched pairs whose texts are identical / matched pairs; cer = summed edit distance / summed reference
+    characters over matched pairs (recognition quality where detection succeeded; misses show in recall).
+    """
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} images of predictions for {len(references)} of references")
+    num_pred = num_ref = matched = exact = edits = chars = 0
+    for preds, refs in zip(predictions, references):
+        num_pred, num_ref = num_pred + len(preds), num_ref + len(refs)
+        pairs = sorted(
+            ((box_iou(p[0], r[0]), i, j) for i, p in enumerate(preds) for j, r in enumerate(refs)), reverse=True
+        )
+        used_p, used_r = set(), set()
+        for iou, i, j in pairs:
+            if iou < iou_threshold:
+                break
+            if i in used_p or j in used_r:
+                continue
+            used_p.add(i)
+            used_r.add(j)
+            pred_text, ref_text = preds[i][1], refs[j][1]
+            matched += 1
+            exact += pred_text == ref_text
+            edits += _levenshtein(pred_text, ref_text)
+            chars += len(ref_text)
+    return {
+        "precision": matched / num_pred if num_pred else 0.0,
+        "recall": matched / num_ref if num_ref else 0.0,
+        "exact": exact / matched if matched else 0.0,
+        "cer": edits / chars if chars else 0.0,
+        "num_pred": num_pred,
+        "num_ref": num_ref,
+        "matched": matched,
+    }
+
+
 def anls(prediction: str, answers, threshold: float = 0.5) -> float:
     """Average Normalized Levenshtein Similarity of one prediction (DocVQA / InfoVQA, Biten et al. 2019).
 

@@ -8,6 +8,7 @@
     granvit-data convert --from ocr OUT --inputs TextOCR_0.1_train.json --images train_images/
     granvit-data convert --from jsonl OUT --inputs data.jsonl --images imgs/ --min-short-side 0
     granvit-data validate OUT            # every row checked; exit code 1 if any is broken or a split is empty
+    granvit-data annotate IMAGES OUT [--detector D --captioner C]   # raw images -> Gran (detector + captioner + OCR)
 
 Shards: ~--shard-size each, their count a multiple of --shard-multiple (max world size x DataLoader workers).
 A rerun with the same arguments resumes: finished shards (manifest.json) are kept, the rest are written again.
@@ -44,6 +45,7 @@ def _add_shard_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .annotate import add_arguments as add_annotate_arguments
     from .convert import FORMATS, FilterConfig
     from .synth import COLOURS, PRESETS, SHAPES, TEXTURES
 
@@ -86,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-aspect", type=float, default=f.max_aspect, help="image and box aspect in [1/x, x] (0: off)")
     p.add_argument("--min-box-area", type=float, default=f.min_box_area, help="keep boxes with area > this (0: off)")
     p.add_argument("--min-regions", type=int, default=f.min_regions)
+
+    p = sub.add_parser("annotate", help="annotate raw images (detector + captioner, PP-OCR) into Gran shards")
+    add_annotate_arguments(p)
 
     p = sub.add_parser("validate", help="check every row of a Gran folder or Parquet file(s)")
     p.add_argument("path", nargs="+")
@@ -188,7 +193,9 @@ def cmd_validate(args) -> int:
 @console_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return {"synth": cmd_synth, "convert": cmd_convert, "validate": cmd_validate}[args.command](args)
+    from .annotate import cmd_annotate
+
+    return {"synth": cmd_synth, "convert": cmd_convert, "validate": cmd_validate, "annotate": cmd_annotate}[args.command](args)
 
 
 if __name__ == "__main__":

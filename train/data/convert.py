@@ -88,6 +88,25 @@ def _aspect_ok(w: float, h: float, max_aspect: float) -> bool:
     return not max_aspect or (w > 0 and h > 0 and 1 / max_aspect <= w / h <= max_aspect)
 
 
+def image_filter_reason(width: int, height: int, f: FilterConfig) -> str | None:
+    """The image rule (`image_short_side`, `image_aspect`) that drops a width x height image, or None."""
+    if f.min_short_side and min(width, height) <= f.min_short_side:
+        return "image_short_side"
+    if not _aspect_ok(width, height, f.max_aspect):
+        return "image_aspect"
+    return None
+
+
+def box_filter_reason(bbox, f: FilterConfig) -> str | None:
+    """The box rule (`box_aspect`, `box_area`) that drops a valid xyxy box, or None."""
+    x1, y1, x2, y2 = bbox
+    if not _aspect_ok(x2 - x1, y2 - y1, f.max_aspect):
+        return "box_aspect"
+    if f.min_box_area and (x2 - x1) * (y2 - y1) <= f.min_box_area:
+        return "box_area"
+    return None
+
+
 def _snap(bbox, width: int, height: int):
     """Clip coordinates that overshoot the image by at most 1 px: annotation tools round outward (COCO has many
     x + w == width + 0.5). Anything further out stays out, and check_box calls it broken."""
@@ -145,11 +164,9 @@ class ConvertProducer:
         if item.get("width") and (item["width"], item["height"]) != (width, height):
             bump(counts, "broken", "size_mismatch")  # the boxes were drawn on some other version of this image
             return None
-        if f.min_short_side and min(width, height) <= f.min_short_side:
-            bump(counts, "filtered", "image_short_side")
-            return None
-        if not _aspect_ok(width, height, f.max_aspect):
-            bump(counts, "filtered", "image_aspect")
+        reason = image_filter_reason(width, height, f)
+        if reason:
+            bump(counts, "filtered", reason)
             return None
         regions = []
         for region in item["regions"]:
@@ -158,11 +175,9 @@ class ConvertProducer:
             if reason:
                 bump(counts, "broken", reason)
                 continue
-            x1, y1, x2, y2 = region["bbox"]
-            if not _aspect_ok(x2 - x1, y2 - y1, f.max_aspect):
-                bump(counts, "filtered", "box_aspect")
-            elif f.min_box_area and (x2 - x1) * (y2 - y1) <= f.min_box_area:
-                bump(counts, "filtered", "box_area")
+            reason = box_filter_reason(region["bbox"], f)
+            if reason:
+                bump(counts, "filtered", reason)
             else:
                 regions.append({"bbox": region["bbox"], "caption": region["caption"].strip(), "kind": region.get("kind", item["kind"])})
         if len(regions) < max(f.min_regions, 1):  # an image without regions teaches nothing, whatever the setting

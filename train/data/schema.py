@@ -180,10 +180,13 @@ def validate_record(record, decode: bool = True, max_caption_chars: int = MAX_CA
 
 
 # ----------------------------------------------------------------------------------------------- sharding
-def plan_num_shards(total_bytes: int, num_items: int, shard_bytes: int = DEFAULT_SHARD_BYTES, shard_multiple: int = 1) -> int:
-    """Shard count: ~`shard_bytes` each, rounded up to a multiple of `shard_multiple` (world size x workers) so
-    `split_dataset_by_node` hands every rank whole shards; never more shards than items."""
-    n = max(1, math.ceil(total_bytes / shard_bytes))
+def plan_num_shards(
+    total_bytes: int, num_items: int, shard_bytes: int = DEFAULT_SHARD_BYTES, shard_multiple: int = 1, max_items: int = 0
+) -> int:
+    """Shard count: ~`shard_bytes` each (and at most `max_items` items each, when set), rounded up to a multiple of
+    `shard_multiple` (world size x workers) so `split_dataset_by_node` hands every rank whole shards; never more
+    shards than items."""
+    n = max(1, math.ceil(total_bytes / shard_bytes), math.ceil(num_items / max_items) if max_items else 1)
     n = math.ceil(n / shard_multiple) * shard_multiple
     if n > num_items:  # tiny sets: keep the largest multiple that still gives every shard an item
         n = max(1, (num_items // shard_multiple) * shard_multiple) if num_items >= shard_multiple else max(1, num_items)
@@ -267,9 +270,9 @@ class Manifest:
     still there at its recorded size (`done(verify=True)` also re-hashes it; `granvit-data validate` does); a
     different plan (other inputs, settings or shard count) for a split refuses to mix runs."""
 
-    def __init__(self, out_dir: str):
+    def __init__(self, out_dir: str, name: str = MANIFEST):
         self.out_dir = out_dir
-        self.path = os.path.join(out_dir, MANIFEST)
+        self.path = os.path.join(out_dir, name)  # another name: one writer's part (see annotate's ranks)
         self.data = {"plans": {}, "shards": {}}
         if os.path.exists(self.path):
             with open(self.path, encoding="utf-8") as f:
