@@ -24,7 +24,11 @@ PART_EXTRAS = {
     "experiments": ["train", "eval", "experiments"],
     "bench": ["dev"],
 }
-FILE_EXTRAS = {"eval/lmms_eval_granvit.py": ["eval", "lmms"], "eval/lmms_tasks/utils.py": ["eval", "lmms"]}
+FILE_EXTRAS = {
+    "eval/lmms_eval_granvit.py": ["eval", "lmms"],
+    "eval/lmms_tasks/utils.py": ["eval", "lmms"],
+    "train/data/annotate_models.py": ["train", "annotate"],  # the embedded OCR engine
+}
 
 
 def setup_requirements() -> tuple[list[str], dict[str, list[str]]]:
