@@ -297,7 +297,8 @@ def synthetic_baselines(train) -> tuple:
 
 def evaluate_synthetic(model, processor, dataset_or_path, limit: int | None = None, batch_size: int = 16,
                        train=None, baseline_box=None, baseline_caption=None, split: str = "test",
-                       unconstrained: bool = True, baselines: bool = True, caption_metrics: bool = False) -> dict:
+                       unconstrained: bool = True, baselines: bool = True, caption_metrics: bool = False,
+                       progress: bool = True) -> dict:
     """Caption->box grounding and box->caption scores on a Gran-schema set, with baselines.
 
     dataset_or_path: a `datasets.Dataset` in the Gran schema, a Gran dataset folder (its `split` is read) or
@@ -335,7 +336,7 @@ def evaluate_synthetic(model, processor, dataset_or_path, limit: int | None = No
         raise UserError(f"the {split} split of {dataset_or_path} has no regions to evaluate")
 
     grounded, pred_caps = [], []
-    for start in tqdm(range(0, len(queries), batch_size), desc="synthetic eval"):
+    for start in tqdm(range(0, len(queries), batch_size), desc="synthetic eval", disable=not progress):
         batch = queries[start:start + batch_size]
         grounded += predict(model, processor, batch, "grounding", unconstrained=unconstrained)
         pred_caps += [r["text"] for r in predict(model, processor, batch, "region_caption")]

@@ -1,28 +1,27 @@
 """The paper's three ablations at tiny scale on the synthetic set, seeded: one JSON per run, then a summary.
 
-    python -m granvit.experiments.ablations --claim stages distill --seeds 0 1 2     # ~3 min a run, 1 thread
+    python -m granvit.experiments.ablations --claim stages distill --seeds 0 1 2
     python -m granvit.experiments.ablations --claim data --seeds 0 1 2
-    python -m granvit.experiments.ablations --claim stages distill --scale long --out experiments/results/long \
-        --data-root outputs/experiments-data                                      # 2x the steps, ~3.5 min a run
-    python -m granvit.experiments.ablations --claim stages distill data --seeds 0 --smoke --out /tmp/abl  # < 1 min
+    python -m granvit.experiments.ablations --claim stages distill data --seeds 0 --smoke --out /tmp/abl  # < 2 min
     python -m granvit.experiments.aggregate                                           # table + plots only
 
 Claims (conditions in experiments/configs/ablations.yaml):
-    stages   staged (warm-up -> stage 1 -> stage 2) vs joint training of every part for the same total steps
+    stages   the paper's stage 1 -> stage 2 vs one phase training every part jointly for the same total steps
     distill  stage-1 self-distillation lambda = 1 vs lambda = 0, scored also by a linear probe of region features
     data     three training-set sizes, same steps
 
-Each run is the main job's recipe (train/quickstart.py: data, tiny model, phases, evaluation) at a smaller scale;
-this file only chooses the overrides, runs the phases and scores. Results: <out>/runs/<claim>/<condition>_seed<N>.json
-(a finished run is skipped unless --force), then `aggregate` writes <out>/summary.md and one PNG per claim.
-Seeds change the model initialisation and the batch order; the synthetic data are the same for every seed (data seed
-0), and a smaller training set is a prefix of the larger one.
+Each run is the main job's recipe (train/configs/quickstart.yaml) + the preset's scale overrides + the condition's
+overrides, trained by the one runner (train/runner.py); this file only chooses the overrides, probes and scores.
+Results: <out>/runs/<claim>/<condition>_seed<N>.json (a finished run is skipped unless --force), then `aggregate`
+writes <out>/summary.md and one PNG per claim. Seeds change the GranViT initialisation (projector, new rows) and the
+batch order; the pretrained parts (`parts.seed` 0) and the synthetic data (data seed 0) are the same for every seed,
+as a paper's runs share one SigLIP and one LLM, and a smaller training set is a prefix of the larger one.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import copy
 import hashlib
 import json
 import tempfile
@@ -32,10 +31,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..eval.run import evaluate_synthetic, synthetic_baselines
-from ..train.quickstart import (
-    CONFIG, Phase, QueryStore, Recipe, build_model, load_recipe, load_split, make_data, run_phase, synth_config,
-)
+from ..eval.run import evaluate_synthetic
+from ..train.quickstart import CONFIG, SMOKE
+from ..train.recipe import _set, load_recipe
+from ..train.runner import RunState, build_model, load_split, run
 from .probe import linear_probe
 
 HERE = Path(__file__).parent
@@ -44,109 +43,112 @@ EXPERIMENTS_CONFIG = HERE / "configs" / "ablations.yaml"
 DEFAULT_OUT = HERE / "results"
 PROBE_TRAIN_IMAGES = 400  # the first 400 images of the shared training split (~760 regions) fit every probe
 SCORE_KEYS = ("grounding_acc50", "grounding_acc50_baseline", "grounding_miou", "caption_exact", "caption_exact_baseline",
-              "num_regions", "num_images")
+              "grounding_acc50_unconstrained", "num_regions", "num_images")
 
 
 # ============================================================================================ recipe per run
-def load_plan(smoke: bool, scale: str = "full", path: Path = EXPERIMENTS_CONFIG) -> tuple[dict, dict]:
+def load_plan(smoke: bool, scale: str = "full", path: Path = EXPERIMENTS_CONFIG) -> tuple[list[str], dict]:
     """(scale overrides, {claim: {condition: overrides}}) for a scale preset, or the smoke preset."""
     plan = yaml.safe_load(path.read_text())
     claims = dict(plan["claims"])
     if smoke:
         claims.update(plan.get("smoke_claims", {}))
-    return plan["scale"]["smoke" if smoke else scale], claims
+        return list(SMOKE) + [f"{k}={json.dumps(v)}" for k, v in (plan["scale"].get("smoke") or {}).items()], claims
+    return [f"{k}={json.dumps(v)}" for k, v in plan["scale"][scale].items()], claims
 
 
-def make_recipe(scale: dict, condition: dict, seed: int, config: str | Path = CONFIG, extra: list[str] = ()) -> Recipe:
-    """The quickstart recipe + scale + condition overrides, with this run's seed."""
+def make_recipe(scale: list[str], condition: dict, seed: int, extra: list[str] = ()) -> dict:
+    """The quickstart recipe + scale + condition overrides, with this run's seed (parts keep seed 0)."""
     condition = dict(condition)
     joint = condition.pop("joint", False)
     # JSON is valid YAML, so every value goes through load_recipe's own parser unchanged.
-    overrides = [f"{k}={json.dumps(v)}" for k, v in {**scale, **condition, "seed": seed}.items()] + list(extra)
-    r = load_recipe(config, overrides)
-    if joint:
-        r = jointly(r)
-    return r
+    overrides = list(scale) + [f"{k}={json.dumps(v)}" for k, v in condition.items()] + [f"seed={seed}", "parts.seed=0"]
+    recipe = load_recipe(CONFIG, overrides + list(extra))
+    return jointly(recipe) if joint else recipe
 
 
-def jointly(r: Recipe) -> Recipe:
-    """All warm-up + stage-1 + stage-2 steps in one phase that trains every part on both tasks (the warm-up phase)."""
-    if r.warmup_trains != "all":
-        raise ValueError(f"joint training needs warmup_trains='all' (the phase that trains every part), got {r.warmup_trains!r}")
-    total = sum(p.steps for p in r.phases().values())
-    warmup = dataclasses.replace(r.warmup, steps=total, bbox2caption=1.0, caption2bbox=1.0)
-    return dataclasses.replace(r, warmup=warmup, stage1=Phase(steps=0), stage2=Phase(steps=0))
+def jointly(recipe: dict) -> dict:
+    """All the phases' steps in one phase that trains every part on both tasks (not the paper's method)."""
+    recipe = copy.deepcopy(recipe)
+    total = sum(phase_steps(recipe, name) for name in recipe["phases"])
+    recipe["phases"] = {"joint": {"stage": "joint", "tasks": {"bbox2caption": 1.0, "caption2bbox": 1.0},
+                                  "training": {"max_steps": total}}}
+    return recipe
+
+
+def phase_steps(recipe: dict, name: str) -> int:
+    return (recipe["phases"][name].get("training") or {}).get("max_steps", (recipe.get("training") or {}).get("max_steps", 0))
+
+
+def train_images(recipe: dict) -> int:
+    data = recipe["data"]
+    return int(data.get("train_images") or data["sizes"]["train"])
 
 
 # ============================================================================================ one run
-def run_one(r: Recipe, data_dir: Path, work: Path, eval_after_stage1: bool = False, eval_batch_size: int = 64) -> dict:
-    """Train one model with recipe `r` on the first `r.train_images` images of `data_dir` and score it."""
+def run_one(recipe: dict, data_dir: Path, work: Path) -> dict:
+    """Train one model with `recipe` on the first `train_images` images of `data_dir`, score and probe it.
+
+    The runner's per-phase validation reads the *test* split here (every region), so the scores after stage 1 and
+    after the whole run are held-out scores of the same queries.
+    """
     start = time.time()
-    torch.manual_seed(r.seed)
+    recipe = copy.deepcopy(recipe)
+    recipe["output_dir"] = str(work)
+    _set(recipe, "data.path", str(data_dir))
+    _set(recipe, "data.splits", {"train": "train", "val": "test", "test": "test"})
+    _set(recipe, "eval.every", 0)  # phase ends only
+    recipe["eval"].pop("val_regions", None)
     full_train = load_split(data_dir, "train")
-    if r.train_images > len(full_train):
-        raise ValueError(f"{data_dir} holds {len(full_train)} training images, the run needs {r.train_images}")
-    train = full_train.select(range(r.train_images))
+    if train_images(recipe) > len(full_train):
+        raise ValueError(f"{data_dir} holds {len(full_train)} training images, the run needs {train_images(recipe)}")
     test = load_split(data_dir, "test")
     # The probe is fit on the same training-split images in every run, whatever the model was trained on: with a
     # smaller training set it would otherwise also get a smaller probe set and confound the data-size claim.
     probe_train = full_train.select(range(min(PROBE_TRAIN_IMAGES, len(full_train))))
+    roi = (recipe.get("training") or {}).get("roi_output_size", 2)
 
-    captions = [reg["caption"] for row in train.select_columns(["regions"]) for reg in row["regions"]]
-    model, processor = build_model(r, work, captions)
-    model.to(r.device)
-    # Crops are needed by stage 1 even with lambda = 0: the stage-1 collator always sends them (and the trainer
-    # pops them), so build them whenever stage 1 runs.
-    store = QueryStore(train, processor, crops=r.stage1.steps > 0)
-    baseline_box, baseline_caption = synthetic_baselines(train)
-    timings = {"setup_s": time.time() - start}
-
-    def evaluate() -> dict:
-        t0 = time.time()
-        model.eval()
-        scores = evaluate_synthetic(model, processor, test, batch_size=eval_batch_size, baseline_box=baseline_box,
-                                    baseline_caption=baseline_caption)
-        timings["eval_s"] = timings.get("eval_s", 0.0) + time.time() - t0
-        return {k: scores[k] for k in SCORE_KEYS}
-
-    result = {"probe_init": linear_probe(model, processor, probe_train, test, r.roi_output_size, seed=r.seed)}
-    curve = {"loss": [], "val": []}
-    step = 0
-    for name in ("warmup", "stage1", "stage2"):
-        t0 = time.time()
-        if r.phases()[name].steps > 0:
-            step = run_phase(name, model, processor, store, r, work, step, curve, None)
-        timings[f"{name}_s"] = time.time() - t0
-        if name == "stage1" and eval_after_stage1 and r.stage1.steps > 0:
-            result["after_stage1"] = evaluate()  # the paper's "stage 1 only" grounding (its ~13% vs ~55%)
-    result["scores"] = evaluate()
-    result["probe"] = linear_probe(model, processor, probe_train, test, r.roi_output_size, seed=r.seed)
-    timings["total_s"] = time.time() - start
-    result.update(timings=timings, steps=step, curve=curve["loss"])
+    model, processor = build_model(recipe, RunState(), log=lambda *a: None)
+    result = {"probe_init": linear_probe(model, processor, probe_train, test, roi, seed=recipe["seed"])}
+    model, processor, state, _ = run(recipe, start_from=(model, processor))
+    t0 = time.time()
+    model.eval()
+    scores = evaluate_synthetic(model, processor, test, batch_size=64, train=full_train.select(range(train_images(recipe))),
+                                progress=False)
+    state.timings["eval_s"] = time.time() - t0
+    result["scores"] = {k: scores[k] for k in SCORE_KEYS}
+    result["phases"] = state.phase_scores  # held-out scores at the start and after each phase
+    if "stage1" in state.phase_scores:
+        result["after_stage1"] = state.phase_scores["stage1"]  # the paper's "stage 1 only" grounding (~13% vs ~55%)
+    result["probe"] = linear_probe(model, processor, probe_train, test, roi, seed=recipe["seed"])
+    state.timings["total_s"] = time.time() - start
+    result.update(timings=state.timings, steps=state.steps, curve=state.curve["loss"], parts=state.parts and {
+        k: {m: v for m, v in r.items() if m != "loss_curve"} for k, r in state.parts.items()})
     return result
 
 
-def find_same_run(out: Path, r: Recipe, smoke: bool, needs_stage1_eval: bool) -> Path | None:
+def find_same_run(out: Path, recipe: dict, smoke: bool) -> Path | None:
     """A finished, not itself reused, run of exactly this recipe (seed included) under `out`, if any."""
-    recipe = dataclasses.asdict(r)
     for path in sorted((out / "runs").glob("*/*.json")):
         run = json.loads(path.read_text())
-        if run.get("reused_from") or run.get("smoke") != smoke or run.get("recipe") != json.loads(json.dumps(recipe)):
-            continue
-        if needs_stage1_eval and "after_stage1" not in run:
-            continue
-        return path
+        if not run.get("reused_from") and run.get("smoke") == smoke and run.get("recipe") == recipe:
+            return path
     return None
 
 
-def data_dir_for(r: Recipe, max_train_images: int, root: Path) -> Path:
+def data_dir_for(recipe: dict, max_train_images: int, root: Path) -> Path:
     """The shared synthetic set (data seed 0) large enough for every run of the plan; written once."""
-    data_recipe = dataclasses.replace(r, train_images=max_train_images, seed=0)
+    from ..train.data.synth import write_synth
+    from ..train.runner import synth_config
+
+    data = {k: v for k, v in recipe["data"].items() if k not in ("path", "splits", "train_images")}
+    data["sizes"] = {**data["sizes"], "train": max_train_images}
     # The folder name carries a digest of the generator settings: a recipe change never reuses a stale set.
-    digest = hashlib.sha1(json.dumps(dataclasses.asdict(synth_config(data_recipe)), sort_keys=True).encode()).hexdigest()[:8]
-    data_dir = root / f"synth-train{max_train_images}-val{r.val_images}-test{r.test_images}-{digest}"
-    make_data(data_recipe, data_dir)
-    return data_dir
+    digest = hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
+    folder = root / f"synth-train{max_train_images}-{digest}"
+    if not (folder / "README.md").exists():
+        write_synth(str(folder), {k: int(v) for k, v in data["sizes"].items()}, synth_config(recipe), seed=0)
+    return folder
 
 
 # ============================================================================================ main
@@ -182,19 +184,19 @@ def main(argv=None) -> list[Path]:
             if not args.conditions or name in args.conditions]
     if not plan:
         raise SystemExit(f"no condition of {args.claim} is named in --conditions {args.conditions}")
-    recipes = [make_recipe(scale, cond, seed, extra=args.set) for _, _, cond, seed in plan]
+    recipes = [make_recipe(scale, cond, seed, extra=[f"threads={args.threads}", *args.set]) for _, _, cond, seed in plan]
     # One synthetic set for every claim of the preset (sized for the largest), so separate invocations share it.
-    max_train = max(make_recipe(scale, cond, 0, extra=args.set).train_images for conds in claims.values() for cond in conds.values())
+    max_train = max(train_images(make_recipe(scale, cond, 0, extra=args.set)) for conds in claims.values()
+                    for cond in conds.values())
     written = []
-    for (claim, name, _, seed), r in zip(plan, recipes):
+    for (claim, name, _, seed), recipe in zip(plan, recipes):
         path = out / "runs" / claim / f"{name}_seed{seed}.json"
         if path.exists() and not args.force:
             print(f"skip {path} (exists; --force reruns it)", flush=True)
             written.append(path)
             continue
-        wants_stage1_eval = claim == "stages"
         # --force means "compute again": never substitute a stored run (the old JSON of this very path included)
-        source = None if args.force else find_same_run(out, r, args.smoke, wants_stage1_eval)
+        source = None if args.force else find_same_run(out, recipe, args.smoke)
         if source is not None:
             # e.g. distill/lambda1 and data/n1000 are the staged recipe itself: the same seeded run, not rerun.
             result = json.loads(source.read_text())
@@ -202,10 +204,10 @@ def main(argv=None) -> list[Path]:
             print(f"=== {claim}/{name} seed {seed}: same recipe as {result['reused_from']}, reused", flush=True)
         else:
             print(f"=== {claim}/{name} seed {seed}", flush=True)
-            data_dir = data_dir_for(r, max_train, data_root)
+            data_dir = data_dir_for(recipe, max_train, data_root)
             with tempfile.TemporaryDirectory(prefix="granvit-ablation-") as work:
-                result = run_one(r, data_dir, Path(work), eval_after_stage1=wants_stage1_eval)
-            result.update(smoke=args.smoke, threads=args.threads, recipe=dataclasses.asdict(r),
+                result = run_one(recipe, data_dir, Path(work))
+            result.update(smoke=args.smoke, threads=args.threads, recipe=recipe, train_images=train_images(recipe),
                           finished=time.strftime("%Y-%m-%d %H:%M:%S"))
         result.update(claim=claim, condition=name, seed=seed)
         path.parent.mkdir(parents=True, exist_ok=True)

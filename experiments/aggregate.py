@@ -48,7 +48,7 @@ def load_runs(out: Path) -> dict[str, dict[str, list[dict]]]:
         run = json.loads(path.read_text())
         runs.setdefault(run["claim"], {}).setdefault(run["condition"], []).append(run)
     for claim, conditions in runs.items():
-        order = sorted(conditions, key=lambda c: (conditions[c][0]["recipe"]["train_images"], c)) if claim == "data" else sorted(conditions)
+        order = sorted(conditions, key=lambda c: (conditions[c][0]["train_images"], c)) if claim == "data" else sorted(conditions)
         runs[claim] = {c: sorted(conditions[c], key=lambda r: r["seed"]) for c in order}
     return runs
 
@@ -127,9 +127,11 @@ def summary_markdown(runs: dict) -> str:
         smoke = any(r.get("smoke") for rs in conditions.values() for r in rs)
         lines += [f"## {claim}" + (" (SMOKE preset: not a result)" if smoke else ""), ""]
         r = next(iter(conditions.values()))[0]["recipe"]
-        lines += [f"Recipe of the runs: ViT {r['vision_layers']} x {r['vision_hidden']}, LLM {r['text_layers']} x "
-                  f"{r['text_hidden']}, {r['image_size']} px / {r['patch_size']} px patches, {r['warmup']['images_per_step']} "
-                  f"images per step, {r['test_images']} test images; steps per condition in the table.", ""]
+        siglip, lm = r["parts"]["siglip"], r["parts"]["lm"]
+        lines += [f"Recipe of the runs: ViT {siglip['layers']} x {siglip['hidden']} (small SigLIP), LLM {lm['layers']} x "
+                  f"{lm['hidden']} (small Qwen2), {siglip['image_size']} px / {siglip['patch_size']} px patches, "
+                  f"{r['training']['per_device_train_batch_size']} images per step, {r['data']['sizes']['test']} test "
+                  f"images, box format {r['model']['box_format']}; steps per condition in the table.", ""]
         header = ["condition", "seeds", "train images", "steps"] + [m[0] for m in METRICS] + [e[0] for e in EXTRA] + ["wall s/run"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for name, rs in conditions.items():
@@ -137,7 +139,7 @@ def summary_markdown(runs: dict) -> str:
             reused = sorted({r["reused_from"].removeprefix("runs/").split("_seed")[0] for r in rs if r.get("reused_from")})
             if reused:  # the same recipe and seed already ran for another claim: its JSON is copied, not rerun
                 seeds += f" (= {', '.join(reused)})"
-            cells = [name, seeds, str(rs[0]["recipe"]["train_images"]), str(rs[0]["steps"])]
+            cells = [name, seeds, str(rs[0]["train_images"]), str(rs[0]["steps"])]
             cells += [mean_std([get(r, m[1]) for r in rs]) for m in METRICS]
             cells += [mean_std([get(r, e[1]) for r in rs]) for e in EXTRA]
             cells.append(f"{np.mean([r['timings']['total_s'] for r in rs]):.0f}")
@@ -155,7 +157,7 @@ def plot_claim(claim: str, conditions: dict[str, list[dict]], path: Path) -> Pat
     fig, axes = plt.subplots(1, len(METRICS), figsize=(3.2 * len(METRICS), 3.2))
     names = list(conditions)
     for ax, (label, metric, base) in zip(axes, METRICS):
-        series = [(n if claim != "data" else str(conditions[n][0]["recipe"]["train_images"]),
+        series = [(n if claim != "data" else str(conditions[n][0]["train_images"]),
                    [100 * get(r, metric) for r in conditions[n] if get(r, metric) is not None]) for n in names]
         if claim == "stages" and metric == ("scores", "grounding_acc50"):
             # the paper's "stage 1 only" point: the staged runs scored before their stage 2

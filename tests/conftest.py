@@ -6,6 +6,7 @@ import tempfile
 # Set before transformers / huggingface_hub are imported by any test module: they read these at import time.
 _HF_HOME = tempfile.mkdtemp(prefix="granvit-hf-home-")
 os.environ["HF_HOME"] = _HF_HOME
+os.environ["GRANVIT_CACHE"] = os.path.join(_HF_HOME, "granvit-cache")  # the embedded parts tests pretrain
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"

@@ -24,7 +24,6 @@ MODULES = {
     "granvit-demo": "granvit.spaces.app",
 }
 REPO = Path(__file__).resolve().parent.parent
-INTEGRATOR = pytest.mark.xfail(strict=True, reason="integrator wires the training runner's main to console_main")
 
 
 def command(script: str, *args) -> list[str]:
@@ -184,7 +183,6 @@ def test_eval_scores_a_local_gran_split(table):
     assert len(json.loads((tmp / "scored" / "gran" / "result.json").read_text())["examples"]) == 3
 
 
-@INTEGRATOR
 @pytest.mark.parametrize("module, argv", [("granvit.train.cli", ["--stage", "1", "--config", "nope.yaml"]),
                                           ("granvit.train.quickstart", ["--config", "nope.yaml", "--out", "qs"])])
 def test_training_cli_missing_config_in_one_line(module, argv, capsys):
@@ -306,7 +304,6 @@ def test_quickstart_smoke_exits_0(tmp_path):
 
 
 @pytest.mark.slow
-@INTEGRATOR
 def test_train_smoke_exits_0_and_prints_no_trainer(tmp_path):
     proc = run(command("granvit-train", "--stage", 1, "--config", REPO / "train/configs/cli_tiny_cpu.yaml",
                        f"output_dir={tmp_path}", "training.max_steps=2"), REPO, timeout=600)

@@ -1,15 +1,16 @@
-"""granvit-train configs: every YAML builds valid TrainingArguments for every stage, the paper recipe's arithmetic,
-the accelerate launch configs, and the DeepSpeed JSONs (pydantic-validated when deepspeed is installed)."""
+"""Training recipes: every YAML builds valid TrainingArguments for every phase, the paper recipe's arithmetic, the
+accelerate launch configs, and the DeepSpeed JSONs (pydantic-validated when deepspeed is installed)."""
 import json
 from pathlib import Path
 
 import pytest
 import yaml
-from granvit.train.cli import load_config
+from granvit.console import UserError
+from granvit.train.recipe import load_recipe, phase_training
 from granvit.train.trainers import GranViTTrainingArguments
 
 CONFIGS = Path(__file__).resolve().parent.parent / "train" / "configs"
-CLI_CONFIGS = ["cli_tiny_cpu.yaml", "paper_siglip2_qwen2.5_1.5b.yaml"]
+RECIPES = ["cli_tiny_cpu.yaml", "quickstart.yaml", "paper_siglip2_qwen2.5_1.5b.yaml"]
 ACCELERATE = CONFIGS / "accelerate"
 
 # DeepSpeed 0.19 config keys used by these files (deepspeed.ai/docs/config-json); the pydantic check below is stricter.
@@ -21,31 +22,37 @@ DS_ZERO_KEYS = {"stage", "overlap_comm", "contiguous_gradients", "reduce_scatter
                 "stage3_max_reuse_distance", "stage3_gather_16bit_weights_on_model_save", "sub_group_size"}
 
 
-@pytest.mark.parametrize("name", CLI_CONFIGS)
-@pytest.mark.parametrize("stage", ["1", "2", "sft"])
-def test_configs_build_training_arguments(name, stage, tmp_path):
-    config = load_config(str(CONFIGS / name), stage, [f"output_dir={tmp_path}", "training.use_cpu=true"])
-    args = GranViTTrainingArguments(output_dir=str(tmp_path / "out"), **config["training"])
-    assert args.remove_unused_columns is False  # the stage-1 crops and boxes must reach the collator
-    if stage != "1":
-        assert config["model"]["checkpoint"] == f"{tmp_path}/stage{'2' if stage == 'sft' else '1'}/final"
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipes_build_training_arguments_for_every_phase(name, tmp_path):
+    recipe = load_recipe(CONFIGS / name, [f"output_dir={tmp_path}", "data.path=/data/gran", "training.use_cpu=true",
+                                          "training.bf16=false"])
+    assert [p["stage"] for p in recipe["phases"].values()][:2] == ["1", "2"]  # the paper's order
+    for phase in recipe["phases"]:
+        args = GranViTTrainingArguments(output_dir=str(tmp_path / phase), **phase_training(recipe, phase))
+        assert args.remove_unused_columns is False  # the stage-1 crops and boxes must reach the collator
 
 
 def test_paper_recipe_arithmetic():
-    config = load_config(str(CONFIGS / "paper_siglip2_qwen2.5_1.5b.yaml"), "1")
-    t = config["training"]
+    recipe = load_recipe(CONFIGS / "paper_siglip2_qwen2.5_1.5b.yaml", ["data.path=/data/gran"])
+    t = recipe["training"]
     gpus = yaml.safe_load((ACCELERATE / "ddp.yaml").read_text())["num_processes"]
-    assert t["per_device_train_batch_size"] * t["gradient_accumulation_steps"] * gpus == 256
-    assert (t["learning_rate"], t["num_train_epochs"], t["distill_lambda"], t["ema_decay"]) == (1e-5, 1, 1.0, 0.9)
+    queries = recipe["data"]["regions_per_image"]
+    assert t["per_device_train_batch_size"] * queries * t["gradient_accumulation_steps"] * gpus == 256
+    assert (t["learning_rate"], t["distill_lambda"], t["ema_decay"]) == (1e-5, 1.0, 0.9)
     assert t["optim"].startswith("adamw") and t["bf16"] is True
+    assert recipe["model"]["box_format"] == "text" and recipe["model"]["num_coord_bins"] == 1000
 
 
-def test_overrides_beat_the_stage_section(tmp_path):
-    config = load_config(str(CONFIGS / "cli_tiny_cpu.yaml"), "1", ["training.learning_rate=0.5", "stage1.data.seed=7"])
-    assert config["training"]["learning_rate"] == 0.5  # stage1.training.learning_rate is 1e-3 in the file
-    assert config["data"]["seed"] == 7
-    with pytest.raises(ValueError, match="unknown config keys"):
-        load_config(str(CONFIGS / "cli_tiny_cpu.yaml"), "1", ["trainig.max_steps=3"])
+def test_overrides_and_unknown_keys(tmp_path):
+    recipe = load_recipe(CONFIGS / "cli_tiny_cpu.yaml", ["training.learning_rate=0.5", "phases.stage2.training.max_steps=7"])
+    assert phase_training(recipe, "stage2")["learning_rate"] == 0.5 and phase_training(recipe, "stage2")["max_steps"] == 7
+    assert phase_training(recipe, "stage1")["learning_rate"] == 1e-3  # the phase's own value beats the recipe's
+    with pytest.raises(UserError, match="unknown key"):
+        load_recipe(CONFIGS / "cli_tiny_cpu.yaml", ["trainig.max_steps=3"])
+    with pytest.raises(UserError, match="stage must be one of"):
+        load_recipe(CONFIGS / "cli_tiny_cpu.yaml", ["phases.stage1.stage=3"])
+    with pytest.raises(UserError, match="box_format"):
+        load_recipe(CONFIGS / "cli_tiny_cpu.yaml", ["model.box_format=digits"])
 
 
 @pytest.mark.parametrize("name", ["ddp.yaml", "fsdp.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml"])

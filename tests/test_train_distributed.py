@@ -12,11 +12,12 @@ CONFIG = Path(__file__).resolve().parent.parent / "train" / "configs" / "cli_tin
 STEPS = 3
 SCRIPT = """
 import sys, torch
-from granvit.train.cli import load_config, run
-config = load_config(sys.argv[1], "1", sys.argv[2:])
-trainer = run(config, "1")
+from granvit.train.recipe import load_recipe
+from granvit.train.runner import run
+recipe = load_recipe(sys.argv[1], sys.argv[2:])
+trainer = run(recipe, only=["stage1"])[2].last_trainer
 state = {"log": trainer.state.log_history, "teacher": trainer.teacher.state_dict(), "student": trainer.model.state_dict()}
-torch.save(state, f"{config['output_dir']}/rank{trainer.args.process_index}.pt")
+torch.save(state, f"{recipe['output_dir']}/rank{trainer.args.process_index}.pt")
 """
 
 
@@ -25,7 +26,7 @@ def overrides(out: Path) -> list[str]:
     # example at every step, so a correct 2-rank step equals a 1-process step. SGD: an update proportional to the
     # gradient, so a doubled loss would show (Adam's first step would hide a factor 2).
     return [
-        f"output_dir={out}", "data.synthetic.train=1", "data.regions_per_image=1", "training.per_device_train_batch_size=1",
+        f"output_dir={out}", "data.sizes.train=1", "data.regions_per_image=1", "training.per_device_train_batch_size=1",
         f"training.max_steps={STEPS}", f"training.save_steps={STEPS}", "training.logging_steps=1", "training.optim=sgd",
         "training.learning_rate=0.05", "training.lr_scheduler_type=constant", "training.warmup_steps=0",
         "training.disable_tqdm=true",
@@ -39,7 +40,7 @@ def test_two_process_stage1_matches_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = tmp_path / "single"
     subprocess.run([sys.executable, str(script), str(CONFIG), *overrides(single)], env=env, check=True, capture_output=True)
-    tiny = f"model.checkpoint={single}/tiny-build/granvit"
+    tiny = f"model.checkpoint={single}/build"
     multi = tmp_path / "multi"
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(CONFIG),

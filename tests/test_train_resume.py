@@ -49,7 +49,7 @@ def assert_same_final_weights(a: Path, b: Path) -> tuple[dict, dict]:
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     straight = tmp_path / "straight"
     subprocess.run(command(straight), env=env(), check=True, capture_output=True)
-    tiny = straight / "tiny-build" / "granvit"  # the same starting weights for the killed run
+    tiny = straight / "build"  # the same starting weights for the killed run
     crashed = tmp_path / "crashed"
     proc = subprocess.Popen(command(crashed, f"model.checkpoint={tiny}"), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     marker = crashed / "stage1" / f"checkpoint-{KILL_AFTER}" / "ema_teacher.safetensors"  # the last file of a checkpoint
@@ -93,7 +93,7 @@ def test_deepspeed_zero2_resume_restores_the_teacher(tmp_path):
 
     resumed = tmp_path / "resumed"  # holds only the straight run's first checkpoint, as if it had died after it
     shutil.copytree(straight / "stage1" / f"checkpoint-{SAVE_EVERY}", resumed / "stage1" / f"checkpoint-{SAVE_EVERY}")
-    run = launch(resumed, f"model.checkpoint={straight / 'tiny-build' / 'granvit'}", "training.resume_from_checkpoint=true")
+    run = launch(resumed, f"model.checkpoint={straight / 'build'}", "training.resume_from_checkpoint=true")
     assert run.returncode == 0, run.stderr[-3000:]
     assert 0 < run.stdout.count("'loss':") <= 10 - SAVE_EVERY, "the resumed run did not resume"
     assert_same_final_weights(straight, resumed)

@@ -1,15 +1,18 @@
-"""GranViT's training stages as ``transformers.Trainer`` subclasses.
+"""GranViT's training stages as ``transformers.Trainer`` subclasses (what each trains: freezing.TRAINED).
 
     stage 1 (Stage1Trainer): ViT + projector trained through the *frozen* LLM on Bbox2Caption, plus self-distillation
-        from an EMA teacher (see ema.py). The LLM stays frozen so that the only way to lower the caption loss is for
-        the ViT to put what is inside the box into the patches under the box; a trainable LLM would soak up the signal.
+        from an EMA teacher (see ema.py).
     stage 2 (Stage2Trainer): ViT frozen, projector + LLM trained (full or LoRA) on Caption2Bbox (+ some Bbox2Caption).
     sft (SFTStageTrainer): the stage-2 code path on VQA-style conversations.
+    projector (ProjectorTrainer): LLaVA's alignment step, only the projector; joint (JointTrainer): every part (not the
+        paper's method; the experiments compare against it).
 
 Every stage sets its ``requires_grad`` masks itself, keeps frozen components in eval mode (no dropout) even while
 training, logs a table of trainable / frozen parameters per component and refuses to run if a component that must be
-frozen is not. Batches come from ``data.tasks.TaskCollator``; set ``remove_unused_columns=False`` (the default of
-``GranViTTrainingArguments``) or the Trainer drops the stage-1 region boxes and crops before the collator sees them.
+frozen is not. The optimizer has one learning rate per component (``*_lr_scale`` x ``learning_rate``): a freshly
+initialised projector learns faster than the pretrained parts around it. Batches come from ``data.tasks.TaskCollator``;
+set ``remove_unused_columns=False`` (the default of ``GranViTTrainingArguments``) or the Trainer drops the stage-1
+region boxes and crops before the collator sees them.
 """
 
 import logging
@@ -29,12 +32,16 @@ from .ema import (
 )
 from .freezing import (  # noqa: F401 (public here too)
     COMPONENTS,
+    ROWS,
     TRAINED,
     apply_stage,
+    component_modules,
     component_of,
     format_table,
+    new_token_ids,
     parameter_table,
 )
+from .losses import soft_coordinate_loss
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +57,18 @@ class GranViTTrainingArguments(TrainingArguments):
     roi_output_size: int = 7  # ROIAlign output side on both the student and the teacher side
     distill_regions_per_example: int = 0  # regions distilled per example (first K of its boxes); 0 = all
     # "layer_norm": MSE between features layer-normed over channels (no affine), as data2vec normalizes its EMA
-    # targets; "none": MSE on raw hidden states. Raw features let student and EMA teacher drift apart in scale: on the
-    # quickstart the raw MSE grew 10 -> 33 in 150 steps and held-out grounding fell 56% -> 27% during stage 1, while
-    # the normalized MSE fell 0.10 -> 0.05 and the run ended 3 points higher (train/quickstart.py docstring).
+    # targets; "none": MSE on raw hidden states, which let student and EMA teacher drift apart in scale and collapsed
+    # stage 1 on the tiny recipe (EXPERIMENTS.md).
     distill_feature_norm: str = "layer_norm"
+    # Per-component learning rates: learning_rate x these (the LLM's scale also covers lm_head).
+    vision_lr_scale: float = 1.0
+    projector_lr_scale: float = 1.0
+    llm_lr_scale: float = 1.0
+    # Std (in bins) of Gaussian soft targets for coordinate tokens (box_format="tokens"); 0 = one-hot.
+    soft_coord_sigma: float = 0.0
+    # Stage 1 with box_format="tokens": train the embedding and lm_head rows of <box>, </box>, <coord_*> while the
+    # rest of the LLM stays frozen (a frozen LLM has never seen these new tokens).
+    train_new_token_rows: bool = False
     lora_r: int = 0  # stage 2 / sft: 0 = full fine-tuning, > 0 = LoRA of this rank on the language model only
     lora_alpha: int = 16
     lora_dropout: float = 0.05
@@ -69,7 +84,14 @@ class GranViTTrainer(Trainer):
             raise TypeError("use a stage trainer (Stage1Trainer, Stage2Trainer, SFTStageTrainer), not GranViTTrainer")
         if not isinstance(args, GranViTTrainingArguments):
             raise TypeError(f"{type(self).__name__} needs GranViTTrainingArguments, got {type(args).__name__}")
-        model = apply_stage(model, self.stage, args.lora_r, args.lora_alpha, args.lora_dropout)
+        rows = new_token_ids(model.config) if args.train_new_token_rows else None
+        model = apply_stage(model, self.stage, args.lora_r, args.lora_alpha, args.lora_dropout, trainable_rows=rows)
+        if args.soft_coord_sigma > 0 and "compute_loss_func" not in kwargs:
+            config = model.config
+            if config.box_format != "tokens":
+                raise ValueError("soft_coord_sigma needs box_format='tokens' (text coordinates are several digit tokens)")
+            kwargs["compute_loss_func"] = soft_coordinate_loss(config.coord_token_start_id, config.num_coord_bins,
+                                                               args.soft_coord_sigma)
         super().__init__(model=model, args=args, **kwargs)
         self.teacher = self.make_teacher()
         self.parameter_table = parameter_table(self.model, self.teacher)
@@ -99,11 +121,34 @@ class GranViTTrainer(Trainer):
 
     def set_frozen_eval(self, model: nn.Module) -> None:
         """``Trainer.training_step`` calls ``model.train()`` each step; put the frozen components back in eval mode."""
-        base = self.base_model(model)
-        modules = {"vision_tower": base.model.vision_tower, "multi_modal_projector": base.model.multi_modal_projector,
-                   "language_model": base.model.language_model, "lm_head": base.lm_head}
+        modules = component_modules(self.base_model(model))
         for name in self.frozen_components():
             modules[name].eval()
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer class and settings, with one parameter group per (component learning rate, decay).
+
+        ``Trainer.create_optimizer`` is the documented hook for parameter groups; every group's ``lr`` is
+        ``learning_rate`` x its component's scale, and the scheduler scales every group alike. Rows trained inside a
+        frozen matrix (``train_new_token_rows``) are never decayed: decay would move the frozen rows too.
+        """
+        if self.optimizer is not None:
+            return self.optimizer
+        model = model if model is not None else self.model
+        a = self.args
+        scales = {"vision_tower": a.vision_lr_scale, "multi_modal_projector": a.projector_lr_scale,
+                  "language_model": a.llm_lr_scale, "lm_head": a.llm_lr_scale}
+        decay = set(self.get_decay_parameter_names(model))
+        groups: dict[tuple[float, float], list] = {}
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                weight_decay = a.weight_decay if name in decay and not hasattr(param, ROWS) else 0.0
+                groups.setdefault((scales[component_of(name)], weight_decay), []).append(param)
+        param_groups = [{"params": params, "lr": a.learning_rate * scale, "weight_decay": wd}
+                        for (scale, wd), params in groups.items()]
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(a, model)
+        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
@@ -250,4 +295,17 @@ class SFTStageTrainer(GranViTTrainer):
     stage = "sft"
 
 
-TRAINERS = {"1": Stage1Trainer, "2": Stage2Trainer, "sft": SFTStageTrainer}
+class ProjectorTrainer(GranViTTrainer):
+    """LLaVA's alignment step: only the projector trains, the pretrained ViT and LLM stay frozen."""
+
+    stage = "projector"
+
+
+class JointTrainer(GranViTTrainer):
+    """Every parameter on the region tasks at once (no distillation): the experiments' alternative to the stages."""
+
+    stage = "joint"
+
+
+TRAINERS = {"1": Stage1Trainer, "2": Stage2Trainer, "sft": SFTStageTrainer, "projector": ProjectorTrainer,
+            "joint": JointTrainer}

@@ -6,6 +6,12 @@
     examples = TaskBuilder(processor, tasks=("bbox2caption", "caption2bbox")).apply(ds)
     collate = TaskCollator(processor, counter)                  # counter: a SkipCounter the Trainer callback logs
 
+or, one item per image with all its queries (what the training runner uses: every query of an image lands in the same
+batch, so an answer cannot be copied from another query of the same image):
+
+    items = ImageQueries(load_dataset(path, split="train"), builder)        # map-style
+    items = StreamedImageQueries(ds, builder)                               # streaming
+
 An example is {"image": PIL RGB, "image_id", "image_size": [w, h], "task", "prompt", "target", "boxes": [[x1, y1,
 x2, y2], ...] original pixels, "skipped": {reason: n}} and, with `stage1=True`, "model_boxes" (the boxes normalized to
 the padded square the model sees, for `get_region_features`) and "crops" (PIL crops of the regions from the original
@@ -30,7 +36,10 @@ from datasets import Image as ImageFeature
 
 from .schema import MAX_CAPTION_CHARS, BadRecord, check_header, check_region, decode_image
 
-TASKS = ("bbox2caption", "caption2bbox")
+TASKS = ("bbox2caption", "caption2bbox", "vqa")
+REGION_TASKS = ("bbox2caption", "caption2bbox")
+# The question a Gran record answers without VQA annotations of its own (the "vqa" task on region data).
+COUNT_QUESTION = "How many objects are in the image?"
 
 
 class SkipCounter:
@@ -62,7 +71,9 @@ def _sort_key(box):
 class TaskBuilder:
     """Expands each Gran record into Bbox2Caption / Caption2Bbox examples for `regions_per_image` sampled regions.
 
-    Region sampling is seeded by (seed, image_id), so a resumed or re-split stream yields the same examples.
+    `tasks`: task names, or {task: share}: each chosen region is asked a task with probability `share` (a seeded coin
+    per image, task and region). Region sampling and the coins are seeded by (seed, image_id), so a resumed or
+    re-split stream yields the same examples (and an image gives the same examples in every epoch).
     `multi_box`: a Caption2Bbox target lists every region of the image sharing the caption (reading order);
     without it such ambiguous captions give no Caption2Bbox example.
     """
@@ -70,18 +81,23 @@ class TaskBuilder:
     def __init__(
         self,
         processor,
-        tasks=TASKS,
+        tasks=REGION_TASKS,
         regions_per_image: int = 4,
         multi_box: bool = True,
         stage1: bool = False,
         seed: int = 0,
         max_caption_chars: int = MAX_CAPTION_CHARS,
     ):
-        unknown = set(tasks) - set(TASKS)
+        shares = dict(tasks) if isinstance(tasks, dict) else {t: 1.0 for t in tasks}
+        unknown = set(shares) - set(TASKS)
         if unknown:
             raise ValueError(f"unknown tasks {sorted(unknown)}; choose from {TASKS}")
+        bad = {t: v for t, v in shares.items() if not 0 <= v <= 1}
+        if bad:
+            raise ValueError(f"task shares must be in [0, 1], got {bad}")
         self.processor = processor
-        self.tasks = tuple(tasks)
+        self.shares = {t: float(v) for t, v in shares.items() if v > 0}
+        self.tasks = tuple(self.shares)
         self.regions_per_image = regions_per_image
         self.multi_box = multi_box
         self.stage1 = stage1
@@ -124,12 +140,12 @@ class TaskBuilder:
         rng = random.Random(f"{self.seed}:{record['image_id']}")
         chosen = rng.sample(regions, min(self.regions_per_image, len(regions)))
         out, seen_captions = [], set()
-        for region in chosen:
-            if "bbox2caption" in self.tasks:
+        for k, region in enumerate(chosen):
+            if "bbox2caption" in self.tasks and self._coin(rng, "bbox2caption"):
                 prompt = self.processor.bbox2caption_prompt(region["bbox"], size)
                 # captions are data, not markup: plain_text keeps a "<box>" inside OCR text from becoming a token
                 out.append(self._example(record, image, "bbox2caption", prompt, self.processor.plain_text(region["caption"]), [region["bbox"]]))
-            if "caption2bbox" in self.tasks and region["caption"] not in seen_captions:
+            if "caption2bbox" in self.tasks and region["caption"] not in seen_captions and self._coin(rng, "caption2bbox"):
                 seen_captions.add(region["caption"])
                 boxes = sorted((r["bbox"] for r in regions if r["caption"] == region["caption"]), key=_sort_key)
                 if len(boxes) > 1 and not self.multi_box:
@@ -137,7 +153,15 @@ class TaskBuilder:
                     continue
                 target = self.processor.encode_boxes(boxes, size)
                 out.append(self._example(record, image, "caption2bbox", self.processor.caption2bbox_prompt(region["caption"]), target, boxes))
+        if "vqa" in self.tasks and self._coin(rng, "vqa"):
+            question, answer = record.get("question") or COUNT_QUESTION, record.get("answer") or str(len(regions))
+            out.append(self._example(record, image, "vqa", self.processor.vqa_prompt(question),
+                                     self.processor.plain_text(answer), [r["bbox"] for r in regions]))
         return out
+
+    def _coin(self, rng: random.Random, task: str) -> bool:
+        share = self.shares[task]
+        return share >= 1 or rng.random() < share
 
     def _example(self, record, image, task, prompt, target, boxes) -> dict:
         example = {
@@ -183,17 +207,68 @@ class TaskBuilder:
         return dataset.map(self, batched=True, batch_size=batch_size, remove_columns=list(dataset.column_names))
 
 
+class ImageQueries:
+    """Map-style items for training: item i = every example of record i (one image, all its queries).
+
+    `dataset`: a map-style `datasets.Dataset` in the Gran schema (the image column is read undecoded, so a corrupt
+    image is counted by the builder instead of raising in datasets' decoder). A record that gives no example (broken,
+    no usable region) is counted and replaced by the next one, so every item holds at least one query.
+    """
+
+    def __init__(self, dataset, builder: TaskBuilder):
+        self.dataset = dataset.cast_column("image", ImageFeature(decode=False)) if hasattr(dataset, "cast_column") else dataset
+        self.builder = builder
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> list[dict]:
+        for step in range(len(self.dataset)):
+            examples = self.builder.examples(self.dataset[(index + step) % len(self.dataset)])
+            if examples:
+                examples[0]["skipped"], self.builder.pending = dict(self.builder.pending), Counter()
+                return examples
+        raise ValueError("no record of the dataset gives a training example: " + str(dict(self.builder.pending)))
+
+
+class StreamedImageQueries:
+    """Streaming items for training: every example of one record per item, from any iterable of Gran records (a
+    streaming `IterableDataset`, already split by rank). Records without examples are counted and skipped."""
+
+    def __init__(self, records, builder: TaskBuilder):
+        self.records, self.builder = records, builder
+
+    def __iter__(self):
+        for record in self.records:
+            examples = self.builder.examples(record)
+            if examples:
+                examples[0]["skipped"], self.builder.pending = dict(self.builder.pending), Counter()
+                yield examples
+
+
+def as_torch_iterable(items):
+    """A `torch.utils.data.IterableDataset` view of `StreamedImageQueries` (what the Trainer's DataLoader expects)."""
+    import torch
+
+    class _Iterable(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(items)
+
+    return _Iterable()
+
+
 class TaskCollator:
     """Examples -> model batch (input_ids, attention_mask, pixel_values, labels [, region_boxes, crop_pixel_values]),
-    folding the examples' skip counts into `counter`."""
+    folding the examples' skip counts into `counter`. Items may be examples or lists of examples (one image each)."""
 
     def __init__(self, processor, counter: SkipCounter | None = None):
         self.processor = processor
         self.counter = counter if counter is not None else SkipCounter()
 
-    def __call__(self, examples: list[dict]):
+    def __call__(self, examples: list):
         import torch
 
+        examples = [e for item in examples for e in (item if isinstance(item, list) else [item])]
         self.counter.absorb(examples)
         batch = self.processor(
             images=[e["image"] for e in examples],

@@ -1,0 +1,139 @@
+"""A training recipe: one YAML file that says what to train from, on what, and in which phases.
+
+    output_dir: runs/x                     # every phase writes under it; "{output_dir}" in strings is filled in
+    seed: 0
+    threads: 0                             # torch threads (0 = torch's default)
+    data:  {path: DIR | null, synth: {...}, sizes: {train: N, val: N, test: N}, regions_per_image: 4, streaming: false}
+    model: {checkpoint: DIR | null, vision: ID | embedded, llm: ID | embedded, box_format: text, num_coord_bins: 1000}
+    parts: {siglip: {...}, lm: {...}}      # the embedded pretrained parts (train/parts.py), when vision/llm: embedded
+                                           # (+ parallel: true|false, seed: the parts' own seed, default `seed`)
+    training: {...}                        # GranViTTrainingArguments for every phase
+    phases:                                # in order; each: a stage of freezing.TRAINED, its tasks and training overrides
+      stage1: {stage: "1", tasks: {bbox2caption: 1.0}, training: {max_steps: 600}}
+      stage2: {stage: "2", tasks: {caption2bbox: 1.0, bbox2caption: 1.0}, training: {max_steps: 600}}
+    eval: {every: 200, val_regions: 128, test: true}
+
+Overrides are dotted paths with YAML values: ``phases.stage2.training.max_steps=50``, ``model.box_format=tokens``.
+Unknown keys are errors that name the key (a misspelt key would otherwise be silently ignored).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+
+import yaml
+
+from ..console import UserError, load_yaml
+
+CONFIGS = Path(__file__).parent / "configs"
+SECTIONS = {
+    "output_dir": None, "seed": None, "threads": None, "data": None, "model": None, "parts": None, "training": None,
+    "phases": None, "eval": None,
+}
+DATA_KEYS = {"path", "splits", "synth", "sizes", "regions_per_image", "multi_box", "streaming", "train_images"}
+MODEL_KEYS = {"checkpoint", "vision", "llm", "box_format", "num_coord_bins", "spatial_merge_size", "vision_feature_layer",
+              "bbox2caption_template", "caption2bbox_template"}
+PHASE_KEYS = {"stage", "tasks", "training"}
+EVAL_KEYS = {"every", "val_regions", "test", "test_regions", "batch_size"}
+DEFAULT_SPLITS = {"train": "train", "val": "val", "test": "test"}
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> dict:
+    """The YAML recipe with `key=value` overrides applied, checked, and "{output_dir}" filled in."""
+    raw = load_yaml(path) or {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a recipe is a YAML mapping (output_dir, data, model, phases, ...)")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"override {item!r} is not key=value (e.g. phases.stage1.training.max_steps=10)")
+        _set(raw, key, yaml.safe_load(value))
+    recipe = _format(raw, output_dir=raw.get("output_dir", "runs/granvit"))
+    check_recipe(recipe, str(path))
+    return recipe
+
+
+def check_recipe(recipe: dict, source: str = "recipe") -> None:
+    """Unknown keys, unknown stages and tasks, and impossible combinations, as one-line errors."""
+    from ..processing_granvit import BOX_FORMATS
+    from .data.synth import SynthConfig
+    from .data.tasks import TASKS
+    from .freezing import TRAINED
+    from .parts import LMRecipe, SiglipRecipe
+    from .trainers import GranViTTrainingArguments
+
+    def unknown(keys, known, where):
+        bad = sorted(set(keys) - set(known))
+        if bad:
+            raise UserError(f"{source}: unknown key(s) {bad} in {where}; known: {sorted(known)}")
+
+    unknown(recipe, SECTIONS, "the recipe")
+    data, model = recipe.get("data") or {}, recipe.get("model") or {}
+    unknown(data, DATA_KEYS, "data")
+    unknown(data.get("synth") or {}, {f.name for f in dataclasses.fields(SynthConfig)} | {"preset"}, "data.synth")
+    unknown(model, MODEL_KEYS, "model")
+    if model.get("box_format", "text") not in BOX_FORMATS:
+        raise UserError(f"{source}: model.box_format must be one of {BOX_FORMATS}, not {model['box_format']!r}")
+    parts = recipe.get("parts") or {}
+    unknown(parts, {"siglip", "lm", "parallel", "seed"}, "parts")
+    unknown(parts.get("siglip") or {}, {f.name for f in dataclasses.fields(SiglipRecipe)}, "parts.siglip")
+    unknown(parts.get("lm") or {}, {f.name for f in dataclasses.fields(LMRecipe)}, "parts.lm")
+    unknown(recipe.get("eval") or {}, EVAL_KEYS, "eval")
+    argument_names = {f.name for f in dataclasses.fields(GranViTTrainingArguments)}
+    unknown(recipe.get("training") or {}, argument_names, "training")
+    phases = recipe.get("phases") or {}
+    if not phases:
+        raise UserError(f"{source}: no phases (add e.g. phases: {{stage1: {{stage: '1', tasks: {{bbox2caption: 1.0}}}}}})")
+    for name, phase in phases.items():
+        unknown(phase, PHASE_KEYS, f"phases.{name}")
+        if str(phase.get("stage")) not in TRAINED:
+            raise UserError(f"{source}: phases.{name}.stage must be one of {sorted(TRAINED)}, not {phase.get('stage')!r}")
+        unknown(phase.get("tasks") or {}, TASKS, f"phases.{name}.tasks")
+        if not phase.get("tasks"):
+            raise UserError(f"{source}: phases.{name} has no tasks (e.g. tasks: {{bbox2caption: 1.0}})")
+        unknown(phase.get("training") or {}, argument_names, f"phases.{name}.training")
+    if not data.get("path") and not (data.get("sizes") or {}).get("train"):
+        raise UserError(f"{source}: set data.path (a Gran dataset folder) or data.sizes.train (synthetic images)")
+    if not model.get("checkpoint") and not (model.get("vision") and model.get("llm")):
+        raise UserError(f"{source}: set model.checkpoint, or model.vision and model.llm (ids, folders or 'embedded')")
+
+
+def phase_training(recipe: dict, name: str) -> dict:
+    """The GranViTTrainingArguments values of one phase: the recipe's `training`, then the phase's own."""
+    return _merge(recipe.get("training") or {}, recipe["phases"][name].get("training") or {})
+
+
+def splits(recipe: dict) -> dict:
+    return {**DEFAULT_SPLITS, **((recipe.get("data") or {}).get("splits") or {})}
+
+
+def dump_recipe(recipe: dict, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(recipe, sort_keys=False))
+
+
+def _set(config: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        child = config.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise UserError(f"override {dotted}: {p} is not a section")
+        config = child
+    config[leaf] = value
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def _format(value, **names):
+    """Fill `{output_dir}` in string values."""
+    if isinstance(value, dict):
+        return {k: _format(v, **names) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_format(v, **names) for v in value]
+    return value.format(**names) if isinstance(value, str) and "{output_dir}" in value else value

@@ -1,0 +1,364 @@
+"""The one training runner: a recipe (train/recipe.py) in, trained phases out. Every entry point calls it:
+``granvit-quickstart`` (the whole pipeline + a report), ``granvit-train --stage N`` (the phases of one stage) and the
+experiments (many recipes).
+
+    data    a Gran folder, or the synthetic set written into {output_dir}/data
+    model   a granvit-build checkpoint, or built here from a vision tower + a causal LLM (`granvit-build`'s code);
+            "embedded" parts are pretrained first (train/parts.py) and cached
+    phases  in recipe order, each a stage Trainer (trainers.TRAINERS) on the phase's tasks, one item per image with
+            every query of that image (data/tasks.py), validation scores every `eval.every` steps
+
+In one process the model passes from phase to phase in memory. `granvit-train` runs one stage per process instead:
+each phase saves `{output_dir}/<phase>/final` and a later phase starts from the last earlier phase's `final`, so the
+two ways build the same Trainer on the same weights, data and losses (tests/test_runner.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from ..console import UserError
+from .recipe import phase_training, splits
+
+logger = logging.getLogger(__name__)
+SYNTH_DIR = "data"  # under output_dir, when the recipe generates the synthetic set
+BUILD_DIR = "build"  # the composed, untrained checkpoint (what `granvit-build` would write)
+
+
+@dataclass
+class RunState:
+    """What a run accumulates across phases: the validation curve, per-phase scores, timings, skipped rows."""
+
+    curve: dict = field(default_factory=lambda: {"loss": [], "val": []})
+    phase_scores: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    parts: dict = field(default_factory=dict)
+    skipped: dict = field(default_factory=dict)
+    trained_tasks: list = field(default_factory=list)
+    steps: int = 0
+    last_trainer: object = None  # the Trainer of the last phase (its log history, teacher, state)
+
+
+# ============================================================================================ data
+def synth_config(recipe: dict):
+    from .data.synth import PRESETS, SynthConfig
+
+    synth = dict((recipe.get("data") or {}).get("synth") or {})
+    preset = synth.pop("preset", "default")
+    if preset not in PRESETS:
+        raise UserError(f"data.synth.preset must be one of {sorted(PRESETS)}, not {preset!r}")
+    return SynthConfig(**{**PRESETS[preset], **synth})
+
+
+def data_dir(recipe: dict) -> Path:
+    path = (recipe.get("data") or {}).get("path")
+    return Path(path) if path else Path(recipe["output_dir"]) / SYNTH_DIR
+
+
+def prepare_data(recipe: dict, log=print) -> Path:
+    """The Gran folder of the recipe; the synthetic set is generated (once) when `data.path` is unset."""
+    from .data.synth import write_synth
+
+    folder = data_dir(recipe)
+    data = recipe.get("data") or {}
+    if data.get("path"):
+        if not folder.exists():
+            raise UserError(f"data.path {folder}: no such folder; pass a Gran dataset folder (granvit-data synth/convert)")
+        return folder
+    if not (folder / "README.md").exists():
+        sizes = {k: int(v) for k, v in (data.get("sizes") or {}).items()}
+        log(f"  synthetic set -> {folder} ({', '.join(f'{v} {k}' for k, v in sizes.items())} images)")
+        write_synth(str(folder), sizes, synth_config(recipe), seed=recipe.get("seed", 0))
+    return folder
+
+
+def load_split(folder: Path, split: str, streaming: bool = False):
+    from datasets import load_dataset
+
+    return load_dataset(str(folder), split=split, streaming=streaming)
+
+
+def has_split(folder: Path, split: str) -> bool:
+    return any((folder / "data").glob(f"{split}-*.parquet"))
+
+
+# ============================================================================================ model
+def embedded_parts(recipe: dict, log=print) -> tuple[str, str, dict]:
+    """(vision folder, llm folder, their quality reports): the recipe's ids/folders, or the embedded small parts.
+
+    Two parts that both need pretraining train side by side in two processes of one thread each (`parts.parallel`,
+    default on where there are 2+ CPUs): they are independent, and each keeps one core busy.
+    """
+    from .parts import LMRecipe, SiglipRecipe, cached_part, pretrain_parts
+
+    model, parts = recipe["model"], recipe.get("parts") or {}
+    seed = parts.get("seed", recipe.get("seed", 0))
+    synth = synth_config(recipe)
+    jobs = {}
+    if model["vision"] == "embedded":
+        jobs["siglip"] = {"recipe": SiglipRecipe(**(parts.get("siglip") or {})), "synth": synth, "seed": seed}
+    if model["llm"] == "embedded":
+        templates = {"bbox2caption": model.get("bbox2caption_template", "describe {box}"),
+                     "caption2bbox": model.get("caption2bbox_template", "find {caption}")}
+        jobs["lm"] = {"recipe": LMRecipe(**(parts.get("lm") or {})), "synth": synth, "seed": seed,
+                      "bins": model.get("num_coord_bins", 1000), "templates": templates}
+    if jobs and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not all(cached_part(k, **v) for k, v in jobs.items()):
+        raise UserError("the embedded parts are pretrained in a single process: run the recipe once without a "
+                        "distributed launcher (e.g. granvit-train --stage 1 ... phases.stage1.training.max_steps=0)")
+    parallel = parts.get("parallel", (os.cpu_count() or 1) > 1)
+    done = pretrain_parts(jobs, parallel=parallel, log=log)
+    vision = str(done["siglip"][0]) if "siglip" in done else model["vision"]
+    llm = str(done["lm"][0]) if "lm" in done else model["llm"]
+    return vision, llm, {name: report for name, (_, report) in done.items()}
+
+
+def build_model(recipe: dict, state: RunState, log=print):
+    """(model, processor): the recipe's starting checkpoint, or the parts composed by granvit-build's code path."""
+    from ..modeling_granvit import GranViTForConditionalGeneration
+    from ..processing_granvit import GranViTProcessor
+    from .build import build_granvit, save_granvit
+
+    model_cfg = recipe["model"]
+    if model_cfg.get("checkpoint"):
+        checkpoint = model_cfg["checkpoint"]
+        return GranViTForConditionalGeneration.from_pretrained(checkpoint), GranViTProcessor.from_pretrained(checkpoint)
+    vision, llm, state.parts = embedded_parts(recipe, log)
+    templates = {k: model_cfg[k] for k in ("bbox2caption_template", "caption2bbox_template") if k in model_cfg}
+    model, processor = build_granvit(
+        vision, llm, num_coord_bins=model_cfg.get("num_coord_bins", 1000),
+        spatial_merge_size=model_cfg.get("spatial_merge_size", 1),
+        vision_feature_layer=model_cfg.get("vision_feature_layer", -1),
+        box_format=model_cfg.get("box_format", "text"), **templates,
+    )
+    save_granvit(model, processor, Path(recipe["output_dir"]) / BUILD_DIR)
+    log(f"  granvit-build: {vision} + {llm} -> {Path(recipe['output_dir']) / BUILD_DIR} "
+        f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, box format {processor.box_format})")
+    return model, processor
+
+
+def phase_dir(recipe: dict, name: str) -> Path:
+    return Path(recipe["output_dir"]) / name
+
+
+def starting_checkpoint(recipe: dict, name: str) -> Path | None:
+    """The `final` of the last phase before `name` that a previous `granvit-train` run saved, if any."""
+    names = list(recipe["phases"])
+    for earlier in reversed(names[: names.index(name)]):
+        final = phase_dir(recipe, earlier) / "final"
+        if (final / "config.json").exists():
+            return final
+    return None
+
+
+# ============================================================================================ one phase
+def make_trainer(recipe: dict, name: str, model, processor, train_split, state: RunState, evaluate=None):
+    """The Trainer of one phase: stage class, arguments, one item per image, the collator and the callbacks."""
+    from .data.tasks import ImageQueries, SkipCounter, StreamedImageQueries, TaskBuilder, TaskCollator, as_torch_iterable
+    from .data.tasks import skip_counter_callback
+    from .trainers import TRAINERS, GranViTTrainingArguments
+
+    phase, data = recipe["phases"][name], recipe.get("data") or {}
+    stage = str(phase["stage"])
+    training = {"output_dir": str(phase_dir(recipe, name)), "seed": recipe.get("seed", 0), **phase_training(recipe, name)}
+    if data.get("streaming"):
+        # Each rank reads its own shards (split_dataset_by_node); the default would read on rank 0 and dispatch.
+        training.setdefault("accelerator_config", {"dispatch_batches": False})
+    args = GranViTTrainingArguments(**training)
+    builder = TaskBuilder(processor, tasks=phase["tasks"], regions_per_image=data.get("regions_per_image", 4),
+                          multi_box=data.get("multi_box", True), stage1=stage == "1", seed=recipe.get("seed", 0))
+    if data.get("streaming"):
+        from datasets.distributed import split_dataset_by_node
+
+        if args.world_size > 1:  # whole shards per rank when num_shards % world_size == 0
+            train_split = split_dataset_by_node(train_split, rank=args.process_index, world_size=args.world_size)
+        dataset = as_torch_iterable(StreamedImageQueries(train_split, builder))
+    else:
+        dataset = ImageQueries(train_split, builder)
+    counter = SkipCounter()
+    callbacks = [skip_counter_callback(counter), CurveCallback(name, state, evaluate, (recipe.get("eval") or {}).get("every", 0))]
+    return TRAINERS[stage](model=model, args=args, train_dataset=dataset, data_collator=TaskCollator(processor, counter),
+                           processing_class=processor, callbacks=callbacks)
+
+
+class CurveCallback(TrainerCallback):
+    """Keeps (global step, losses) across phases and, every `every` steps, a validation score (the learning curve)."""
+
+    def __init__(self, name: str, state: RunState, evaluate, every: int):
+        self.name, self.state, self.evaluate, self.every = name, state, evaluate, every
+        self.offset = state.steps
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            entry = {"step": self.offset + state.global_step, "phase": self.name, "loss": logs["loss"]}
+            entry.update({k: logs[k] for k in ("caption_loss", "distill_loss") if k in logs})
+            self.state.curve["loss"].append(entry)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.evaluate and self.every and state.global_step % self.every == 0 and state.is_world_process_zero:
+            scores = {**self.evaluate(model), "step": self.offset + state.global_step, "phase": self.name}
+            self.state.curve["val"].append(scores)
+            print(f"  validation at step {scores['step']} ({self.name}): grounding {scores['grounding_acc50']:.3f}, "
+                  f"caption {scores['caption_exact']:.3f}", flush=True)
+
+
+def last_complete_checkpoint(phase_folder: str, stage: str) -> str | None:
+    """The newest checkpoint that was fully written. The Trainer writes checkpoint folders in place, so a crash while
+    saving leaves a partial `checkpoint-N` that `resume_from_checkpoint=True` would pick. `trainer_state.json` is the
+    Trainer's last file, and stage 1 writes `ema_teacher.safetensors` after it."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    from .ema import TEACHER_FILE
+
+    required = ["trainer_state.json"] + ([TEACHER_FILE] if stage == "1" else [])
+    candidates = sorted(Path(phase_folder).glob(f"{PREFIX_CHECKPOINT_DIR}-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    for checkpoint in reversed(candidates):
+        if all((checkpoint / name).is_file() for name in required):
+            return str(checkpoint)
+        logger.warning("Skipping %s: incomplete (killed while saving?)", checkpoint)
+    logger.warning("No complete checkpoint in %s: starting from scratch", phase_folder)
+    return None
+
+
+def run_phase(recipe: dict, name: str, model, processor, train_split, state: RunState, evaluate=None, log=print):
+    """Train one phase; returns the trained (unwrapped, LoRA-merged) model."""
+    phase = recipe["phases"][name]
+    trainer = make_trainer(recipe, name, model, processor, train_split, state, evaluate)
+    steps = trainer.args.max_steps
+    log(f"[{name}] stage {phase['stage']}: {steps} steps x {trainer.args.per_device_train_batch_size} images, "
+        f"tasks {phase['tasks']}")
+    start = time.time()
+    resume = trainer.args.resume_from_checkpoint
+    if str(resume).lower() in ("true", "last"):
+        resume = last_complete_checkpoint(str(phase_dir(recipe, name)), str(phase["stage"]))
+    trainer.train(resume_from_checkpoint=resume)
+    seconds = time.time() - start
+    state.timings[f"{name}_s"] = seconds
+    state.timings[f"{name}_steps"] = steps
+    state.timings[f"{name}_steps_per_s"] = steps / seconds if seconds else None
+    state.steps += steps
+    state.skipped.update({f"{name}/{k}": v for k, v in trainer.data_collator.counter.as_dict().items()})
+    for task in phase["tasks"]:
+        if task not in state.trained_tasks:
+            state.trained_tasks.append(task)
+    trained = trainer.accelerator.unwrap_model(trainer.model)
+    if hasattr(trained, "merge_and_unload"):  # LoRA: keep the adapter next to the phase, continue with merged weights
+        if trainer.is_world_process_zero():
+            trained.save_pretrained(str(phase_dir(recipe, name) / "adapter"))
+        trained = trained.merge_and_unload()
+    trained.requires_grad_(True)
+    if evaluate is not None and trainer.is_world_process_zero():
+        if not state.curve["val"] or state.curve["val"][-1]["step"] != state.steps:
+            state.curve["val"].append({**evaluate(trained), "step": state.steps, "phase": name})
+        state.phase_scores[name] = {k: v for k, v in state.curve["val"][-1].items() if k not in ("step", "phase")}
+    return trained, trainer
+
+
+# ============================================================================================ the run
+def load_checkpoint(folder) -> tuple:
+    from ..modeling_granvit import GranViTForConditionalGeneration
+    from ..processing_granvit import GranViTProcessor
+
+    return GranViTForConditionalGeneration.from_pretrained(folder), GranViTProcessor.from_pretrained(folder)
+
+
+def _starting_model(recipe: dict, names: list[str], only, start_from, state: RunState, log) -> tuple:
+    """(model, processor, tasks it was trained on): given, the saved `final` of an earlier phase, or built."""
+    checkpoint = starting_checkpoint(recipe, names[0]) if only and start_from is None else None
+    if start_from is not None:
+        model, processor = start_from
+    elif checkpoint is not None:
+        log(f"  starting from {checkpoint}")
+        model, processor = load_checkpoint(checkpoint)
+    else:
+        model, processor = build_model(recipe, state, log)
+    return model, processor, list(model.config.trained_tasks or [])
+
+
+
+def make_validator(recipe: dict, processor, val_split, baselines):
+    """A function model -> quick validation scores (grammar-constrained grounding, caption exact match)."""
+    from ..eval.run import evaluate_synthetic
+
+    settings = recipe.get("eval") or {}
+
+    def evaluate(model) -> dict:
+        was_training = model.training
+        model.eval()
+        scores = evaluate_synthetic(model, processor, val_split, limit=settings.get("val_regions"),
+                                    batch_size=settings.get("batch_size", 64), baseline_box=baselines[0],
+                                    baseline_caption=baselines[1], unconstrained=False, progress=False)
+        model.train(was_training)
+        return {k: scores[k] for k in ("grounding_acc50", "grounding_miou", "caption_exact")}
+
+    return evaluate
+
+
+def run(recipe: dict, only: list[str] | None = None, log=print, start_from: tuple | None = None) -> tuple:
+    """Run the recipe's phases (all, or the names in `only`); returns (model, processor, RunState, data folder).
+
+    With `only`, each phase saves `{output_dir}/<phase>/final` and the first one starts from the saved `final` of
+    the last earlier phase (or from the build when there is none). `start_from`: a (model, processor) to train instead of
+    building one (the experiments probe the built model before training it).
+    """
+    from ..eval.run import synthetic_baselines
+    from .build import save_granvit
+    from .trainers import GranViTTrainingArguments
+
+    state = RunState()
+    threads = recipe.get("threads", 0)
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(recipe.get("seed", 0))
+    names = list(recipe["phases"]) if only is None else only
+    start = time.time()
+
+    # Under a distributed launch the first process writes the data and the build, the others then read them.
+    first = GranViTTrainingArguments(output_dir=str(Path(recipe["output_dir"]) / BUILD_DIR),
+                                     **{k: v for k, v in (recipe.get("training") or {}).items() if k != "resume_from_checkpoint"})
+    with first.main_process_first(desc="data, parts and build", local=False):
+        folder = prepare_data(recipe, log)
+        state.timings["data_s"] = time.time() - start
+        built = Path(recipe["output_dir"]) / BUILD_DIR
+        if start_from is None and not first.should_save and (built / "config.json").exists():
+            start_from = load_checkpoint(built)
+        model, processor, state.trained_tasks = _starting_model(recipe, names, only, start_from, state, log)
+        state.timings["parts_and_build_s"] = time.time() - start - state.timings["data_s"]
+    split_names = splits(recipe)
+    streaming = bool((recipe.get("data") or {}).get("streaming"))
+    train = load_split(folder, split_names["train"], streaming)
+    limit = (recipe.get("data") or {}).get("train_images")
+    if limit:  # the first N images (a smaller training set is a prefix of the larger one)
+        train = train.take(limit) if streaming else train.select(range(min(int(limit), len(train))))
+    val = load_split(folder, split_names["val"]) if has_split(folder, split_names["val"]) else None
+
+    evaluate = None
+    if val is not None and (recipe.get("eval") or {}).get("every") is not None:
+        baseline_rows = train if not streaming else load_split(folder, split_names["train"]).take(10000)
+        evaluate = make_validator(recipe, processor, val, synthetic_baselines(baseline_rows))
+        if names:
+            state.curve["val"].append({**evaluate(model), "step": 0, "phase": "start"})
+            state.phase_scores["start"] = {k: v for k, v in state.curve["val"][-1].items() if k not in ("step", "phase")}
+
+    for name in names:
+        if name not in recipe["phases"]:
+            raise UserError(f"no phase {name!r} in the recipe; phases: {list(recipe['phases'])}")
+        model, trainer = run_phase(recipe, name, model, processor, train, state, evaluate, log)
+        state.last_trainer = trainer
+        model.config.trained_tasks = list(state.trained_tasks)
+        if only is not None and trainer.is_world_process_zero():
+            final = phase_dir(recipe, name) / "final"
+            save_granvit(model, processor, final)
+            if getattr(trainer, "teacher", None) is not None:
+                from .ema import save_teacher
+
+                save_teacher(trainer.teacher, str(phase_dir(recipe, name)))
+            log(f"  [{name}] saved {final}")
+    state.timings["train_total_s"] = time.time() - start
+    return model, processor, state, folder
