@@ -27,7 +27,7 @@ def tiny_checkpoints(tmp_path_factory):
 
     built = {}
 
-    def get(box_format: str = "text"):
+    def get(box_format: str = "tokens"):
         if box_format not in built:
             built[box_format] = build_tiny_checkpoint(tmp_path_factory.mktemp(f"tiny-{box_format}"), box_format=box_format)
         return built[box_format]
@@ -45,7 +45,7 @@ def load_tiny(checkpoint):
 def tiny_checkpoint(tiny_checkpoints):
     """The default box format's tiny checkpoint. Modules that must hold for every box format override this fixture
     (and ``tiny_model_and_processor``) with ``every_box_format`` below."""
-    return tiny_checkpoints("text")
+    return tiny_checkpoints("tokens")
 
 
 @pytest.fixture(scope="session")

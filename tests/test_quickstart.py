@@ -49,7 +49,7 @@ def test_checkpoint_loads_with_remote_code_and_reproduces_predictions(smoke_run)
     assert type(model).__name__ == "GranViTForConditionalGeneration"
     # the recipe's short prompts, box format and 32 bins travel with the checkpoint; so do the tasks it learned
     assert processor.caption2bbox_template == "find {caption}" and processor.num_coord_bins == 32
-    assert processor.box_format == model.config.box_format == "text"
+    assert processor.box_format == model.config.box_format == "tokens"
     assert model.config.trained_tasks == ["bbox2caption", "caption2bbox"]
     scores = evaluate_synthetic(model, processor, load_split(out / "data", "test"), limit=8, batch_size=64,
                                 baseline_box=[0.1, 0.1, 0.5, 0.5], baseline_caption="x")
@@ -59,8 +59,10 @@ def test_checkpoint_loads_with_remote_code_and_reproduces_predictions(smoke_run)
 
 
 def test_frozen_parts_unchanged_by_the_stages(smoke_run, tmp_path):
-    """Stage 1 leaves the LLM bitwise unchanged and trains the ViT; stage 2 the other way round."""
+    """Stage 1 leaves the LLM bitwise unchanged but for the new box-token rows, and trains the ViT; stage 2 leaves
+    the ViT unchanged and trains the LLM."""
     from granvit import GranViTForConditionalGeneration, GranViTProcessor
+    from granvit.train.freezing import new_token_ids
     from granvit.train.runner import RunState, load_split, run_phase
 
     out, _ = smoke_run
@@ -74,7 +76,12 @@ def test_frozen_parts_unchanged_by_the_stages(smoke_run, tmp_path):
 
     llm, vit = snapshot(model.model.language_model), snapshot(model.model.vision_tower)
     model, _ = run_phase(recipe, "stage1", model, processor, train, RunState())
-    assert all(torch.equal(v, model.model.language_model.state_dict()[k]) for k, v in llm.items())
+    after = model.model.language_model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in llm.items() if k != "embed_tokens.weight")
+    # the recipe trains the rows of the added box tokens (train_new_token_rows): those rows move, no other row does
+    new_rows = new_token_ids(model.config)
+    moved = (llm["embed_tokens.weight"] != after["embed_tokens.weight"]).any(dim=1).nonzero().squeeze(1).tolist()
+    assert moved and set(moved) <= set(new_rows)
     assert any(not torch.equal(v, model.model.vision_tower.state_dict()[k]) for k, v in vit.items())
 
     vit = snapshot(model.model.vision_tower)

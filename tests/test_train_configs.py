@@ -40,7 +40,8 @@ def test_paper_recipe_arithmetic():
     assert t["per_device_train_batch_size"] * queries * t["gradient_accumulation_steps"] * gpus == 256
     assert (t["learning_rate"], t["distill_lambda"], t["ema_decay"]) == (1e-5, 1.0, 0.9)
     assert t["optim"].startswith("adamw") and t["bf16"] is True
-    assert recipe["model"]["box_format"] == "text" and recipe["model"]["num_coord_bins"] == 1000
+    assert recipe["model"]["box_format"] == "tokens" and recipe["model"]["num_coord_bins"] == 1000
+    assert recipe["phases"]["stage1"]["training"]["train_new_token_rows"] is True
 
 
 def test_overrides_and_unknown_keys(tmp_path):

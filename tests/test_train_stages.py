@@ -248,3 +248,28 @@ def test_layer_norm_distillation_ignores_feature_scale(processor, model, tmp_pat
     trainer.args.distill_feature_norm = "l2"
     with pytest.raises(ValueError, match="distill_feature_norm"):
         trainer.distill_loss(patches, boxes, crops)
+
+
+def test_new_token_rows_train_while_the_rest_of_the_llm_stays_frozen(processor, model, tmp_path):
+    """Stage 1 with train_new_token_rows: the rows of <box>, </box>, <coord_*> learn; every other row is bitwise fixed."""
+    from granvit.train.freezing import new_token_ids
+
+    before = model.get_input_embeddings().weight.detach().clone()
+    head_before = model.get_output_embeddings().weight.detach().clone()
+    args = arguments(tmp_path, train_new_token_rows=True, weight_decay=0.1)  # decay must not reach the frozen rows
+    trainer = Stage1Trainer(model=model, args=args, train_dataset=examples(processor, "1"), data_collator=TaskCollator(processor))
+    rows = new_token_ids(model.config)
+    assert trainer.parameter_table["new_token_rows"][0] == len(rows) * before.shape[1] * (1 if model.config.tie_word_embeddings else 2)
+    trainer.train()
+    for weight, old in ((model.get_input_embeddings().weight, before), (model.get_output_embeddings().weight, head_before)):
+        moved = (weight.detach() != old).any(dim=1).nonzero().squeeze(1).tolist()
+        assert moved and set(moved) <= set(rows)
+
+
+def test_one_learning_rate_per_component(processor, model, tmp_path):
+    args = arguments(tmp_path, learning_rate=1e-3, vision_lr_scale=0.5, projector_lr_scale=2.0, max_steps=1)
+    trainer = Stage1Trainer(model=model, args=args, train_dataset=examples(processor, "1"), data_collator=TaskCollator(processor))
+    optimizer = trainer.create_optimizer()
+    by_lr = {group["lr"]: sum(p.numel() for p in group["params"]) for group in optimizer.param_groups}
+    table = trainer.parameter_table
+    assert by_lr == {5e-4: table["vision_tower"][0], 2e-3: table["multi_modal_projector"][0]}

@@ -54,14 +54,15 @@ def build_granvit(
     spatial_merge_size: int = 1,
     vision_feature_layer: int = -1,
     projector_hidden_act: str = "gelu",
-    box_format: str = "text",
+    box_format: str = "tokens",
     dtype: torch.dtype = torch.float32,
     **processor_kwargs,
 ) -> tuple[GranViTForConditionalGeneration, GranViTProcessor]:
     """Load both parts with ``from_pretrained``, add GranViT's tokens, and return (model, processor).
 
-    ``box_format``: ``"text"`` (the paper's: coordinates as integers in the LLM's own digits) or ``"tokens"``
-    (6 new tokens per box, with sin/cos-initialised coordinate rows); see processing_granvit.py.
+    ``box_format``: ``"tokens"`` (6 new tokens per box, with sin/cos-initialised coordinate rows; what the
+    small-scale measurement chose) or ``"text"`` (the paper's: coordinates as integers in the LLM's own digits);
+    see processing_granvit.py.
     """
     tokenizer = AutoTokenizer.from_pretrained(llm)
     token_ids = GranViTProcessor.add_tokens(tokenizer, num_coord_bins, box_format)
@@ -123,8 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--llm", required=True, help="Hub id or folder of a causal LLM (with its tokenizer)")
     parser.add_argument("--out", required=True, help="output checkpoint folder")
     parser.add_argument("--num-coord-bins", type=int, default=1000, help="N: coordinates are quantized to 0 .. N-1")
-    parser.add_argument("--box-format", choices=["text", "tokens"], default="text",
-                        help="text: '[x1, y1, x2, y2]' in the LLM's own digits (the paper's); tokens: 6 new tokens per box")
+    parser.add_argument("--box-format", choices=["tokens", "text"], default="tokens",
+                        help="tokens: 6 new tokens per box; text: '[x1, y1, x2, y2]' in the LLM's own digits (the paper's)")
     parser.add_argument("--spatial-merge-size", type=int, default=1, help="k: k x k patches per image token")
     parser.add_argument("--vision-feature-layer", type=int, default=-1)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")

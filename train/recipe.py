@@ -4,7 +4,7 @@
     seed: 0
     threads: 0                             # torch threads (0 = torch's default)
     data:  {path: DIR | null, synth: {...}, sizes: {train: N, val: N, test: N}, regions_per_image: 4, streaming: false}
-    model: {checkpoint: DIR | null, vision: ID | embedded, llm: ID | embedded, box_format: text, num_coord_bins: 1000}
+    model: {checkpoint: DIR | null, vision: ID | embedded, llm: ID | embedded, box_format: tokens, num_coord_bins: 1000}
     parts: {siglip: {...}, lm: {...}}      # the embedded pretrained parts (train/parts.py), when vision/llm: embedded
                                            # (+ parallel: true|false, seed: the parts' own seed, default `seed`)
     training: {...}                        # GranViTTrainingArguments for every phase
@@ -74,7 +74,7 @@ def check_recipe(recipe: dict, source: str = "recipe") -> None:
     unknown(data, DATA_KEYS, "data")
     unknown(data.get("synth") or {}, {f.name for f in dataclasses.fields(SynthConfig)} | {"preset"}, "data.synth")
     unknown(model, MODEL_KEYS, "model")
-    if model.get("box_format", "text") not in BOX_FORMATS:
+    if model.get("box_format", "tokens") not in BOX_FORMATS:
         raise UserError(f"{source}: model.box_format must be one of {BOX_FORMATS}, not {model['box_format']!r}")
     parts = recipe.get("parts") or {}
     unknown(parts, {"siglip", "lm", "parallel", "seed"}, "parts")

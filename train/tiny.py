@@ -89,7 +89,7 @@ def save_tiny_parts(
 
 
 def build_tiny_checkpoint(
-    out_dir: str | Path, num_coord_bins: int = 100, spatial_merge_size: int = 1, box_format: str = "text", **parts_kwargs
+    out_dir: str | Path, num_coord_bins: int = 100, spatial_merge_size: int = 1, box_format: str = "tokens", **parts_kwargs
 ) -> Path:
     """Tiny parts -> ``granvit-build`` -> a complete (untrained) GranViT checkpoint folder at ``out_dir/granvit``."""
     from .build import build_granvit, save_granvit
