@@ -21,13 +21,14 @@ markers never reach the model and never appear in decoded text (``decode``, ``ba
 ``post_process_image_text_to_text`` drop them).
 """
 
-import math
 import re
 
 import torch
 from transformers import AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
+
+from .box_utils_granvit import check_box
 
 IMAGE_TOKEN = "<image>"
 BOX_START, BOX_END = "<box>", "</box>"
@@ -153,25 +154,7 @@ class GranViTProcessor(ProcessorMixin):
     @staticmethod
     def validate_box(box, image_size: tuple[int, int]) -> list[float]:
         """Check a pixel box against its image; returns it as floats or raises ValueError naming the box and rule."""
-        width, height = image_size
-        try:
-            values = [float(v) for v in box]
-        except (TypeError, ValueError):
-            raise ValueError(f"Box {box!r}: must be 4 numbers [x1, y1, x2, y2] (rule: numeric)") from None
-        if len(values) != 4:
-            raise ValueError(f"Box {box!r}: must have 4 coordinates [x1, y1, x2, y2], got {len(values)} (rule: length)")
-        x1, y1, x2, y2 = values
-        if not all(math.isfinite(v) for v in values):
-            raise ValueError(f"Box {box!r}: coordinates must be finite, not NaN or inf (rule: finite)")
-        if min(values) < 0:
-            raise ValueError(f"Box {box!r}: negative coordinate (rule: non-negative)")
-        if x2 > width or y2 > height or x1 > width or y1 > height:
-            raise ValueError(f"Box {box!r}: outside the {width}x{height} image (rule: inside image)")
-        if x2 < x1 or y2 < y1:
-            raise ValueError(f"Box {box!r}: x2 < x1 or y2 < y1 (rule: x1 <= x2 and y1 <= y2)")
-        if x2 == x1 or y2 == y1:
-            raise ValueError(f"Box {box!r}: zero area (rule: positive area)")
-        return values
+        return check_box(box, image_size)
 
     def box_to_bins(self, box, image_size: tuple[int, int]) -> list[int]:
         x1, y1, x2, y2 = self.validate_box(box, image_size)

@@ -103,7 +103,7 @@ def test_build_cli_writes_a_complete_checkpoint(tmp_path):
     files = set(os.listdir(tmp_path / "ckpt"))
     assert {"model.safetensors", "config.json", "generation_config.json", "processor_config.json", "tokenizer.json",
             "chat_template.jinja", "configuration_granvit.py", "modeling_granvit.py", "processing_granvit.py",
-            "image_processing_granvit.py", "region_decoding_granvit.py"} <= files
+            "image_processing_granvit.py", "region_decoding_granvit.py", "box_utils_granvit.py"} <= files
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForImageTextToText"}
     assert config["tie_word_embeddings"] is True and config["spatial_merge_size"] == 2
