@@ -31,7 +31,7 @@ from lmms_eval.models.registry_v2 import ModelManifest
 from tqdm import tqdm
 
 from granvit.eval.benchmarks import to_pil
-from granvit.eval.run import box_grammar, generate, load_model
+from granvit.eval.run import box_grammar, build_prompt, generate, load_model
 
 MANIFEST = ModelManifest(model_id="granvit", simple_class_path="granvit.eval.lmms_eval_granvit.GranViTLmms")
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lmms_tasks")
@@ -52,13 +52,15 @@ class GranViTLmms(lmms):
         self.model, self.processor = load_model(pretrained, device, dtype, trust in ("true", "1", "yes"))
         self.batch_size = int(batch_size)
 
-    def _prompt(self, kind: str, context: str, image) -> str:
+    @staticmethod
+    def _sample(kind: str, context: str, image) -> dict:
+        """An lmms-eval request as the canonical sample of its task type (eval/benchmarks.py)."""
         if kind == "grounding":
-            return self.processor.caption2bbox_prompt(context)
+            return {"expression": context, "image": image}
         if kind == "region_caption":
-            return self.processor.bbox2caption_prompt(json.loads(context), image.size)
+            return {"box": json.loads(context), "image": image}
         if kind == "vqa":
-            return self.processor.vqa_prompt(context)
+            return {"question": context, "image": image}
         raise ValueError(f"unknown granvit_task {kind!r} (grounding, region_caption or vqa)")
 
     def generate_until(self, requests) -> list:
@@ -71,7 +73,9 @@ class GranViTLmms(lmms):
             kind = gen_kwargs.pop("granvit_task", "vqa")
             key = (kind, int(gen_kwargs.pop("max_new_tokens", 32)), tuple(gen_kwargs.pop("until", None) or ()))
             image = to_pil(doc_to_visual(self.task_dict[task][split][doc_id]))   # several images are tiled
-            groups.setdefault(key, []).append((k, self._prompt(kind, context, image), image))
+            # lmms-eval contexts carry their task's own answer instruction.
+            prompt = build_prompt(self.processor, self._sample(kind, context, image), kind, instruction=False)
+            groups.setdefault(key, []).append((k, prompt, image))
         bar = tqdm(total=len(requests), desc="granvit")
         for (kind, max_new_tokens, until), items in groups.items():
             for start in range(0, len(items), self.batch_size):
@@ -98,7 +102,8 @@ class GranViTLmms(lmms):
         for req in tqdm(requests, desc="granvit loglikelihood"):
             context, continuation, doc_to_visual, doc_id, task, split = req.args
             image = to_pil(doc_to_visual(self.task_dict[task][split][doc_id]))
-            inputs = self.processor(images=[image], text=[self.processor.vqa_prompt(context)],
+            prompt = build_prompt(self.processor, self._sample("vqa", context, image), "vqa", instruction=False)
+            inputs = self.processor(images=[image], text=[prompt],
                                     targets=[self.processor.plain_text(continuation)], return_tensors="pt")
             inputs = inputs.to(self.model.device)
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)

@@ -96,34 +96,19 @@ def resolve_model(model: str | None) -> tuple[str, bool]:
     return str(build_tiny_checkpoint(UNTRAINED_DIR)), True
 
 
-def inference_dtype(device: str, requested: str = "auto") -> torch.dtype:
-    """bf16 on GPUs and on CPUs with bf16 matrix units (AMX / AVX512-BF16), fp32 elsewhere.
-
-    Measured on the quickstart checkpoint on an AMX CPU: bf16 weights ran the held-out evaluation 1.7x faster with the
-    same scores (grounding ACC@0.5 0.603 -> 0.601, caption exact 0.242 -> 0.240); BENCHMARKS.md has the figures.
-    """
-    if requested != "auto":
-        return getattr(torch, requested)
-    if device != "cpu":
-        return torch.bfloat16
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: no cheap way to tell, stay exact
-        return torch.float32
-    return torch.bfloat16 if ("amx_bf16" in flags or "avx512_bf16" in flags) else torch.float32
-
-
 class GranViTDemo:
     """The model calls behind the four tabs; inputs are PIL images and boxes in original pixels."""
 
     def __init__(self, model_id: str, trust_remote_code: bool = TRUST_REMOTE_CODE):
         self.model_id = model_id
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = inference_dtype(self.device, os.environ.get("GRANVIT_DTYPE", "auto"))
-        self.model = AutoModelForImageTextToText.from_pretrained(
-            model_id, trust_remote_code=trust_remote_code, dtype=dtype
+        requested = os.environ.get("GRANVIT_DTYPE", "auto")
+        model = AutoModelForImageTextToText.from_pretrained(
+            model_id, trust_remote_code=trust_remote_code, dtype=requested
         )
-        self.model = self.model.to(self.device).eval()
+        # The checkpoint's own rule (GranViTPreTrainedModel.inference_dtype): bf16 where the hardware runs it fast.
+        dtype = model.inference_dtype(self.device) if requested == "auto" else model.dtype
+        self.model = model.to(self.device, dtype).eval()
         self.processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=trust_remote_code)
 
     def untrained_note(self, task: str) -> str | None:
