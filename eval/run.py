@@ -30,7 +30,7 @@ from granvit.eval import metrics as M
 from granvit.eval.benchmarks import BENCHMARKS, TASK_TYPES, get_benchmark, iter_samples, load_rows, to_pil
 from granvit.eval.report import draw_boxes, update_scores
 from granvit.modeling_granvit import GranViTPreTrainedModel
-from granvit.region_decoding_granvit import BoxConstraintLogitsProcessor
+from granvit.box_grammar_granvit import BoxConstraintLogitsProcessor
 
 VQA_SUFFIX = "\nAnswer the question using a single word or phrase."
 CHOICE_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
