@@ -193,15 +193,19 @@ def annotator_value(example: dict) -> dict:
     return {"image": example["image"], "boxes": boxes}
 
 
-# ---- gradio output files -----------------------------------------------------------------------------------------
-def save_pil_to_cache_atomically(img: Image.Image, cache_dir: str, name: str = "image", format: str = "webp") -> str:
-    """gradio 6.31's ``processing_utils.save_pil_to_cache``, but written to a temporary file and renamed into place.
+# ---- gradio adapter: atomic image cache writes --------------------------------------------------------------------
+# gradio 6.31 caches each output image (Image outputs, AnnotatedImage bases and masks) under a hash of its bytes and
+# rewrites that file in place for every request; when two requests produce the same image (same upload, same boxes),
+# one client downloads the file while the other request truncates it and gets an empty body (found by the 32-request
+# load test). gradio has no public option for this, so `use_atomic_image_cache` swaps its module function
+# `processing_utils.save_pil_to_cache` for a twin that writes a temporary file and renames it into place (a reader
+# sees the old complete file or the new one). tests/test_space.py checks that gradio still routes its image outputs
+# through that function and that the twin returns the path and bytes gradio's own would: if gradio changes, it fails.
+_GRADIO_SAVE_PIL_TO_CACHE = processing_utils.save_pil_to_cache
 
-    Output images and AnnotatedImage masks are cached under a hash of their bytes and gradio rewrites that file
-    in place for every request; when two requests produce the same image (same upload, same boxes), one client
-    downloads the file while the other request truncates it and gets an empty body (found by the 32-request load
-    test). A rename is atomic: a reader sees the old complete file or the new one.
-    """
+
+def save_pil_to_cache_atomically(img: Image.Image, cache_dir: str, name: str = "image", format: str = "webp") -> str:
+    """gradio's ``processing_utils.save_pil_to_cache``, written to a temporary file and renamed into place."""
     data = processing_utils.encode_pil_to_bytes(img, format)
     folder = Path(cache_dir) / processing_utils.hash_bytes(data)
     folder.mkdir(exist_ok=True, parents=True)
@@ -212,8 +216,9 @@ def save_pil_to_cache_atomically(img: Image.Image, cache_dir: str, name: str = "
     return str(path)
 
 
-# AnnotatedImage and Image outputs reach it through this module attribute (save_img_array_to_cache included).
-processing_utils.save_pil_to_cache = save_pil_to_cache_atomically
+def use_atomic_image_cache() -> None:
+    """Make gradio write cached output images atomically (see above); called by ``build_demo``."""
+    processing_utils.save_pil_to_cache = save_pil_to_cache_atomically
 
 
 # ---- input checks and drawing ------------------------------------------------------------------------------------
@@ -281,6 +286,7 @@ def pixel_box(box: list[float]) -> tuple[int, int, int, int]:
 # ---- UI ----------------------------------------------------------------------------------------------------------
 def build_demo(demo_model: GranViTDemo, untrained: bool = False, examples: list[dict] | None = None) -> gr.Blocks:
     """The four tabs; ``examples`` (``find_examples``) become clickable examples of Describe regions and Find."""
+    use_atomic_image_cache()
     processor = demo_model.processor
     examples = examples or []
 
