@@ -6,7 +6,8 @@ its `simple_evaluate`). Any lmms-eval `generate_until` task runs as VQA (the tas
 question); decoding is always greedy, so sampling settings (temperature, top_p, num_beams) are not used.
 GranViT's own region tasks set `granvit_task` in their generation_kwargs:
 
-    grounding        the task text is a caption; the answer is the decoded box "[x1, y1, x2, y2]" (pixels) or ""
+    grounding        the task text is a caption; the answer is the decoded box "[x1, y1, x2, y2]" (pixels) or ""; the
+                     token budget is the checkpoint's box format's (one box and its eos), whatever the task says
     region_caption   the task text is a JSON box "[x1, y1, x2, y2]" (pixels); the answer is the caption
 
 Local region tasks over a Parquet file of (image, bbox, caption) rows:
@@ -31,7 +32,7 @@ from lmms_eval.models.registry_v2 import ModelManifest
 from tqdm import tqdm
 
 from granvit.eval.benchmarks import to_pil
-from granvit.eval.run import box_grammar, build_prompt, generate, load_model
+from granvit.eval.run import box_grammar, build_prompt, generate, grounding_budget, load_model
 
 MANIFEST = ModelManifest(model_id="granvit", simple_class_path="granvit.eval.lmms_eval_granvit.GranViTLmms")
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lmms_tasks")
@@ -71,7 +72,10 @@ class GranViTLmms(lmms):
             context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
             gen_kwargs = dict(gen_kwargs)
             kind = gen_kwargs.pop("granvit_task", "vqa")
-            key = (kind, int(gen_kwargs.pop("max_new_tokens", 32)), tuple(gen_kwargs.pop("until", None) or ()))
+            max_new_tokens = int(gen_kwargs.pop("max_new_tokens", 32))
+            if kind == "grounding":  # the box format decides, as in granvit-eval: one box and its eos
+                max_new_tokens = grounding_budget(self.processor)
+            key = (kind, max_new_tokens, tuple(gen_kwargs.pop("until", None) or ()))
             image = to_pil(doc_to_visual(self.task_dict[task][split][doc_id]))   # several images are tiled
             # lmms-eval contexts carry their task's own answer instruction.
             prompt = build_prompt(self.processor, self._sample(kind, context, image), kind, instruction=False)

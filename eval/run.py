@@ -61,6 +61,12 @@ def load_model(model_id: str, device: str | None = None, dtype: str = "auto", tr
     return model.to(device).eval(), processor
 
 
+def grounding_budget(processor) -> int:
+    """New tokens for one grounding answer: one box of the checkpoint's box format and its eos (6 + 1 in the token
+    format, ~16-21 + 1 in the text format)."""
+    return processor.max_box_tokens + 1
+
+
 def box_grammar(processor) -> LogitsProcessorList:
     """What `model.ground` decodes with: the box grammar, the answer starting with a box."""
     return LogitsProcessorList([BoxConstraintLogitsProcessor.from_processor(processor, force_box=True)])
@@ -102,8 +108,8 @@ def predict(model, processor, samples: list, task_type: str, max_new_tokens: int
     also ``text_unconstrained`` / ``box_unconstrained`` from plain greedy decoding."""
     images = [s["image"] for s in samples]
     prompts = [build_prompt(processor, s, task_type) for s in samples]
-    if task_type == "grounding":  # one box and its eos (6 + 1 in the token format, ~16-21 + 1 in the text format)
-        max_new_tokens = max_new_tokens or processor.max_box_tokens + 1
+    if task_type == "grounding":
+        max_new_tokens = max_new_tokens or grounding_budget(processor)
     max_new_tokens = max_new_tokens or MAX_NEW_TOKENS[task_type]
 
     def texts(logits_processor=None):
