@@ -88,13 +88,13 @@ def test_known_answers_score_exactly(bench_dir, tmp_path, monkeypatch, name, fil
     """Rows -> samples -> predictions file -> scorer -> scores.json, with a perfect and a hopeless predictor: the
     headline is 1 and 0 (for captions CIDEr-D, which is not bounded by 1: BLEU-1 is then 1)."""
     scores = {}
-    for wrong in (False, True):
+    # Caption scoring starts Java twice (PTB tokenizer, METEOR): the hopeless case there is test_metrics' business.
+    for wrong in (False,) if name == "refcocog_caption_val" else (False, True):
         monkeypatch.setattr(R, "predict", _oracle(wrong))
         out = tmp_path / str(wrong)
         scores[wrong] = R.run_benchmark(None, None, name, str(out), data=str(bench_dir / file), batch_size=4)
     if name == "refcocog_caption_val":
-        assert scores[False]["bleu1"] == pytest.approx(1.0) and scores[True]["bleu1"] == pytest.approx(0.0, abs=1e-9)
-        assert scores[False]["main"] > 1.0 and scores[True]["main"] == pytest.approx(0.0, abs=1e-9)
+        assert scores[False]["bleu1"] == pytest.approx(1.0) and scores[False]["main"] > 1.0
     else:
         assert (scores[False]["main"], scores[True]["main"]) == (1.0, 0.0)
     if name == "refcoco_val":
