@@ -20,6 +20,7 @@ from transformers.modeling_outputs import (
 )
 
 from .configuration_granvit import GranViTConfig
+from .pipeline_granvit import GranViTRegionsPipeline  # noqa: F401 (config.custom_pipelines names it: ship it with the model)
 from .region_decoding_granvit import GranViTRegionDecodingMixin  # dense region APIs (describe_regions, ground)
 
 
@@ -32,6 +33,20 @@ class GranViTPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+
+    @staticmethod
+    def inference_dtype(device: str | torch.device) -> torch.dtype:
+        """The dtype to run inference in on ``device``: bf16 on accelerators and on CPUs with bf16 matrix units (AMX,
+        AVX512-BF16), where bf16 weights keep the held-out scores and run faster (BENCHMARKS.md); fp32 on other CPUs,
+        where bf16 matmuls are emulated and slow. Training precision is the recipe's business, not this."""
+        if torch.device(device).type != "cpu":
+            return torch.bfloat16
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as f:
+                flags = f.read()
+        except OSError:  # not Linux: no cheap way to tell, stay exact
+            return torch.float32
+        return torch.bfloat16 if ("amx_bf16" in flags or "avx512_bf16" in flags) else torch.float32
 
 
 class GranViTMultiModalProjector(nn.Module):

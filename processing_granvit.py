@@ -21,13 +21,15 @@ markers never reach the model and never appear in decoded text (``decode``, ``ba
 ``post_process_image_text_to_text`` drop them).
 """
 
-import math
 import re
+from typing import TypedDict, Unpack
 
 import torch
 from transformers import AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, TextKwargs
+
+from .box_utils_granvit import check_box
 
 IMAGE_TOKEN = "<image>"
 BOX_START, BOX_END = "<box>", "</box>"
@@ -63,6 +65,19 @@ CHAT_TEMPLATE = (
 )
 
 
+# The tokenizer kwargs GranViT honours (processor(..., padding=..., ...) as in other HF processors). GranViT tokenizes
+# its prompts itself, so the rest of TextKwargs (stride, offsets, pre-split words, ...) would silently do nothing.
+TEXT_KWARGS = {"padding", "truncation", "max_length", "pad_to_multiple_of", "padding_side", "return_attention_mask",
+               "return_tensors", "add_special_tokens"}
+GranViTTextKwargs = TypedDict(
+    "GranViTTextKwargs", {k: v for k, v in TextKwargs.__annotations__.items() if k in TEXT_KWARGS}, total=False
+)
+
+
+class GranViTProcessorKwargs(ProcessingKwargs, total=False):
+    text_kwargs: GranViTTextKwargs
+
+
 def coord_token(i: int) -> str:
     return f"<coord_{i}>"
 
@@ -76,6 +91,10 @@ def box_format_tokens(box_format: str, num_coord_bins: int) -> list[str]:
 
 
 class GranViTProcessor(ProcessorMixin):
+    valid_processor_kwargs = GranViTProcessorKwargs
+    # Defaults of the call (the lowest priority in `_merge_kwargs`): a padded batch of tensors, as GranViT always gave.
+    text_kwargs = {"padding": "longest", "return_tensors": "pt"}
+
     def __init__(
         self,
         image_processor=None,
@@ -153,25 +172,7 @@ class GranViTProcessor(ProcessorMixin):
     @staticmethod
     def validate_box(box, image_size: tuple[int, int]) -> list[float]:
         """Check a pixel box against its image; returns it as floats or raises ValueError naming the box and rule."""
-        width, height = image_size
-        try:
-            values = [float(v) for v in box]
-        except (TypeError, ValueError):
-            raise ValueError(f"Box {box!r}: must be 4 numbers [x1, y1, x2, y2] (rule: numeric)") from None
-        if len(values) != 4:
-            raise ValueError(f"Box {box!r}: must have 4 coordinates [x1, y1, x2, y2], got {len(values)} (rule: length)")
-        x1, y1, x2, y2 = values
-        if not all(math.isfinite(v) for v in values):
-            raise ValueError(f"Box {box!r}: coordinates must be finite, not NaN or inf (rule: finite)")
-        if min(values) < 0:
-            raise ValueError(f"Box {box!r}: negative coordinate (rule: non-negative)")
-        if x2 > width or y2 > height or x1 > width or y1 > height:
-            raise ValueError(f"Box {box!r}: outside the {width}x{height} image (rule: inside image)")
-        if x2 < x1 or y2 < y1:
-            raise ValueError(f"Box {box!r}: x2 < x1 or y2 < y1 (rule: x1 <= x2 and y1 <= y2)")
-        if x2 == x1 or y2 == y1:
-            raise ValueError(f"Box {box!r}: zero area (rule: positive area)")
-        return values
+        return check_box(box, image_size)
 
     def box_to_bins(self, box, image_size: tuple[int, int]) -> list[int]:
         x1, y1, x2, y2 = self.validate_box(box, image_size)
@@ -292,21 +293,30 @@ class GranViTProcessor(ProcessorMixin):
         images=None,
         text=None,
         targets=None,
-        padding_side: str | None = None,
-        return_tensors: str | None = "pt",
         videos=None,
         audio=None,
-        **kwargs,
+        **kwargs: Unpack[GranViTProcessorKwargs],
     ) -> BatchFeature:
         """Images + user prompts (or chat-formatted text) [+ answers] -> ``input_ids``, ``attention_mask``,
         ``pixel_values`` [, ``labels``].
 
         ``text`` not starting with ``<|user|>`` is a user message and gets the chat format, with one ``<image>`` per
         image of its sample. With ``targets`` each answer (+ eos) is appended and ``labels`` are -100 everywhere
-        else; batches are then right-padded (training), otherwise left-padded (generation).
+        else; batches are then right-padded (training), otherwise left-padded (generation), unless ``padding_side``
+        says otherwise. The tokenizer kwargs work as in other processors (``padding``, ``truncation``,
+        ``max_length``, ``pad_to_multiple_of``, ``padding_side``, ``return_attention_mask``, ``return_tensors``; flat
+        or in ``text_kwargs``); GranViT pads to the longest prompt and returns tensors by default. Any other kwarg
+        raises: GranViT tokenizes its prompts itself (chat format, untrusted user text, ``<image>`` expansion).
         """
         if text is None:
             raise ValueError("GranViTProcessor needs text (a prompt per sample)")
+        if videos is not None or audio is not None:
+            raise ValueError("GranViTProcessor takes images and text; videos and audio are not supported")
+        self._check_kwargs(kwargs)
+        # No tokenizer init kwargs: a tokenizer's saved padding_side must not override the training/generation default.
+        options = self._merge_kwargs(**kwargs)["text_kwargs"]
+        if options.get("add_special_tokens"):
+            raise ValueError("add_special_tokens=True: GranViT prompts carry their own chat tokens; the tokenizer adds none")
         texts = [text] if isinstance(text, str) else list(text)
         per_sample_images = self._group_images(images, len(texts))
         chats = [
@@ -331,15 +341,31 @@ class GranViTProcessor(ProcessorMixin):
             answers = [self._encode(t) + [eos] for t in targets]
             labels = [[-100] * len(s) + a for s, a in zip(sequences, answers)]
             sequences = [s + a for s, a in zip(sequences, answers)]
-        side = padding_side or ("right" if targets is not None else "left")
-        data = self._pad(sequences, labels, side)
+        if options.get("truncation") not in (None, False, "do_not_truncate"):
+            sequences, labels = self._truncate(sequences, labels, options.get("max_length"), per_sample_images)
+        side = options.get("padding_side") or ("right" if targets is not None else "left")
+        data = self._pad(sequences, labels, side, options)
+        if options.get("return_attention_mask") is False:
+            del data["attention_mask"]
 
         flat_images = [img for imgs in per_sample_images for img in imgs]
         if flat_images:
             data["pixel_values"] = self.image_processor(flat_images)["pixel_values"]
-        if return_tensors != "pt":
-            data = {k: v.tolist() for k, v in data.items()}
-        return BatchFeature(data=data)
+        return BatchFeature(data=data, tensor_type=options.get("return_tensors"))
+
+    @classmethod
+    def _check_kwargs(cls, kwargs: dict) -> None:
+        """Raise on any kwarg GranViT does not honour, flat or inside ``text_kwargs`` / ``images_kwargs`` / ..."""
+        allowed = {"text_kwargs": TEXT_KWARGS, "images_kwargs": {"return_tensors"}, "common_kwargs": {"return_tensors"},
+                   "videos_kwargs": set(), "audio_kwargs": set()}
+        unknown = [key for key in kwargs if key not in TEXT_KWARGS and key not in allowed]
+        for group, keys in allowed.items():
+            unknown += [f"{group}[{key!r}]" for key in (kwargs.get(group) or {}) if key not in keys]
+        if unknown:
+            raise TypeError(
+                f"GranViTProcessor got unexpected keyword argument(s) {', '.join(map(str, unknown))}; it takes images, "
+                f"text, targets and {', '.join(sorted(TEXT_KWARGS))}"
+            )
 
     def _group_images(self, images, batch_size: int) -> list[list]:
         if images is None:
@@ -358,21 +384,52 @@ class GranViTProcessor(ProcessorMixin):
             raise ValueError(f"{len(grouped)} image groups for {batch_size} prompts")
         return grouped
 
-    def _pad(self, sequences: list[list[int]], labels: list[list[int]] | None, side: str) -> dict:
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        length = max(len(s) for s in sequences)
-        input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
-        label_tensor = torch.full((len(sequences), length), -100, dtype=torch.long)
-        for i, seq in enumerate(sequences):
-            span = slice(length - len(seq), length) if side == "left" else slice(0, len(seq))
-            input_ids[i, span] = torch.tensor(seq, dtype=torch.long)
-            attention_mask[i, span] = 1
+    def _truncate(self, sequences, labels, max_length, per_sample_images):
+        """Cut each sequence (and its labels) to ``max_length`` on the tokenizer's ``truncation_side``; a cut into
+        the image tokens is an error (the model needs all of them)."""
+        max_length = max_length or self.tokenizer.model_max_length
+        cut = (lambda x: x[-max_length:]) if self.tokenizer.truncation_side == "left" else (lambda x: x[:max_length])
+        sequences = [cut(s) for s in sequences]
+        for seq, imgs in zip(sequences, per_sample_images):
+            if seq.count(self.image_token_id) != len(imgs) * self.num_image_tokens:
+                raise ValueError(
+                    f"max_length={max_length} cuts into the image tokens ({len(imgs)} image(s) x "
+                    f"{self.num_image_tokens} tokens); raise max_length"
+                )
+        return sequences, None if labels is None else [cut(lab) for lab in labels]
+
+    def _pad(self, sequences: list[list[int]], labels: list[list[int]] | None, side: str, options: dict) -> dict:
+        """Pad as the tokenizer would for ``padding`` / ``max_length`` / ``pad_to_multiple_of``; lists when a batch
+        stays ragged (``padding=False``), which only ``return_tensors=None`` can return."""
+        padding = options.get("padding")
+        padding = "longest" if padding is True else "do_not_pad" if padding in (False, None) else str(padding)
+        longest, max_length = max(len(s) for s in sequences), options.get("max_length")
+        if padding == "max_length":
+            if max_length is None:
+                raise ValueError("padding='max_length' needs max_length")
+            if longest > max_length:
+                raise ValueError(f"a prompt has {longest} tokens, more than max_length={max_length}; pass truncation=True")
+            longest = max_length
+        if options.get("pad_to_multiple_of"):
+            longest = -(-longest // options["pad_to_multiple_of"]) * options["pad_to_multiple_of"]
+        if padding == "do_not_pad":
+            if len({len(s) for s in sequences}) > 1 and options.get("return_tensors") is not None:
+                raise ValueError("prompts of different lengths cannot become tensors without padding: pass padding=True "
+                                 "or return_tensors=None")
+            data = {"input_ids": [list(s) for s in sequences], "attention_mask": [[1] * len(s) for s in sequences]}
             if labels is not None:
-                label_tensor[i, span] = torch.tensor(labels[i], dtype=torch.long)
-        data = {"input_ids": input_ids, "attention_mask": attention_mask}
+                data["labels"] = [list(lab) for lab in labels]
+            return data
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+
+        def pad(row, value):
+            fill = [value] * (longest - len(row))
+            return fill + list(row) if side == "left" else list(row) + fill
+
+        data = {"input_ids": [pad(s, pad_id) for s in sequences],
+                "attention_mask": [pad([1] * len(s), 0) for s in sequences]}
         if labels is not None:
-            data["labels"] = label_tensor
+            data["labels"] = [pad(lab, -100) for lab in labels]
         return data
 
     # ---- decoding -----------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """GranViT: a fine-grained, region-aware vision encoder trained through an LLM (arXiv 2510.21501).
 
-The repository root *is* the ``granvit`` package: the Hub files (``configuration_granvit.py``,
-``modeling_granvit.py``, ``processing_granvit.py``, ``image_processing_granvit.py``) sit at the top so they
-can be copied verbatim into every checkpoint, and ``train/``, ``eval/``, ``spaces/`` are its sub-packages.
+The repository root *is* the ``granvit`` package: the Hub files (``*_granvit.py``: configuration, modeling,
+processing, image processing and the modules they import) sit at the top so they can be copied verbatim into every
+checkpoint, and ``train/``, ``eval/``, ``spaces/`` are its sub-packages.
 """
 from setuptools import find_packages, setup
 

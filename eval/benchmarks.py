@@ -13,13 +13,15 @@ Rows become *samples*: plain dicts with the canonical keys of their task type
 so the runner and the metrics never see a benchmark's own column names. A row without a required
 column raises ValueError naming the benchmark, the field and the row.
 """
-import io
 import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from PIL import Image
+
+from granvit.box_utils_granvit import xywh_to_xyxy
+from granvit.train.data.schema import decode_image
 
 FAMILIES = ("fine-grained", "vqa", "ocr")
 TASK_TYPES = ("grounding", "region_caption", "vqa", "multiple_choice", "ocr")
@@ -48,22 +50,17 @@ def _require(row, names, bench, index):
             raise ValueError(f"{bench}: row {index} has no field '{name}'")
 
 
-def _xywh_to_xyxy(b):
-    x, y, w, h = (float(v) for v in b)
-    return [x, y, x + w, y + h]
-
-
 def _refcoco_grounding(row, i):
     # One row holds every referring expression of one object; each becomes its own sample (as lmms-eval does).
     exprs = [row["answer"]] if isinstance(row["answer"], str) else list(row["answer"])
-    box = _xywh_to_xyxy(row["bbox"])
+    box = xywh_to_xyxy(row["bbox"])
     return [{"id": f"{row['question_id']}#{k}", "image": row["image"], "expression": e, "box": box}
             for k, e in enumerate(exprs)]
 
 
 def _refcoco_caption(row, i):
     refs = [row["answer"]] if isinstance(row["answer"], str) else list(row["answer"])
-    return [{"id": str(row["question_id"]), "image": row["image"], "box": _xywh_to_xyxy(row["bbox"]),
+    return [{"id": str(row["question_id"]), "image": row["image"], "box": xywh_to_xyxy(row["bbox"]),
              "references": refs}]
 
 
@@ -236,7 +233,8 @@ def iter_samples(bench: Benchmark, rows, base_dir: str = "."):
 
 
 def to_pil(image, base_dir: str = "."):
-    """A PIL RGB image from a PIL image, an HF Image cell ({bytes, path}), a path, or a list (tiled)."""
+    """An RGB image from a PIL image, an HF Image cell ({bytes, path}), a path (relative to `base_dir`), or a list
+    (tiled side by side): EXIF-upright and converted as the model converts it (`schema.decode_image`)."""
     if isinstance(image, list):
         parts = [to_pil(im, base_dir) for im in image]
         canvas = Image.new("RGB", (sum(p.width for p in parts), max(p.height for p in parts)), "white")
@@ -245,11 +243,8 @@ def to_pil(image, base_dir: str = "."):
             canvas.paste(p, (x, 0))
             x += p.width
         return canvas
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, dict) and image.get("bytes") is not None:
-        return Image.open(io.BytesIO(image["bytes"])).convert("RGB")
-    path = image.get("path") if isinstance(image, dict) else image
-    if not isinstance(path, str):
-        raise TypeError(f"cannot read an image from {type(image).__name__}")
-    return Image.open(path if os.path.isabs(path) else os.path.join(base_dir, path)).convert("RGB")
+    if isinstance(image, dict) and image.get("bytes") is None:
+        image = image.get("path")
+    if isinstance(image, (str, os.PathLike)):
+        image = os.path.join(base_dir, image)  # an absolute path stays as it is
+    return decode_image(image, rgb=True)

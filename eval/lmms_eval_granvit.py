@@ -6,7 +6,8 @@ its `simple_evaluate`). Any lmms-eval `generate_until` task runs as VQA (the tas
 question); decoding is always greedy, so sampling settings (temperature, top_p, num_beams) are not used.
 GranViT's own region tasks set `granvit_task` in their generation_kwargs:
 
-    grounding        the task text is a caption; the answer is the decoded box "[x1, y1, x2, y2]" (pixels) or ""
+    grounding        the task text is a caption; the answer is the decoded box "[x1, y1, x2, y2]" (pixels) or ""; the
+                     token budget is the checkpoint's box format's (one box and its eos), whatever the task says
     region_caption   the task text is a JSON box "[x1, y1, x2, y2]" (pixels); the answer is the caption
 
 Local region tasks over a Parquet file of (image, bbox, caption) rows:
@@ -31,7 +32,7 @@ from lmms_eval.models.registry_v2 import ModelManifest
 from tqdm import tqdm
 
 from granvit.eval.benchmarks import to_pil
-from granvit.eval.run import box_grammar, generate, load_model
+from granvit.eval.run import box_grammar, build_prompt, generate, grounding_budget, load_model
 
 MANIFEST = ModelManifest(model_id="granvit", simple_class_path="granvit.eval.lmms_eval_granvit.GranViTLmms")
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lmms_tasks")
@@ -52,13 +53,15 @@ class GranViTLmms(lmms):
         self.model, self.processor = load_model(pretrained, device, dtype, trust in ("true", "1", "yes"))
         self.batch_size = int(batch_size)
 
-    def _prompt(self, kind: str, context: str, image) -> str:
+    @staticmethod
+    def _sample(kind: str, context: str, image) -> dict:
+        """An lmms-eval request as the canonical sample of its task type (eval/benchmarks.py)."""
         if kind == "grounding":
-            return self.processor.caption2bbox_prompt(context)
+            return {"expression": context, "image": image}
         if kind == "region_caption":
-            return self.processor.bbox2caption_prompt(json.loads(context), image.size)
+            return {"box": json.loads(context), "image": image}
         if kind == "vqa":
-            return self.processor.vqa_prompt(context)
+            return {"question": context, "image": image}
         raise ValueError(f"unknown granvit_task {kind!r} (grounding, region_caption or vqa)")
 
     def generate_until(self, requests) -> list:
@@ -69,9 +72,14 @@ class GranViTLmms(lmms):
             context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
             gen_kwargs = dict(gen_kwargs)
             kind = gen_kwargs.pop("granvit_task", "vqa")
-            key = (kind, int(gen_kwargs.pop("max_new_tokens", 32)), tuple(gen_kwargs.pop("until", None) or ()))
+            max_new_tokens = int(gen_kwargs.pop("max_new_tokens", 32))
+            if kind == "grounding":  # the box format decides, as in granvit-eval: one box and its eos
+                max_new_tokens = grounding_budget(self.processor)
+            key = (kind, max_new_tokens, tuple(gen_kwargs.pop("until", None) or ()))
             image = to_pil(doc_to_visual(self.task_dict[task][split][doc_id]))   # several images are tiled
-            groups.setdefault(key, []).append((k, self._prompt(kind, context, image), image))
+            # lmms-eval contexts carry their task's own answer instruction.
+            prompt = build_prompt(self.processor, self._sample(kind, context, image), kind, instruction=False)
+            groups.setdefault(key, []).append((k, prompt, image))
         bar = tqdm(total=len(requests), desc="granvit")
         for (kind, max_new_tokens, until), items in groups.items():
             for start in range(0, len(items), self.batch_size):
@@ -98,7 +106,8 @@ class GranViTLmms(lmms):
         for req in tqdm(requests, desc="granvit loglikelihood"):
             context, continuation, doc_to_visual, doc_id, task, split = req.args
             image = to_pil(doc_to_visual(self.task_dict[task][split][doc_id]))
-            inputs = self.processor(images=[image], text=[self.processor.vqa_prompt(context)],
+            prompt = build_prompt(self.processor, self._sample("vqa", context, image), "vqa", instruction=False)
+            inputs = self.processor(images=[image], text=[prompt],
                                     targets=[self.processor.plain_text(continuation)], return_tensors="pt")
             inputs = inputs.to(self.model.device)
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)

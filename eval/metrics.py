@@ -5,33 +5,16 @@ hand-computed cases and wrapped by `evaluate` modules (eval/evaluate_metrics/) o
 Box convention: [x1, y1, x2, y2] floats in original-image pixels. A prediction that is missing,
 unparseable, non-finite or inverted is a *miss*: it scores 0 and is counted in ``invalid``.
 """
-import math
 import re
 import shutil
 import string
 from collections import Counter, defaultdict
 
+# A valid box: 4 finite numbers with x2 > x1 and y2 > y1, no image bounds (box_utils_granvit.py has the rules).
+from granvit.box_utils_granvit import box_iou
+from granvit.box_utils_granvit import is_valid_box as valid_box
+
 # ----------------------------------------------------------------------------- boxes
-
-
-def valid_box(box) -> bool:
-    """True for a list of 4 finite numbers with x2 > x1 and y2 > y1 (positive area)."""
-    if box is None or len(box) != 4:
-        return False
-    try:
-        x1, y1, x2, y2 = (float(v) for v in box)
-    except (TypeError, ValueError):
-        return False
-    return all(math.isfinite(v) for v in (x1, y1, x2, y2)) and x2 > x1 and y2 > y1
-
-
-def box_iou(a, b) -> float:
-    """Intersection over union of two valid xyxy boxes (continuous coordinates, no +1)."""
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union
 
 
 def grounding_scores(predictions, references, thresholds=(0.5,)):

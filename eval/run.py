@@ -27,9 +27,10 @@ from transformers import LogitsProcessorList
 
 from granvit.console import UserError, check_model_source, console_main
 from granvit.eval import metrics as M
-from granvit.eval.benchmarks import BENCHMARKS, get_benchmark, iter_samples, load_rows, to_pil
+from granvit.eval.benchmarks import BENCHMARKS, TASK_TYPES, get_benchmark, iter_samples, load_rows, to_pil
 from granvit.eval.report import draw_boxes, update_scores
-from granvit.region_decoding_granvit import BoxConstraintLogitsProcessor
+from granvit.modeling_granvit import GranViTPreTrainedModel
+from granvit.box_grammar_granvit import BoxConstraintLogitsProcessor
 
 VQA_SUFFIX = "\nAnswer the question using a single word or phrase."
 CHOICE_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
@@ -39,8 +40,7 @@ MAX_NEW_TOKENS = {"region_caption": 32, "vqa": 16, "multiple_choice": 8, "ocr": 
 # ----------------------------------------------------------------------------- model I/O
 
 def load_model(model_id: str, device: str | None = None, dtype: str = "auto", trust_remote_code: bool = False):
-    """``dtype="auto"``: bf16 on GPUs and on CPUs with AMX / AVX512-BF16 (1.7x faster there with the same held-out
-    scores on the quickstart checkpoint: BENCHMARKS.md), else the checkpoint's own dtype.
+    """``dtype="auto"``: ``GranViTPreTrainedModel.inference_dtype(device)`` (bf16 where the hardware runs it fast).
 
     GranViT checkpoints load with the installed package's classes. A checkpoint whose ``model_type`` neither
     transformers nor GranViT knows, and which ships its own code (``auto_map``), is refused unless
@@ -55,19 +55,16 @@ def load_model(model_id: str, device: str | None = None, dtype: str = "auto", tr
             "transformers nor GranViT provides); pass --trust-remote-code if you trust that repository"
         )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype == "auto" and (device != "cpu" or _cpu_has_bf16_matmul()):
-        dtype = "bfloat16"
+    dtype = GranViTPreTrainedModel.inference_dtype(device) if dtype == "auto" else getattr(torch, dtype)
     model = AutoModelForImageTextToText.from_pretrained(model_id, trust_remote_code=trust_remote_code, dtype=dtype)
     processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=trust_remote_code)
     return model.to(device).eval(), processor
 
 
-def _cpu_has_bf16_matmul() -> bool:
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:  # not Linux: stay with the checkpoint's dtype
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+def grounding_budget(processor) -> int:
+    """New tokens for one grounding answer: one box of the checkpoint's box format and its eos (6 + 1 in the token
+    format, ~16-21 + 1 in the text format)."""
+    return processor.max_box_tokens + 1
 
 
 def box_grammar(processor) -> LogitsProcessorList:
@@ -85,17 +82,22 @@ def generate(model, processor, images, prompts, max_new_tokens: int, logits_proc
     return out[:, inputs["input_ids"].shape[1]:]
 
 
-def build_prompt(processor, sample: dict, task_type: str) -> str:
+# The instruction appended to a benchmark question per task type (lmms-eval's conventions for these benchmarks).
+INSTRUCTIONS = {"vqa": VQA_SUFFIX, "multiple_choice": CHOICE_SUFFIX}
+
+
+def build_prompt(processor, sample: dict, task_type: str, instruction: bool = True) -> str:
+    """The user prompt for a canonical sample (eval/benchmarks.py): the one task -> prompt dispatch of the evaluation.
+
+    ``instruction=False`` leaves out the task type's answer instruction (lmms-eval tasks bring their own)."""
     if task_type == "grounding":
         return processor.caption2bbox_prompt(sample["expression"])
     if task_type == "region_caption":
         return processor.bbox2caption_prompt(sample["box"], sample["image"].size)
-    if task_type == "multiple_choice":
-        options = "".join(f"\n{k}. {v}" for k, v in sample["options"].items() if v)
-        return processor.vqa_prompt(sample["question"] + options + CHOICE_SUFFIX)
-    if task_type == "vqa":
-        return processor.vqa_prompt(sample["question"] + VQA_SUFFIX)
-    return processor.vqa_prompt(sample["question"])
+    if task_type not in ("vqa", "multiple_choice", "ocr"):
+        raise ValueError(f"unknown task type {task_type!r}; expected one of {TASK_TYPES}")
+    options = "".join(f"\n{k}. {v}" for k, v in (sample.get("options") or {}).items() if v)
+    return processor.vqa_prompt(sample["question"] + options + (INSTRUCTIONS.get(task_type, "") if instruction else ""))
 
 
 def predict(model, processor, samples: list, task_type: str, max_new_tokens: int | None = None,
@@ -106,8 +108,8 @@ def predict(model, processor, samples: list, task_type: str, max_new_tokens: int
     also ``text_unconstrained`` / ``box_unconstrained`` from plain greedy decoding."""
     images = [s["image"] for s in samples]
     prompts = [build_prompt(processor, s, task_type) for s in samples]
-    if task_type == "grounding":  # one box and its eos (6 + 1 in the token format, ~16-21 + 1 in the text format)
-        max_new_tokens = max_new_tokens or processor.max_box_tokens + 1
+    if task_type == "grounding":
+        max_new_tokens = max_new_tokens or grounding_budget(processor)
     max_new_tokens = max_new_tokens or MAX_NEW_TOKENS[task_type]
 
     def texts(logits_processor=None):
@@ -432,7 +434,7 @@ def main(argv=None):
     parser.add_argument("--output", default="eval_out")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                        help="auto: bf16 on GPUs and on CPUs with AMX / AVX512-BF16, else the checkpoint's dtype")
+                        help="auto: bf16 on GPUs and on CPUs with AMX / AVX512-BF16, else float32")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow a checkpoint that is not GranViT to run the model code it ships (only for "
                              "repositories you trust; GranViT checkpoints never need it)")

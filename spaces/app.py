@@ -96,34 +96,19 @@ def resolve_model(model: str | None) -> tuple[str, bool]:
     return str(build_tiny_checkpoint(UNTRAINED_DIR)), True
 
 
-def inference_dtype(device: str, requested: str = "auto") -> torch.dtype:
-    """bf16 on GPUs and on CPUs with bf16 matrix units (AMX / AVX512-BF16), fp32 elsewhere.
-
-    Measured on the quickstart checkpoint on an AMX CPU: bf16 weights ran the held-out evaluation 1.7x faster with the
-    same scores (grounding ACC@0.5 0.603 -> 0.601, caption exact 0.242 -> 0.240); BENCHMARKS.md has the figures.
-    """
-    if requested != "auto":
-        return getattr(torch, requested)
-    if device != "cpu":
-        return torch.bfloat16
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: no cheap way to tell, stay exact
-        return torch.float32
-    return torch.bfloat16 if ("amx_bf16" in flags or "avx512_bf16" in flags) else torch.float32
-
-
 class GranViTDemo:
     """The model calls behind the four tabs; inputs are PIL images and boxes in original pixels."""
 
     def __init__(self, model_id: str, trust_remote_code: bool = TRUST_REMOTE_CODE):
         self.model_id = model_id
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = inference_dtype(self.device, os.environ.get("GRANVIT_DTYPE", "auto"))
-        self.model = AutoModelForImageTextToText.from_pretrained(
-            model_id, trust_remote_code=trust_remote_code, dtype=dtype
+        requested = os.environ.get("GRANVIT_DTYPE", "auto")
+        model = AutoModelForImageTextToText.from_pretrained(
+            model_id, trust_remote_code=trust_remote_code, dtype=requested
         )
-        self.model = self.model.to(self.device).eval()
+        # The checkpoint's own rule (GranViTPreTrainedModel.inference_dtype): bf16 where the hardware runs it fast.
+        dtype = model.inference_dtype(self.device) if requested == "auto" else model.dtype
+        self.model = model.to(self.device, dtype).eval()
         self.processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=trust_remote_code)
 
     def untrained_note(self, task: str) -> str | None:
@@ -208,15 +193,19 @@ def annotator_value(example: dict) -> dict:
     return {"image": example["image"], "boxes": boxes}
 
 
-# ---- gradio output files -----------------------------------------------------------------------------------------
-def save_pil_to_cache_atomically(img: Image.Image, cache_dir: str, name: str = "image", format: str = "webp") -> str:
-    """gradio 6.31's ``processing_utils.save_pil_to_cache``, but written to a temporary file and renamed into place.
+# ---- gradio adapter: atomic image cache writes --------------------------------------------------------------------
+# gradio 6.31 caches each output image (Image outputs, AnnotatedImage bases and masks) under a hash of its bytes and
+# rewrites that file in place for every request; when two requests produce the same image (same upload, same boxes),
+# one client downloads the file while the other request truncates it and gets an empty body (found by the 32-request
+# load test). gradio has no public option for this, so `use_atomic_image_cache` swaps its module function
+# `processing_utils.save_pil_to_cache` for a twin that writes a temporary file and renames it into place (a reader
+# sees the old complete file or the new one). tests/test_space.py checks that gradio still routes its image outputs
+# through that function and that the twin returns the path and bytes gradio's own would: if gradio changes, it fails.
+_GRADIO_SAVE_PIL_TO_CACHE = processing_utils.save_pil_to_cache
 
-    Output images and AnnotatedImage masks are cached under a hash of their bytes and gradio rewrites that file
-    in place for every request; when two requests produce the same image (same upload, same boxes), one client
-    downloads the file while the other request truncates it and gets an empty body (found by the 32-request load
-    test). A rename is atomic: a reader sees the old complete file or the new one.
-    """
+
+def save_pil_to_cache_atomically(img: Image.Image, cache_dir: str, name: str = "image", format: str = "webp") -> str:
+    """gradio's ``processing_utils.save_pil_to_cache``, written to a temporary file and renamed into place."""
     data = processing_utils.encode_pil_to_bytes(img, format)
     folder = Path(cache_dir) / processing_utils.hash_bytes(data)
     folder.mkdir(exist_ok=True, parents=True)
@@ -227,8 +216,9 @@ def save_pil_to_cache_atomically(img: Image.Image, cache_dir: str, name: str = "
     return str(path)
 
 
-# AnnotatedImage and Image outputs reach it through this module attribute (save_img_array_to_cache included).
-processing_utils.save_pil_to_cache = save_pil_to_cache_atomically
+def use_atomic_image_cache() -> None:
+    """Make gradio write cached output images atomically (see above); called by ``build_demo``."""
+    processing_utils.save_pil_to_cache = save_pil_to_cache_atomically
 
 
 # ---- input checks and drawing ------------------------------------------------------------------------------------
@@ -296,6 +286,7 @@ def pixel_box(box: list[float]) -> tuple[int, int, int, int]:
 # ---- UI ----------------------------------------------------------------------------------------------------------
 def build_demo(demo_model: GranViTDemo, untrained: bool = False, examples: list[dict] | None = None) -> gr.Blocks:
     """The four tabs; ``examples`` (``find_examples``) become clickable examples of Describe regions and Find."""
+    use_atomic_image_cache()
     processor = demo_model.processor
     examples = examples or []
 

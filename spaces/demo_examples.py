@@ -9,25 +9,16 @@ Layout, next to the checkpoint's weights (``granvit-push`` uploads it with the m
                                                           "regions": [{"bbox": [x1, y1, x2, y2], "caption": ...}]}]}
     <checkpoint>/examples/0.png ...        the images (PNG: lossless; boxes are pixels of exactly this image)
 
-The Space imports this file from its own folder (a Space has no granvit package), so it needs only json and PIL.
+The Space imports this file from its own folder (a Space has no granvit package): reading examples needs only json;
+writing them (the training job) uses the package's image decoding.
 """
 
-import io
 import json
 from pathlib import Path
-
-from PIL import Image, ImageOps
 
 EXAMPLES_DIR = "examples"
 EXAMPLES_FILE = "examples.json"
 MAX_REGIONS = 4  # boxes per example: one Describe call, one decode batch
-
-
-def _image(cell) -> Image.Image:
-    """A Gran ``image`` cell (PIL image, or ``{bytes, path}`` as stored) as an upright RGB image."""
-    if isinstance(cell, dict):
-        cell = Image.open(io.BytesIO(cell["bytes"]) if cell.get("bytes") is not None else cell["path"])
-    return ImageOps.exif_transpose(cell).convert("RGB")
 
 
 def write_demo_examples(checkpoint_dir, rows, n: int = 4, max_regions: int = MAX_REGIONS) -> Path:
@@ -36,6 +27,9 @@ def write_demo_examples(checkpoint_dir, rows, n: int = 4, max_regions: int = MAX
     rows: an iterable of Gran rows (dicts with ``image`` (PIL or ``{bytes, path}``), ``width``, ``height``,
     ``regions`` [{``bbox`` [x1, y1, x2, y2] pixels, ``caption``}]), e.g. the held-out test split.
     """
+    # The training job writes examples (the granvit package is installed there); a Space only reads them.
+    from granvit.train.data.schema import decode_image
+
     out = Path(checkpoint_dir) / EXAMPLES_DIR
     out.mkdir(parents=True, exist_ok=True)
     examples = []
@@ -47,7 +41,7 @@ def write_demo_examples(checkpoint_dir, rows, n: int = 4, max_regions: int = MAX
         regions = [region for region in regions if region["caption"]][:max_regions]
         if not regions:
             continue
-        image = _image(row["image"])
+        image = decode_image(row["image"], rgb=True)
         if image.size != (row["width"], row["height"]):
             raise ValueError(f"row {row.get('image_id')}: image is {image.size}, the row says "
                              f"{(row['width'], row['height'])}; its boxes would be misplaced")

@@ -194,6 +194,9 @@ def test_broken_inputs_are_counted_by_reason(tmp_path):
     (tmp_path / "corrupt.jpg").write_bytes(b"definitely not a jpeg")
     full = open(tmp_path / "ok.jpg", "rb").read()
     (tmp_path / "truncated.jpg").write_bytes(full[: len(full) // 2])
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": its boxes could be in either frame
+    Image.new("RGB", (600, 500)).save(tmp_path / "rotated.jpg", exif=exif)
     good = {"bbox": [10, 10, 210, 210], "caption": "fine"}
     path = write_jsonl(tmp_path, [
         {"image": "ok.jpg", "image_id": "a", "regions": [
@@ -211,12 +214,14 @@ def test_broken_inputs_are_counted_by_reason(tmp_path):
         {"image": "corrupt.jpg", "image_id": "b", "regions": [good]},
         {"image": "truncated.jpg", "image_id": "c", "regions": [good]},
         {"image": "missing.jpg", "image_id": "d", "regions": [good]},
+        {"image": "rotated.jpg", "image_id": "r", "regions": [good]},
         {"image": "ok.jpg", "image_id": "e", "width": 640, "height": 480, "regions": [good]},
     ])
     counts = convert("jsonl", [path], str(tmp_path / "out"), str(tmp_path))
     assert counts["broken"] == {
         "box_nan": 1, "box_outside": 1, "box_inverted": 1, "box_zero_area": 1, "empty_caption": 1,
         "huge_caption": 1, "wrong_type": 2, "corrupt_image": 2, "missing_image": 1, "size_mismatch": 1,
+        "exif_orientation": 1,
     }
     ds = load_dataset(str(tmp_path / "out"), split="train")
     assert [r["caption"] for r in ds[0]["regions"]] == ["fine", "rounded outward by annotators: clipped, kept"]

@@ -19,8 +19,9 @@ def bench_dir(tmp_path_factory):
 
     write("refcoco.jsonl", [{"question_id": i, "image": f"{i}.png", "answer": [f"the {c} thing", "it"],
                              "bbox": [2, 3, 20, 15]} for i, c in enumerate(["red", "blue", "green"])])
-    write("refcap.jsonl", [{"question_id": i, "image": f"{i}.png", "answer": ["a square", "the thing"],
-                            "bbox": [1, 1, 30, 30]} for i in range(3)])
+    # Different references per row: CIDEr-D weighs n-grams by how rare they are across the set's references.
+    write("refcap.jsonl", [{"question_id": i, "image": f"{i}.png", "answer": [f"a {c} square on white paper"],
+                            "bbox": [1, 1, 30, 30]} for i, c in enumerate(["red", "blue", "green"])])
     write("textvqa.jsonl", [{"question_id": i, "image": f"{i}.png", "question": "what colour?",
                              "answers": ["red"] * 10} for i in range(3)])
     write("mmbench.jsonl", [{"index": i, "image": "0.png", "question": "colour?", "hint": None, "A": "red",
@@ -40,17 +41,64 @@ def bench_dir(tmp_path_factory):
 def test_each_task_type(tiny_model_and_processor, bench_dir, tmp_path, name, file, count):
     model, processor = tiny_model_and_processor
     scores = R.run_benchmark(model, processor, name, str(tmp_path), data=str(bench_dir / file), batch_size=4)
-    assert scores["count"] == count and 0.0 <= scores["main"] <= (10.0 if name.endswith("caption_val") else 1.0)
+    assert scores["count"] == count  # the scores themselves: test_known_answers_score_exactly
     saved = json.loads((tmp_path / "scores.json").read_text())
     assert saved["benchmarks"][name]["main"] == scores["main"]
     assert f"## {name}" in (tmp_path / "report.md").read_text()
     lines = (tmp_path / name / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == count
     if name == "refcoco_val":
-        # An untrained model emits no box: every prediction is a counted miss, and the grid is drawn.
-        assert scores["invalid"] + sum(json.loads(l)["box"] is not None for l in lines) == count
+        # Decoded under the box grammar, even the untrained model answers with a box every time; the grid is drawn.
+        assert scores["invalid"] == 0 and all(json.loads(l)["box"] is not None for l in lines)
         assert (tmp_path / name / "boxes.png").stat().st_size > 0
         assert "IoU" in (tmp_path / name / "boxes.html").read_text()
+
+
+def _oracle(wrong: bool):
+    """A stand-in for `predict` that answers every sample with its reference (or with a wrong answer): what a perfect
+    (or a hopeless) model would write, so a scorer's result is known exactly."""
+
+    def predict(model, processor, samples, task_type, max_new_tokens=None, unconstrained=True):
+        records = []
+        for s in samples:
+            target = {k: v for k, v in s.items() if k not in ("id", "image")}
+            target["image_size"] = list(s["image"].size)
+            rec = {"id": s["id"], "target": target}
+            if task_type == "grounding":
+                x1, y1, x2, y2 = s["box"]
+                rec["box"] = [x2 + 1, y2 + 1, x2 + 5, y2 + 5] if wrong else list(s["box"])  # disjoint, or exact
+                rec["text"] = rec["text_unconstrained"] = ""
+                rec["box_unconstrained"] = rec["box"]
+            elif task_type == "region_caption":
+                rec["text"] = "zebra crossing at night" if wrong else s["references"][0]
+            elif task_type == "multiple_choice":
+                rec["text"] = next(k for k, v in s["options"].items() if v and k != s["answer"]) if wrong else s["answer"]
+            else:
+                rec["text"] = "zzz" if wrong else s["answers"][0]
+            records.append(rec)
+        return records
+
+    return predict
+
+
+@pytest.mark.parametrize("name,file", [("refcoco_val", "refcoco.jsonl"), ("refcocog_caption_val", "refcap.jsonl"),
+                                       ("textvqa_val", "textvqa.jsonl"), ("mmbench_en_dev", "mmbench.jsonl"),
+                                       ("ocrbench", "ocrbench.jsonl")])
+def test_known_answers_score_exactly(bench_dir, tmp_path, monkeypatch, name, file):
+    """Rows -> samples -> predictions file -> scorer -> scores.json, with a perfect and a hopeless predictor: the
+    headline is 1 and 0 (for captions CIDEr-D, which is not bounded by 1: BLEU-1 is then 1)."""
+    scores = {}
+    # Caption scoring starts Java twice (PTB tokenizer, METEOR): the hopeless case there is test_metrics' business.
+    for wrong in (False,) if name == "refcocog_caption_val" else (False, True):
+        monkeypatch.setattr(R, "predict", _oracle(wrong))
+        out = tmp_path / str(wrong)
+        scores[wrong] = R.run_benchmark(None, None, name, str(out), data=str(bench_dir / file), batch_size=4)
+    if name == "refcocog_caption_val":
+        assert scores[False]["bleu1"] == pytest.approx(1.0) and scores[False]["main"] > 1.0
+    else:
+        assert (scores[False]["main"], scores[True]["main"]) == (1.0, 0.0)
+    if name == "refcoco_val":
+        assert scores[False]["miou"] == 1.0 and scores[True]["miou"] == 0.0 and scores[True]["invalid"] == 0
 
 
 def test_resume_continues_and_drops_truncated_line(tiny_model_and_processor, bench_dir, tmp_path):
@@ -105,10 +153,38 @@ def test_evaluate_synthetic(tiny_model_and_processor):
     out = R.evaluate_synthetic(model, processor, test, train=train, batch_size=4)
     n = sum(len(r["regions"]) for r in test)
     assert out["num_regions"] == n and out["num_images"] == 3
-    for key in ("grounding_acc50", "grounding_acc50_baseline", "caption_exact", "caption_exact_baseline"):
-        assert 0.0 <= out[key] <= 1.0
+    assert out["grounding_invalid"] == 0  # the box grammar: every answer holds a box
     box, caption = R.synthetic_baselines(train)
     assert out["baseline_box"] == box and out["baseline_caption"] == caption
+
+
+def _same_region_set(n):
+    """n images that each hold one region with the same box and caption: the mean-box and top-caption baselines are
+    then exactly right (1.0)."""
+    from datasets import Dataset
+    from granvit.train.data.schema import GRAN_FEATURES
+
+    rows = []
+    for i in range(n):
+        image = Image.new("RGB", (64, 48), "white")
+        image.paste((200, 20, 20), (8, 8, 40, 40))
+        buffer = __import__("io").BytesIO()
+        image.save(buffer, "PNG")
+        rows.append({"image": {"bytes": buffer.getvalue(), "path": None}, "image_id": f"s{i}", "width": 64, "height": 48,
+                     "source": "test", "kind": 0, "regions": [{"bbox": [8, 8, 40, 40], "caption": "red square", "kind": 0}]})
+    return Dataset.from_list(rows, features=GRAN_FEATURES)
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_evaluate_synthetic_known_answers(monkeypatch, wrong):
+    data = _same_region_set(3)
+    monkeypatch.setattr(R, "predict", _oracle(wrong))
+    out = R.evaluate_synthetic(None, None, data, train=data, batch_size=2)
+    expected = 0.0 if wrong else 1.0
+    assert (out["grounding_acc50"], out["grounding_miou"], out["caption_exact"]) == (expected, expected, expected)
+    assert out["grounding_acc50_unconstrained"] == expected
+    assert out["grounding_acc50_baseline"] == 1.0 and out["caption_exact_baseline"] == 1.0
+    assert out["baseline_box"] == pytest.approx([8 / 64, 8 / 48, 40 / 64, 40 / 48]) and out["baseline_caption"] == "red square"
 
 
 def test_synthetic_baseline_is_the_mean_box_and_top_caption():

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from PIL import Image
 
@@ -16,11 +17,14 @@ tiny_checkpoint, tiny_model_and_processor = every_box_format()  # every test her
 
 FRESH_PROCESS = textwrap.dedent(
     """
-    import json, sys
+    import importlib, json, sys
     sys.modules["granvit"] = None  # the package may be installed here: make sure only the checkpoint's code is used
     import torch
     from PIL import Image
     from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor, pipeline
+
+    if sys.argv[3] == "no-dynamic-layer":  # a transformers release that no longer provides the cache layer class
+        sys.modules["transformers"].DynamicLayer = None  # (what the checkpoint's own `import transformers` will get)
 
     ckpt, inputs_path = sys.argv[1], sys.argv[2]
     ref = torch.load(inputs_path)
@@ -42,6 +46,11 @@ FRESH_PROCESS = textwrap.dedent(
     report["generate_equal"] = torch.equal(generated, ref["generated"])
     boxes = model.ground(processor, Image.new("RGB", (50, 30), "red"), ["red", "a longer phrase"])
     report["ground_boxes"] = [len(b) for b in boxes]
+    decoding = importlib.import_module(type(model).__module__.rsplit(".", 1)[0] + ".region_decoding_granvit")
+    report["preallocated_cache"] = decoding.preallocated_cache_works()
+    regions = pipeline("granvit-regions", model=ckpt, trust_remote_code=True)
+    report["regions_pipeline"] = type(regions).__name__
+    report["regions"] = regions(Image.new("RGB", (50, 30), "red"), **ref["regions_query"])
     pipe = pipeline("image-text-to-text", model=ckpt, trust_remote_code=True)
     messages = [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (50, 30), "red")},
                                              {"type": "text", "text": "what?"}]}]
@@ -52,7 +61,10 @@ FRESH_PROCESS = textwrap.dedent(
 )
 
 
-def test_fresh_process_remote_code_load(tmp_path, tiny_checkpoint):
+@pytest.mark.parametrize("transformers_cache", ["as installed", "no-dynamic-layer"])
+def test_fresh_process_remote_code_load(tmp_path, tiny_checkpoint, transformers_cache):
+    """Everything a user does with a checkpoint, from its own code only; with "no-dynamic-layer" on a transformers
+    without the cache class the dense decoding's fast path builds on (it must fall back and give the same answers)."""
     model = GranViTForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
     base = GranViTModel.from_pretrained(tiny_checkpoint).eval()
     processor = GranViTProcessor.from_pretrained(tiny_checkpoint)
@@ -64,6 +76,13 @@ def test_fresh_process_remote_code_load(tmp_path, tiny_checkpoint):
             "hidden": base(**batch).last_hidden_state,
             "generated": model.generate(**batch, max_new_tokens=4, min_new_tokens=4, do_sample=False),
         }
+    query = {"boxes": [[0, 0, 50, 30], [5, 5, 20, 25]], "phrases": ["red", "a longer phrase"]}
+    reference["regions_query"] = query
+    image = Image.new("RGB", (50, 30), "red")
+    expected_regions = [{"box": [float(v) for v in b], "caption": c}
+                        for b, c in zip(query["boxes"], model.describe_regions(processor, image, query["boxes"]))]
+    expected_regions += [{"phrase": p, "boxes": b}
+                         for p, b in zip(query["phrases"], model.ground(processor, image, query["phrases"]))]
     torch.save(reference, tmp_path / "reference.pt")
     script = tmp_path / "load.py"
     script.write_text(FRESH_PROCESS)
@@ -71,7 +90,7 @@ def test_fresh_process_remote_code_load(tmp_path, tiny_checkpoint):
     workdir.mkdir()
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     result = subprocess.run(
-        [sys.executable, "-I", str(script), str(tiny_checkpoint), str(tmp_path / "reference.pt")],
+        [sys.executable, "-I", str(script), str(tiny_checkpoint), str(tmp_path / "reference.pt"), transformers_cache],
         cwd=workdir, env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -82,6 +101,9 @@ def test_fresh_process_remote_code_load(tmp_path, tiny_checkpoint):
     assert report["same_inputs"] and report["logits_equal"] and report["hidden_equal"] and report["generate_equal"]
     assert report["pipeline_roles"] == ["user", "assistant"]
     assert report["ground_boxes"] == [1, 1]  # the box grammar makes every grounding answer parse
+    assert report["preallocated_cache"] is (transformers_cache == "as installed")
+    assert report["regions_pipeline"] == "GranViTRegionsPipeline"
+    assert report["regions"] == expected_regions  # fast or fallback cache path: the same answers as in this process
 
 
 def test_native_registration_without_remote_code(tiny_checkpoint):
@@ -103,9 +125,12 @@ def test_build_cli_writes_a_complete_checkpoint(tmp_path):
     files = set(os.listdir(tmp_path / "ckpt"))
     assert {"model.safetensors", "config.json", "generation_config.json", "processor_config.json", "tokenizer.json",
             "chat_template.jinja", "configuration_granvit.py", "modeling_granvit.py", "processing_granvit.py",
-            "image_processing_granvit.py", "region_decoding_granvit.py"} <= files
+            "image_processing_granvit.py", "region_decoding_granvit.py", "box_utils_granvit.py",
+            "box_grammar_granvit.py"} <= files
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForImageTextToText"}
+    assert config["custom_pipelines"]["granvit-regions"]["impl"] == "pipeline_granvit.GranViTRegionsPipeline"
+    assert "pipeline_granvit.py" in files
     assert config["tie_word_embeddings"] is True and config["spatial_merge_size"] == 2
     model = GranViTForConditionalGeneration.from_pretrained(tmp_path / "ckpt")
     assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()

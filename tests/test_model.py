@@ -152,3 +152,16 @@ def test_region_features_in_bf16_on_cpu(tiny_model_and_processor):
         half = copy.deepcopy(model).to(torch.bfloat16).get_region_features(pixel_values, box, output_size=2)
     assert half.dtype == torch.bfloat16
     torch.testing.assert_close(half.float(), reference, rtol=0.1, atol=0.1)
+
+
+def test_inference_dtype_follows_the_hardware(monkeypatch, tmp_path):
+    """One rule for the Space and granvit-eval: bf16 off-CPU and on CPUs with bf16 matrix units, else fp32."""
+    import builtins
+
+    assert GranViTForConditionalGeneration.inference_dtype("cuda:0") is torch.bfloat16
+    real_open = builtins.open
+    for flags, expected in (("fpu sse avx512_bf16 amx_tile", torch.bfloat16), ("fpu sse avx2", torch.float32)):
+        cpuinfo = tmp_path / "cpuinfo"
+        cpuinfo.write_text(f"flags\t: {flags}\n")
+        monkeypatch.setattr(builtins, "open", lambda p, *a, **k: real_open(cpuinfo if p == "/proc/cpuinfo" else p, *a, **k))
+        assert GranViTForConditionalGeneration.inference_dtype("cpu") is expected

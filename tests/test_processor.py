@@ -213,3 +213,60 @@ def test_image_tokens_expand_to_model_count(processor):
     batch = processor(images=[Image.new("RGB", (9, 9))], text=["hi"])
     assert int((batch["input_ids"] == processor.image_token_id).sum()) == processor.num_image_tokens
     assert math.isqrt(processor.num_image_tokens) ** 2 == processor.num_image_tokens
+
+
+# ---- HF processor kwargs -----------------------------------------------------------------------------------------
+def _two_prompts(processor):
+    return [processor.vqa_prompt("hi"), processor.vqa_prompt("a much longer question about the whole picture")]
+
+
+def test_padding_and_return_tensors_work_as_in_hf_processors(processor):
+    images, prompts = [Image.new("RGB", (8, 8))] * 2, _two_prompts(processor)
+    unpadded = processor.prompt_ids(prompts)
+    short, long = (len(ids) for ids in unpadded)
+    ragged = processor(images=images, text=prompts, padding=False, return_tensors=None)
+    assert ragged["input_ids"] == unpadded and ragged["attention_mask"] == [[1] * short, [1] * long]
+    with pytest.raises(ValueError, match="without padding"):
+        processor(images=images, text=prompts, padding=False)  # tensors (the default) need equal lengths
+    default = processor(images=images, text=prompts)  # GranViT's default: padded to the longest, tensors, left side
+    assert isinstance(default["input_ids"], torch.Tensor) and default["input_ids"].shape == (2, long)
+    assert default["attention_mask"][0].tolist() == [0] * (long - short) + [1] * short
+    fixed = processor(images=images, text=prompts, padding="max_length", max_length=long + 3, padding_side="right")
+    assert fixed["input_ids"].shape == (2, long + 3) and fixed["attention_mask"][1].tolist() == [1] * long + [0] * 3
+    nested = processor(images=images, text=prompts, text_kwargs={"padding": "max_length", "max_length": long + 3,
+                                                                    "padding_side": "right"})
+    assert torch.equal(nested["input_ids"], fixed["input_ids"])
+    assert processor(images=images, text=prompts, pad_to_multiple_of=64)["input_ids"].shape[1] % 64 == 0
+    as_numpy = processor(images=images, text=prompts, return_tensors="np")
+    assert isinstance(as_numpy["input_ids"], np.ndarray) and as_numpy["input_ids"].tolist() == default["input_ids"].tolist()
+    assert "attention_mask" not in processor(images=images, text=prompts, return_attention_mask=False)
+
+
+def test_truncation_keeps_labels_aligned_and_never_cuts_the_image(processor):
+    image, prompt = Image.new("RGB", (8, 8)), processor.vqa_prompt("what colour is it")
+    full = processor(images=[image], text=[prompt], targets=[processor.plain_text("a red square")])
+    n = full["input_ids"].shape[1]
+    cut = processor(images=[image], text=[prompt], targets=[processor.plain_text("a red square")], truncation=True,
+                    max_length=n - 2)
+    assert torch.equal(cut["input_ids"], full["input_ids"][:, : n - 2])
+    assert torch.equal(cut["labels"], full["labels"][:, : n - 2])
+    with pytest.raises(ValueError, match="cuts into the image tokens"):
+        processor(images=[image], text=[prompt], truncation=True, max_length=processor.num_image_tokens)
+    with pytest.raises(ValueError, match="more than max_length"):
+        too_short = len(processor.prompt_ids([prompt])[0]) - 1
+        processor(images=[image], text=[prompt], padding="max_length", max_length=too_short)
+
+
+@pytest.mark.parametrize("kwargs", [{"stride": 2}, {"foo": 1}, {"images_kwargs": {"size": {"height": 9, "width": 9}}},
+                                    {"text_kwargs": {"return_offsets_mapping": True}}, {"return_mm_token_type_ids": True}])
+def test_unknown_kwargs_raise(processor, kwargs):
+    with pytest.raises(TypeError, match="unexpected keyword argument"):
+        processor(images=[Image.new("RGB", (8, 8))], text=["hi"], **kwargs)
+
+
+def test_targets_pad_right_and_generation_pads_left_by_default(processor):
+    images, prompts = [Image.new("RGB", (8, 8))] * 2, _two_prompts(processor)
+    train = processor(images=images, text=prompts, targets=[processor.plain_text("a"), processor.plain_text("b")])
+    assert train["attention_mask"][0, 0] == 1 and train["attention_mask"][0, -1] == 0
+    assert train["labels"][0, -1] == -100
+    assert processor(images=images, text=prompts)["attention_mask"][0, 0] == 0

@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from granvit.region_decoding_granvit import BoxConstraintLogitsProcessor, shared_prefix_length
+from granvit.box_grammar_granvit import BoxConstraintLogitsProcessor
+from granvit.region_decoding_granvit import shared_prefix_length
 from conftest import every_box_format
 
 tiny_checkpoint, tiny_model_and_processor = every_box_format()  # every test here, once per box format
@@ -221,20 +222,41 @@ def test_constraint_inside_generate(tiny_model_and_processor):
     assert not torch.equal(free, out)  # the constraint changed what the untrained model says
 
 
-def test_repeat_interleave_fallback_is_exact_too(tiny_model_and_processor, monkeypatch):
-    """LLMs with sliding-window layers take the plain DynamicCache path; it must give the same tokens."""
+def test_the_preallocated_cache_fits_the_installed_transformers():
+    """The fast path is what runs here; if a transformers upgrade breaks it, this test says so (decoding still works)."""
     from granvit import region_decoding_granvit as rd
 
-    calls = []
+    assert rd.preallocated_cache_works()
 
-    def fallback(cache, rows, capacity):
-        calls.append(rows)
-        cache.batch_repeat_interleave(rows)
-        return cache
+
+@pytest.fixture
+def changed_cache_internals(monkeypatch):
+    """A transformers whose DynamicLayer no longer reads what PreallocatedKVLayer sets (simulated: its sequence length
+    comes out wrong), so the self-check must fail and send dense decoding down the public DynamicCache path."""
+    from granvit import region_decoding_granvit as rd
+    from transformers import DynamicCache
+
+    repeats = []
+    original = DynamicCache.batch_repeat_interleave
+    monkeypatch.setattr(rd.PreallocatedKVLayer, "get_seq_length", lambda self: 0)
+    monkeypatch.setattr(DynamicCache, "batch_repeat_interleave", lambda self, n: repeats.append(n) or original(self, n))
+    rd.preallocated_cache_works.cache_clear()
+    yield repeats
+    rd.preallocated_cache_works.cache_clear()
+
+
+def test_fallback_path_gives_the_same_tokens(tiny_model_and_processor, changed_cache_internals):
+    from granvit import region_decoding_granvit as rd
 
     model, processor = tiny_model_and_processor
     image, prompts = _scene(), _mixed_prompts(processor)
-    fast = model.dense_generate(processor, image, prompts, max_new_tokens=6)
-    monkeypatch.setattr(rd, "expand_prefix_cache", fallback)
+    fast = _independent(model, processor, image, prompts, 6)  # what the fast path was checked against above
+    assert not rd.preallocated_cache_works()
+    changed_cache_internals.clear()  # the self-check's own DynamicCache
     assert model.dense_generate(processor, image, prompts, max_new_tokens=6) == fast
-    assert calls == [len(prompts)]
+    assert changed_cache_internals == [len(prompts)]  # the N rows came from DynamicCache.batch_repeat_interleave
+    boxes = [[1, 2, 30, 40], [10, 10, 70, 47]]
+    expected = [t.strip() for t in processor.batch_decode(
+        _independent(model, processor, image, [processor.bbox2caption_prompt(b, image.size) for b in boxes], 6),
+        skip_special_tokens=True)]
+    assert model.describe_regions(processor, image, boxes, max_new_tokens=6) == expected

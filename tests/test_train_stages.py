@@ -120,6 +120,33 @@ def test_teacher_is_the_ema_of_the_student_and_gets_no_gradient(processor, model
     assert not any(t is s for t in got for s in model.parameters())  # a copy, not shared storage
 
 
+def test_teacher_is_in_every_checkpoint_and_comes_back_on_resume(processor, tiny_checkpoint, tmp_path):
+    """Through the Trainer's public hooks (`on_save`, `train`): if transformers moves where or when a checkpoint is
+    written, the file is missing here, or the restored teacher is the fresh copy of the student instead of the saved one."""
+    from safetensors.torch import load_file
+
+    from granvit.train.ema import TEACHER_FILE
+
+    data = examples(processor, "1")
+    args = arguments(tmp_path, save_strategy="steps", save_steps=1, max_steps=2)
+    first = Stage1Trainer(model=GranViTForConditionalGeneration.from_pretrained(tiny_checkpoint), args=args,
+                          train_dataset=data, data_collator=TaskCollator(processor), processing_class=processor)
+    first.train()
+    for step in (1, 2):
+        folder = tmp_path / f"checkpoint-{step}"
+        assert (folder / "trainer_state.json").is_file() and (folder / TEACHER_FILE).is_file()
+    saved = load_file(tmp_path / "checkpoint-2" / TEACHER_FILE)
+    assert first.teacher.state_dict().keys() == saved.keys()
+    assert all(torch.equal(first.teacher.state_dict()[k], v) for k, v in saved.items())
+
+    resumed = Stage1Trainer(model=GranViTForConditionalGeneration.from_pretrained(tiny_checkpoint), args=args,
+                            train_dataset=data, data_collator=TaskCollator(processor), processing_class=processor)
+    fresh = {k: v.clone() for k, v in resumed.teacher.state_dict().items()}
+    assert not all(torch.equal(fresh[k], v) for k, v in saved.items())  # the comparison below is not trivial
+    resumed.train(resume_from_checkpoint=True)  # the last checkpoint is at max_steps: nothing left to train
+    assert all(torch.equal(resumed.teacher.state_dict()[k], v) for k, v in saved.items())
+
+
 def test_ema_update_formula():
     teacher, student = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
     expected = [0.9 * t.detach() + 0.1 * s.detach() for t, s in zip(teacher.parameters(), student.parameters())]

@@ -10,6 +10,7 @@ generation config and the Hub ``.py`` files.
 """
 
 import argparse
+import copy
 import logging
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from ..console import check_model_source, console_main
-from ..registration import AUTO_MAP
+from ..registration import AUTO_MAP, CUSTOM_PIPELINES
 from ..configuration_granvit import GranViTConfig
 from ..image_processing_granvit import GranViTImageProcessor
 from ..modeling_granvit import GranViTForConditionalGeneration
@@ -80,6 +81,7 @@ def build_granvit(
         **token_ids,
     )
     config.auto_map = dict(AUTO_MAP)
+    config.custom_pipelines = copy.deepcopy(CUSTOM_PIPELINES)
     model = GranViTForConditionalGeneration(config).to(dtype)
 
     # Vision: load with the tower's own class so full SigLIP/CLIP checkpoints drop their text half and head.
@@ -109,9 +111,12 @@ def build_granvit(
 
 
 def save_granvit(model: GranViTForConditionalGeneration, processor: GranViTProcessor, out: str | Path) -> Path:
-    """Write a complete checkpoint folder (weights, config with auto_map, processor, Hub .py files)."""
+    """Write a complete checkpoint folder (weights, config with auto_map and custom_pipelines, processor, Hub .py
+    files)."""
     out = Path(out)
     model.config.auto_map = {**dict(AUTO_MAP), **(getattr(model.config, "auto_map", None) or {})}
+    pipelines = getattr(model.config, "custom_pipelines", None) or {}
+    model.config.custom_pipelines = {**copy.deepcopy(CUSTOM_PIPELINES), **pipelines}
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out

@@ -5,7 +5,8 @@ towards what the teacher sees when it looks at the *crop* of that box alone, so 
 mixing in context. An EMA copy (rather than the student itself) gives slow-moving targets, as in BYOL/DINO.
 
 The teacher is *not* a submodule of the model: it stays out of the optimizer, the model's ``state_dict`` and its
-checkpoint files. It is saved next to them as ``ema_teacher.safetensors`` (see ``trainers.Stage1Trainer``).
+checkpoint files. It is saved next to them as ``ema_teacher.safetensors`` (``EMATeacherCallback.on_save``) and
+restored on resume (``trainers.Stage1Trainer.train``).
 """
 
 import copy
@@ -15,6 +16,7 @@ import safetensors.torch
 import torch
 from torch import nn
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 TEACHER_FILE = "ema_teacher.safetensors"
 
@@ -63,7 +65,10 @@ def load_teacher(teacher: nn.Module, checkpoint_dir: str) -> None:
 
 
 class EMATeacherCallback(TrainerCallback):
-    """Updates the teacher after every optimizer step (``on_step_end`` runs right after ``optimizer.step()``)."""
+    """Updates the teacher after every optimizer step (``on_step_end`` runs right after ``optimizer.step()``) and
+    saves it into every checkpoint folder (``on_save`` runs right after the Trainer wrote ``checkpoint-<step>``, its
+    ``trainer_state.json`` last: the teacher file is then the last file of a complete checkpoint). Restoring it on
+    resume is ``Stage1Trainer.train``'s job: callbacks never see the checkpoint a run resumes from."""
 
     def __init__(self, teacher: nn.Module, decay: float):
         if not 0.0 <= decay <= 1.0:
@@ -73,6 +78,10 @@ class EMATeacherCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         # `model` is the unwrapped model (not the DDP wrapper), the same object on every rank.
         ema_update(self.teacher, student_tower(model), self.decay)
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.should_save:  # the main process (DeepSpeed ZeRO-2 included: the teacher is not partitioned)
+            save_teacher(self.teacher, os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
 
 
 def student_tower(model: nn.Module) -> nn.Module:

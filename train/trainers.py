@@ -16,20 +16,17 @@ region boxes and crops before the collator sees them.
 """
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerState, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import get_last_checkpoint
 
-from .ema import (
-    EMATeacherCallback,
-    load_teacher,
-    make_teacher,
-    save_teacher,
-    student_tower,
-)
+from .ema import EMATeacherCallback, load_teacher, make_teacher, student_tower
 from .freezing import (  # noqa: F401 (public here too)
     COMPONENTS,
     ROWS,
@@ -155,17 +152,14 @@ class GranViTTrainer(Trainer):
             self.set_frozen_eval(model)
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
-    def loss_scaled_for_ga(self, num_items_in_batch) -> bool:
-        """Mirror of ``Trainer.training_step``: True when the LM loss is already normalized over the GA window."""
-        if self.loss_is_scaled_for_ga is not None:
-            return self.loss_is_scaled_for_ga
-        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
-
 
 class Stage1Trainer(GranViTTrainer):
     """Bbox2Caption through the frozen LLM + lambda * MSE(teacher(crop), ROIAlign(student(image), box))."""
 
     stage = "1"
+    # `compute_loss` returns the loss already scaled for gradient accumulation (the Trainer's public switch): the
+    # caption term comes normalized over the GA window or as a batch mean, the distillation term is a batch mean.
+    loss_is_scaled_for_ga = True
 
     def __init__(self, model=None, args: GranViTTrainingArguments | None = None, **kwargs):
         super().__init__(model=model, args=args, **kwargs)
@@ -193,12 +187,15 @@ class Stage1Trainer(GranViTTrainer):
         loss = lm_loss + self.args.distill_lambda * distill
         if model.training:
             ga = self.current_gradient_accumulation_steps
-            scaled = self.loss_scaled_for_ga(num_items_in_batch)
-            if scaled:
-                # The LM loss is a sum over tokens / tokens in the whole GA window (the Trainer will not divide it);
-                # the distillation term is a per-batch mean, so it must be divided by the GA steps here.
-                loss = lm_loss + self.args.distill_lambda * distill / ga
-            self._log_sums += torch.stack([lm_loss.detach() / (1 if scaled else ga), distill.detach() / ga])
+            # `Trainer.compute_loss` hands `num_items_in_batch` (the labelled tokens of the whole GA window) to the
+            # model's loss (GranViT's forward takes loss kwargs) or to `compute_loss_func`: the caption loss is then a
+            # sum over tokens / tokens in the window, else a batch mean like the distillation term.
+            per_window = num_items_in_batch is not None and (
+                self.model_accepts_loss_kwargs or self.compute_loss_func is not None
+            )
+            caption = lm_loss if per_window else lm_loss / ga
+            loss = caption + self.args.distill_lambda * distill / ga
+            self._log_sums += torch.stack([caption.detach(), distill.detach() / ga])
         return (loss, outputs) if return_outputs else loss
 
     def distill_loss(self, patch_features: torch.Tensor, boxes: list[torch.Tensor], crops: torch.Tensor) -> torch.Tensor:
@@ -252,24 +249,17 @@ class Stage1Trainer(GranViTTrainer):
             self._last_log_step = self.state.global_step
         super().log(logs, start_time)
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if self.args.should_save:
-            save_teacher(self.teacher, self.checkpoint_dir(trial))
-
-    def checkpoint_dir(self, trial=None) -> str:
-        import os
-
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-        return os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        # Runs on every resume, DeepSpeed included (where `_load_from_checkpoint` is skipped): restore the teacher here.
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None:
+    def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
+        """``Trainer.train``, with the EMA teacher restored from the checkpoint a run resumes from (on every backend:
+        DeepSpeed skips the Trainer's own model loading, not this)."""
+        if trial is not None:
+            raise NotImplementedError("stage 1 keeps its EMA teacher next to the checkpoints in output_dir; "
+                                      "hyperparameter search (trial folders) is not supported")
+        checkpoint = get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True else resume_from_checkpoint
+        if checkpoint:  # True without a checkpoint: Trainer.train raises
             load_teacher(self.teacher, checkpoint)
-            self._last_log_step = self.state.global_step
+            self._last_log_step = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME)).global_step
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
 
 
 class _InterpolatedPositions(nn.Module):

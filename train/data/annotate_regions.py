@@ -247,7 +247,7 @@ class AnnotateProducer:
             bump(counts, "broken", "missing_image")
             return None
         try:
-            image = decode_image({"bytes": data, "path": None})
+            image = decode_image({"bytes": data, "path": None}, rgb=True)
         except BadRecord as e:
             bump(counts, "broken", e.reason)
             return None
@@ -255,7 +255,7 @@ class AnnotateProducer:
         if reason:
             bump(counts, "filtered", reason)
             return None
-        return self.source.ids[i], data, image.convert("RGB")
+        return self.source.ids[i], data, image
 
     def __call__(self, start: int, stop: int, counts: dict):
         counts["inputs"] = counts.get("inputs", 0) + stop - start

@@ -8,14 +8,13 @@ that lies inside no multi-word region is also a (one-word) line.
 from __future__ import annotations
 
 import glob
-import io
 import math
 import os
 
 import pyarrow.parquet as pq
 
 from ...eval.metrics import ocr_detection_scores
-from .schema import KINDS
+from .schema import KINDS, decode_image
 
 OCR = KINDS.index("ocr")
 
@@ -80,7 +79,6 @@ def write_preview(out_dir: str, split: str, path: str, max_images: int = 16, max
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
-    from PIL import Image, ImageOps
 
     rows = read_rows(out_dir, split, ["image", "image_id", "kind", "regions"], limit=max_images)
     if not rows:
@@ -91,7 +89,7 @@ def write_preview(out_dir: str, split: str, path: str, max_images: int = 16, max
     for ax in axes.flat:
         ax.axis("off")
     for ax, row in zip(axes.flat, rows):
-        image = ImageOps.exif_transpose(Image.open(io.BytesIO(row["image"]["bytes"]))).convert("RGB")
+        image = decode_image(row["image"], rgb=True)
         ax.imshow(image)
         ax.set_title(f"{row['image_id'][-32:]} ({KINDS[row['kind']]}, {len(row['regions'])})", fontsize=7)
         for k, region in enumerate(row["regions"]):

@@ -24,6 +24,7 @@ import os
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 
+from ...box_utils_granvit import xywh_to_xyxy
 from ...console import UserError, load_json
 from .schema import (
     DEFAULT_ROW_GROUP_SIZE,
@@ -33,6 +34,7 @@ from .schema import (
     bump,
     check_region,
     decode_image,
+    exif_rotated,
     write_dataset_card,
     write_split,
 )
@@ -120,11 +122,6 @@ def _snap(bbox, width: int, height: int):
     return [min(max(v, 0.0), lim) if -1 <= v <= lim + 1 else v for v, lim in zip((x1, y1, x2, y2), limits)]
 
 
-def xywh_to_xyxy(b) -> list[float]:
-    x, y, w, h = (float(v) for v in b)
-    return [x, y, x + w, y + h]
-
-
 class ConvertProducer:
     """Checks, filters and encodes items [start, stop) into Gran records (see `schema.write_split`)."""
 
@@ -156,7 +153,7 @@ class ConvertProducer:
         except BadRecord as e:
             bump(counts, "broken", e.reason)
             return None
-        if pil.getexif().get(0x0112, 1) != 1:
+        if exif_rotated(data):
             # EXIF-rotated files: datasets shows them upright but annotations may be in either frame
             bump(counts, "broken", "exif_orientation")
             return None

@@ -25,6 +25,11 @@ from datasets import ClassLabel, Features, Image, List, Value
 from PIL import Image as PILImage
 from PIL import ImageOps
 
+from ...box_utils_granvit import BOX_RULES, box_problem
+from ...image_processing_granvit import to_rgb
+
+EXIF_ORIENTATION = 0x0112
+
 KINDS = ["natural", "ocr"]
 
 GRAN_FEATURES = Features(
@@ -77,24 +82,11 @@ class BadRecord(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------- validation
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 def check_box(bbox, width: int, height: int) -> str | None:
-    """Reason why `bbox` is not a usable xyxy box inside a width x height image, or None."""
-    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
-        return "wrong_type"
-    x1, y1, x2, y2 = (float(v) for v in bbox)
-    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
-        return "box_nan"
-    if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
-        return "box_outside"
-    if x2 < x1 or y2 < y1:
-        return "box_inverted"
-    if x2 == x1 or y2 == y1:
-        return "box_zero_area"
-    return None
+    """Reason why `bbox` is not a usable xyxy box inside a width x height image, or None (the rules:
+    granvit's box_utils_granvit.py)."""
+    problem = box_problem(bbox, (width, height))
+    return None if problem is None else BOX_RULES[problem[0]]
 
 
 def check_region(region, width: int, height: int, max_caption_chars: int = MAX_CAPTION_CHARS) -> str | None:
@@ -112,31 +104,43 @@ def check_region(region, width: int, height: int, max_caption_chars: int = MAX_C
     return None
 
 
-def decode_image(image) -> PILImage.Image:
-    """Fully decode an `Image()` cell ({bytes, path} dict or PIL image); raise BadRecord on missing/corrupt data.
+def decode_image(image, rgb: bool = False) -> PILImage.Image:
+    """Fully decode an image cell: an `Image()` cell ({bytes, path} dict), a PIL image or a path. Returns the
+    EXIF-upright image; with `rgb`, converted to RGB as the model converts it (`image_processing_granvit.to_rgb`: alpha
+    on white, 16-bit scaled). Raises BadRecord on missing or corrupt data.
 
     A full `load()` (not just `verify()`) is needed: truncated JPEGs open and verify fine and only fail on decode.
     """
+    if isinstance(image, (str, os.PathLike)):
+        image = {"bytes": None, "path": os.fspath(image)}
     if isinstance(image, PILImage.Image):
-        image.load()
-        return image
-    if not isinstance(image, dict):
-        raise BadRecord("wrong_type", f"image is {type(image).__name__}")
-    data, path = image.get("bytes"), image.get("path")
-    if data is None:
-        if not path or not os.path.isfile(path):
-            raise BadRecord("missing_image", str(path))
-        with open(path, "rb") as f:
-            data = f.read()
-    try:
-        img = PILImage.open(io.BytesIO(data))
+        img = image
         img.load()
-    except (OSError, SyntaxError, ValueError, PILImage.DecompressionBombError) as e:
-        # PIL raises UnidentifiedImageError (an OSError) for garbage, OSError for truncation, SyntaxError for
-        # some broken PNG chunks, DecompressionBombError for absurd sizes.
-        raise BadRecord("corrupt_image", f"{type(e).__name__}: {e}") from e
+    elif not isinstance(image, dict):
+        raise BadRecord("wrong_type", f"image is {type(image).__name__}")
+    else:
+        data, path = image.get("bytes"), image.get("path")
+        if data is None:
+            if not path or not os.path.isfile(path):
+                raise BadRecord("missing_image", str(path))
+            with open(path, "rb") as f:
+                data = f.read()
+        try:
+            img = PILImage.open(io.BytesIO(data))
+            img.load()
+        except (OSError, SyntaxError, ValueError, PILImage.DecompressionBombError) as e:
+            # PIL raises UnidentifiedImageError (an OSError) for garbage, OSError for truncation, SyntaxError for
+            # some broken PNG chunks, DecompressionBombError for absurd sizes.
+            raise BadRecord("corrupt_image", f"{type(e).__name__}: {e}") from e
+    if rgb:
+        return to_rgb(img)  # EXIF applied there too
     # datasets' Image feature and the image processor both show the EXIF-upright image: so must the checks
-    return ImageOps.exif_transpose(img)
+    return ImageOps.exif_transpose(img) if img.getexif().get(EXIF_ORIENTATION, 1) != 1 else img
+
+
+def exif_rotated(data: bytes) -> bool:
+    """Whether encoded image bytes carry an EXIF rotation (`decode_image` returns such images upright)."""
+    return PILImage.open(io.BytesIO(data)).getexif().get(EXIF_ORIENTATION, 1) != 1
 
 
 def check_header(record) -> str | None:

@@ -155,8 +155,8 @@ def _texture_tile(colour, texture: str, s: int, rng) -> Image.Image | tuple:
 
 @functools.lru_cache(maxsize=16)
 def _noise_field(size: int, sigma: int) -> Image.Image:
-    """A fixed 2*size grey noise field around 128; each image crops it at a random offset. Drawing fresh
-    per-pixel noise cost ~3 ms an image, the crop ~0.05 ms, and the seed still fixes every pixel."""
+    """A fixed 2*size grey noise field around 128; each image crops it at a random offset: far cheaper than drawing
+    fresh per-pixel noise for every image (BENCHMARKS.md, data layer), and the seed still fixes every pixel."""
     rng = np.random.default_rng(sigma)
     arr = np.clip(128 + rng.normal(0, sigma, (2 * size, 2 * size)), 0, 255).astype(np.uint8)
     return Image.fromarray(arr, "L").convert("RGB")

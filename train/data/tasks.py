@@ -119,12 +119,11 @@ class TaskBuilder:
         if width * height > self.processor.image_processor.max_image_pixels:
             return self._skip("image_too_large")  # the image processor would refuse it at collation
         try:
-            image = decode_image(record["image"])
+            image = decode_image(record["image"], rgb=True)
         except BadRecord as e:
             return self._skip(e.reason)
         if image.size != (width, height):
             return self._skip("size_mismatch")
-        image = image.convert("RGB")
 
         regions = []
         for region in record["regions"]:
