@@ -2,6 +2,7 @@
 
     granvit-data synth OUT --preset tiny --train 20000 --val 500 --test 500 --shard-multiple 2
     granvit-data synth OUT --train 50000 --image-size 256 --min-objects 2 --max-objects 6 --ocr-fraction 0.3 --num-proc 2
+    granvit-data downstream OUT --train 1000 --val 50 --test 100 --image-size 128  # question rows, per benchmark
     granvit-data convert --from coco OUT --inputs instances_train2017.json captions_train2017.json --images train2017/ --num-proc 2
     granvit-data convert --from refcoco OUT --inputs refs.json --instances instances.json --images train2014/ --ref-split train
     granvit-data convert --from vg OUT --inputs region_descriptions.json --images VG/
@@ -75,6 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-overlap", type=float)
     p.add_argument("--ocr-fraction", type=float)
 
+    from .downstream import BENCHMARKS
+
+    p = sub.add_parser("downstream", help="write the synthetic downstream benchmarks (question rows)")
+    _add_shard_args(p)
+    p.add_argument("--train", type=int, default=1000, help="rows per benchmark")
+    p.add_argument("--val", type=int, default=50, help="rows per benchmark")
+    p.add_argument("--test", type=int, default=100, help="rows per benchmark (100: all ten score in under a minute "
+                   "on one core with the quickstart-size model, BENCHMARKS.md)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=128, help="image side in px; objects and text scale with it")
+    p.add_argument("--benchmarks", nargs="+", choices=list(BENCHMARKS), help="default: all")
+
     f = FilterConfig()
     p = sub.add_parser("convert", help="convert annotations (+ images) to Gran shards")
     _add_shard_args(p)
@@ -108,6 +121,17 @@ def cmd_synth(args) -> int:
     counts = write_synth(
         args.out, {"train": args.train, "val": args.val, "test": args.test}, cfg, args.seed, args.num_proc,
         args.shard_size, args.shard_multiple, args.row_group_size,
+    )
+    print(json.dumps(counts, indent=1, sort_keys=True))
+    return 0
+
+
+def cmd_downstream(args) -> int:
+    from .downstream import write_downstream
+
+    counts = write_downstream(
+        args.out, {"train": args.train, "val": args.val, "test": args.test}, args.image_size, args.seed,
+        args.benchmarks, args.num_proc, args.shard_size, args.shard_multiple, args.row_group_size,
     )
     print(json.dumps(counts, indent=1, sort_keys=True))
     return 0
@@ -148,6 +172,7 @@ def validate_paths(paths: list[str], decode: bool = True) -> dict:
     import pyarrow.parquet as pq
     from tqdm.auto import tqdm
 
+    from .downstream import validate_row
     from .schema import Manifest, sha256_file
 
     reasons: Counter = Counter()
@@ -166,7 +191,8 @@ def validate_paths(paths: list[str], decode: bool = True) -> dict:
                 for row in batch.to_pylist():  # raw cells: image stays {bytes, path}, so decoding is checked here
                     rows += 1
                     split_rows[_split_of(file)] += 1
-                    reason = validate_record(row, decode=decode)
+                    # a question row of `granvit-data downstream`, or a Gran row
+                    reason = (validate_row if "benchmark" in row else validate_record)(row, decode=decode)
                     if reason:
                         reasons[reason] += 1
         except (pa.ArrowException, OSError) as e:  # a damaged file: report it and check the others
@@ -195,7 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .annotate import cmd_annotate
 
-    return {"synth": cmd_synth, "convert": cmd_convert, "validate": cmd_validate, "annotate": cmd_annotate}[args.command](args)
+    commands = {"synth": cmd_synth, "downstream": cmd_downstream, "convert": cmd_convert, "validate": cmd_validate,
+                "annotate": cmd_annotate}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

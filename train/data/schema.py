@@ -69,6 +69,12 @@ REASONS = (
     "empty_caption",
     "huge_caption",
     "exif_orientation",
+    "image_too_large",
+    # downstream question rows (downstream.py)
+    "unknown_metric",
+    "bad_placeholder",
+    "empty_answer",
+    "bad_choice",
 )
 
 
@@ -231,8 +237,9 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-def write_shard(out_dir: str, relpath: str, split: str, records, row_group_size: int = DEFAULT_ROW_GROUP_SIZE) -> ShardInfo:
-    """Write `records` (dicts in GRAN_FEATURES layout, image as {bytes, path}) to one Parquet shard, atomically.
+def write_shard(out_dir: str, relpath: str, split: str, records, row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
+                features: Features = GRAN_FEATURES) -> ShardInfo:
+    """Write `records` (dicts in the `features` layout, image as {bytes, path}) to one Parquet shard, atomically.
 
     The rows go to a hidden temp file next to the target (same filesystem, invisible to `data/<split>-*.parquet`)
     which is fsynced and renamed into place only when complete, so a killed run never leaves a partial shard.
@@ -240,12 +247,12 @@ def write_shard(out_dir: str, relpath: str, split: str, records, row_group_size:
     final = os.path.join(out_dir, relpath)
     os.makedirs(os.path.dirname(final), exist_ok=True)
     tmp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.tmp-{os.getpid()}")
-    schema = GRAN_FEATURES.arrow_schema  # carries the `huggingface` metadata that restores Image/ClassLabel
+    schema = features.arrow_schema  # carries the `huggingface` metadata that restores Image/ClassLabel
     rows, buf = 0, []
     try:
         with pq.ParquetWriter(tmp, schema) as writer:
             for record in records:
-                buf.append(GRAN_FEATURES.encode_example(record))
+                buf.append(features.encode_example(record))
                 if len(buf) == row_group_size:
                     writer.write_table(pa.Table.from_pylist(buf, schema=schema), row_group_size=row_group_size)
                     rows, buf = rows + len(buf), []
@@ -356,10 +363,11 @@ def _init_worker(producer) -> None:
 def _write_one(job) -> ShardInfo:
     """Produce and write one shard. `producer(start, stop, counts)` yields records for items [start, stop) and
     adds what it filtered or skipped into `counts`."""
-    out_dir, split, index, num_shards, num_items, row_group_size = job
+    out_dir, split, index, num_shards, num_items, row_group_size, features = job
     start, stop = shard_bounds(num_items, num_shards, index)
     counts: dict = {}
-    info = write_shard(out_dir, shard_relpath(split, index, num_shards), split, _PRODUCER(start, stop, counts), row_group_size)
+    info = write_shard(out_dir, shard_relpath(split, index, num_shards), split, _PRODUCER(start, stop, counts),
+                       row_group_size, features)
     info.counts = merge_counts(counts, {"written": info.rows})
     return info
 
@@ -374,11 +382,12 @@ def write_split(
     shard_multiple: int = 1,
     row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
     num_proc: int = 1,
+    features: Features = GRAN_FEATURES,
 ) -> dict:
     """Write one split as shards of the `num_items` inputs that `producer` turns into records, `num_proc` shards at
     a time, resuming from the manifest. Returns the split's counts (written / filtered / broken), finished shards
     from earlier runs included. `producer` has `.plan()`: the settings that must not change between a run and
-    its resume."""
+    its resume. `features`: the rows' schema (Gran rows by default; downstream.py writes question rows)."""
     from tqdm.auto import tqdm
 
     os.makedirs(os.path.join(out_dir, "data"), exist_ok=True)
@@ -387,7 +396,7 @@ def write_split(
     num_shards = plan_num_shards(total_bytes, num_items, shard_bytes, shard_multiple)
     manifest.set_plan(split, {"num_items": num_items, "num_shards": num_shards, **producer.plan()})
     todo = [i for i in range(num_shards) if not manifest.done(shard_relpath(split, i, num_shards))]
-    jobs = [(out_dir, split, i, num_shards, num_items, row_group_size) for i in todo]
+    jobs = [(out_dir, split, i, num_shards, num_items, row_group_size, features) for i in todo]
     bar = tqdm(total=num_shards, initial=num_shards - len(todo), desc=f"{split} shards", unit="shard")
     if num_proc > 1 and len(jobs) > 1:
         import multiprocessing
@@ -410,9 +419,17 @@ def write_split(
 
 
 # ----------------------------------------------------------------------------------------------- dataset card
-def write_dataset_card(out_dir: str, pretty_name: str = "Gran dataset", description: str = "") -> str:
+GRAN_CARD_BODY = (
+    "Gran format: one row per image with `regions` = list of {`bbox` [x1, y1, x2, y2] float32 in original "
+    "pixels, `caption`, `kind` natural|ocr}. Load with `load_dataset(path, split='train', streaming=True)`.\n"
+)
+
+
+def write_dataset_card(out_dir: str, pretty_name: str = "Gran dataset", description: str = "",
+                       features: Features = GRAN_FEATURES, task_categories=("image-to-text", "object-detection"),
+                       body: str = GRAN_CARD_BODY) -> str:
     """README.md with the YAML `configs` (split -> data files) and `dataset_info` (features, split sizes) that
-    `load_dataset(out_dir)` and the Hub viewer read. Split sizes come from the manifest."""
+    `load_dataset(out_dir)` and the Hub viewer read. Split sizes come from the manifest; `body` explains the rows."""
     from datasets.info import DatasetInfo, DatasetInfosDict
     from datasets.splits import SplitDict, SplitInfo
     from datasets.utils.metadata import MetadataConfigs
@@ -425,15 +442,10 @@ def write_dataset_card(out_dir: str, pretty_name: str = "Gran dataset", descript
         shards = manifest.shards(split)
         splits.add(SplitInfo(split, num_bytes=sum(s["bytes"] for s in shards), num_examples=sum(s["rows"] for s in shards)))
         data_files.append({"split": split, "path": f"data/{split}-*.parquet"})
-    card_data = DatasetCardData(pretty_name=pretty_name, task_categories=["image-to-text", "object-detection"])
-    DatasetInfosDict({"default": DatasetInfo(features=GRAN_FEATURES, splits=splits)}).to_dataset_card_data(card_data)
+    card_data = DatasetCardData(pretty_name=pretty_name, task_categories=list(task_categories))
+    DatasetInfosDict({"default": DatasetInfo(features=features, splits=splits)}).to_dataset_card_data(card_data)
     MetadataConfigs({"default": {"data_files": data_files}}).to_dataset_card_data(card_data)
-    body = (
-        f"# {pretty_name}\n\n{description}\n\n"
-        "Gran format: one row per image with `regions` = list of {`bbox` [x1, y1, x2, y2] float32 in original "
-        "pixels, `caption`, `kind` natural|ocr}. Load with `load_dataset(path, split='train', streaming=True)`.\n"
-    )
-    card = DatasetCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
+    card = DatasetCard(f"---\n{card_data.to_yaml()}\n---\n\n# {pretty_name}\n\n{description}\n\n{body}")
     path = os.path.join(out_dir, "README.md")
     card.save(path)
     return path

@@ -7,6 +7,10 @@ or its position ("... on the left") makes it point at one box, so the caption is
 image alone. OCR-like pages: words and lines in DejaVu fonts (shipped with matplotlib), one region per word and per
 line, caption = the text.
 
+`draw_scene`, `draw_page` and `draw_sign_scene` (a scene with small text signs next to objects, used only by the
+downstream benchmarks) return the scene graph with the image: objects with their attributes and boxes, lines of
+words with their boxes, signs with their word and object. `downstream.py` asks its questions about it.
+
 Every image is a pure function of (seed, split, index), so any shard can be regenerated alone (parallel, resume).
 Run `granvit-data synth --help`; `bench/data_bench.py` records the generation speed.
 """
@@ -230,7 +234,9 @@ def _captions(objects: list[dict], relations: bool) -> list[str]:
     return captions
 
 
-def _scene(cfg: SynthConfig, rng) -> tuple[Image.Image, list[dict]]:
+def draw_scene(cfg: SynthConfig, rng) -> tuple[Image.Image, list[dict]]:
+    """A natural-like scene and its objects: {"shape", "colour", "texture", "size" (size word), "bbox" (x1, y1, x2,
+    y2 ints), "area" (ink pixels)}, in drawing order. The scene graph that `downstream.py` asks questions about."""
     size = cfg.image_size
     img = _background(size, rng)
     n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
@@ -266,7 +272,13 @@ def _scene(cfg: SynthConfig, rng) -> tuple[Image.Image, list[dict]]:
         colour = tuple(int(c) for c in np.clip(np.asarray(COLOURS[attrs[1]]) + rng.integers(-20, 21, 3), 0, 255))
         img.paste(_texture_tile(colour, attrs[2], side, rng), (x, y, x + side, y + side), mask)
         used.add(attrs)
-        objects.append({"shape": attrs[0], "colour": attrs[1], "texture": attrs[2], "size": attrs[3], "bbox": bbox})
+        objects.append({"shape": attrs[0], "colour": attrs[1], "texture": attrs[2], "size": attrs[3], "bbox": bbox,
+                        "area": int(np.count_nonzero(np.asarray(mask)))})
+    return img, objects
+
+
+def _scene(cfg: SynthConfig, rng) -> tuple[Image.Image, list[dict]]:
+    img, objects = draw_scene(cfg, rng)
     captions = _captions(objects, cfg.relations)
     regions = [{"bbox": [float(v) for v in o["bbox"]], "caption": c, "kind": "natural"} for o, c in zip(objects, captions)]
     return img, regions
@@ -279,36 +291,103 @@ def _font(name: str, px: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(os.path.join(matplotlib.get_data_path(), "fonts", "ttf", name), px)
 
 
-def _ocr_page(cfg: SynthConfig, rng) -> tuple[Image.Image, list[dict]]:
+def draw_page(cfg: SynthConfig, rng, max_lines: int | None = None, max_words: int = 5,
+              font_px: tuple[int, int] | None = None) -> tuple[Image.Image, list[list[tuple[str, tuple]]]]:
+    """An OCR-like page and its text: lines top to bottom, each [(word, (x1, y1, x2, y2) ink box), ...] left to right.
+    `font_px` (min, max) defaults to 1/20 .. 1/8 of the image side; `max_lines` stops early (a short page)."""
     size = cfg.image_size
+    lo, hi = font_px or (max(8, size // 20), max(9, size // 8))
     img = _background(size, rng, light=True)
     draw = ImageDraw.Draw(img)
-    regions = []
+    lines = []
     y = int(rng.integers(2, max(3, size // 10)))
-    while True:
-        px = int(rng.integers(max(8, size // 20), max(9, size // 8) + 1))
+    while max_lines is None or len(lines) < max_lines:
+        px = int(rng.integers(lo, hi + 1))
         font = _font(FONTS[int(rng.integers(len(FONTS)))], px)
         if y + px * 1.3 > size:
             break
         ink = tuple(int(v) for v in rng.integers(0, 90, 3))
         x = int(rng.integers(2, max(3, size // 8)))
-        words, boxes = [], []
-        for _ in range(int(rng.integers(1, 6))):
+        words = []
+        for _ in range(int(rng.integers(1, max_words + 1))):
             word = WORDS[int(rng.integers(len(WORDS)))] if rng.random() < 0.85 else f"{int(rng.integers(1, 999))}"
             box = draw.textbbox((x, y), word, font=font)
             if box[2] >= size - 1:
                 break
             draw.text((x, y), word, font=font, fill=ink)
-            words.append(word)
-            boxes.append(box)
+            words.append((word, box))
             x = box[2] + font.getlength(" ")
-        for word, box in zip(words, boxes):
-            regions.append({"bbox": [float(v) for v in box], "caption": word, "kind": "ocr"})
-        if len(words) > 1:
-            line = [min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes)]
-            regions.append({"bbox": [float(v) for v in line], "caption": " ".join(words), "kind": "ocr"})
+        if words:
+            lines.append(words)
         y += int(px * rng.uniform(1.4, 2.2))
+    return img, lines
+
+
+def _ocr_page(cfg: SynthConfig, rng) -> tuple[Image.Image, list[dict]]:
+    img, lines = draw_page(cfg, rng)
+    regions = []
+    for words in lines:  # one region per word, and one per line of two or more words
+        regions += [{"bbox": [float(v) for v in box], "caption": word, "kind": "ocr"} for word, box in words]
+        if len(words) > 1:
+            boxes = [box for _, box in words]
+            line = [min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes)]
+            regions.append({"bbox": [float(v) for v in line], "caption": " ".join(w for w, _ in words), "kind": "ocr"})
     return img, regions
+
+
+SIGN_WORDS = tuple(w for w in WORDS if len(w) >= 4)  # sign text: whole words, none of the short function words
+
+
+def _gap(a, b) -> float:
+    """Distance between two xyxy boxes (0 when they touch or overlap)."""
+    dx = max(b[0] - a[2], a[0] - b[2], 0)
+    dy = max(b[1] - a[3], a[1] - b[3], 0)
+    return math.hypot(dx, dy)
+
+
+def draw_sign_scene(cfg: SynthConfig, rng, num_signs: int = 2, font_px: int | None = None):
+    """A scene (`draw_scene`) with `num_signs` small text signs, each placed right next to a different object: a light
+    rectangle holding one word. A sign is "next to" its object when it sits `size // 32` px from it and every other
+    object is at least `size // 8` px away, so "the sign next to the red circle" names one sign. Not part of the
+    Gran presets: `downstream.py` asks about these scenes.
+
+    Returns (image, objects, signs); a sign is {"word", "bbox" (the rectangle), "text_bbox" (the word's ink),
+    "anchor" (index into objects)}. Fewer signs than asked come back when the scene leaves no room (callers redraw).
+    """
+    size = cfg.image_size
+    img, objects = draw_scene(cfg, rng)
+    draw = ImageDraw.Draw(img)
+    px = font_px or max(8, size // 9)
+    gap, clear, pad = max(2, size // 32), size // 8, max(2, px // 4)
+    signs = []
+    for anchor in (int(i) for i in rng.permutation(len(objects))):
+        if len(signs) == num_signs:
+            break
+        word = SIGN_WORDS[int(rng.integers(len(SIGN_WORDS)))]
+        if any(s["word"] == word for s in signs):
+            continue
+        font = _font(FONTS[int(rng.integers(len(FONTS)))], px)
+        l, t, r, b = draw.textbbox((0, 0), word, font=font)
+        w, h = r - l + 2 * pad, b - t + 2 * pad
+        ax1, ay1, ax2, ay2 = objects[anchor]["bbox"]
+        cx, cy = (ax1 + ax2 - w) // 2, (ay1 + ay2 - h) // 2  # the sign centred on the object's centre line
+        sides = {"right": (ax2 + gap, cy), "left": (ax1 - gap - w, cy), "below": (cx, ay2 + gap), "above": (cx, ay1 - gap - h)}
+        others = [o["bbox"] for k, o in enumerate(objects) if k != anchor]
+        for side in (list(sides)[int(k)] for k in rng.permutation(4)):
+            x, y = sides[side]
+            box = (x, y, x + w, y + h)
+            if x < 0 or y < 0 or box[2] > size or box[3] > size:
+                continue
+            if any(_gap(box, o) < clear for o in others) or any(_gap(box, s["bbox"]) < gap for s in signs):
+                continue
+            fill = tuple(int(v) for v in rng.integers(225, 256, 3))
+            draw.rectangle((x, y, x + w - 1, y + h - 1), fill=fill, outline=(60, 60, 60))  # PIL includes the last px
+            ink = tuple(int(v) for v in rng.integers(0, 60, 3))
+            draw.text((x + pad - l, y + pad - t), word, font=font, fill=ink)
+            text_box = draw.textbbox((x + pad - l, y + pad - t), word, font=font)
+            signs.append({"word": word, "bbox": box, "text_bbox": tuple(text_box), "anchor": anchor})
+            break
+    return img, objects, signs
 
 
 def generate_record(cfg: SynthConfig, seed: int, split: str, index: int) -> dict:

@@ -17,7 +17,10 @@ x2, y2], ...] original pixels, "skipped": {reason: n}} and, with `stage1=True`, 
 the padded square the model sees, for `get_region_features`) and "crops" (PIL crops of the regions from the original
 image: the self-distillation teacher sees the crop, the student the region inside the whole image).
 
-Bad rows and regions are skipped and counted by reason (schema.REASONS + "image_too_large", "ambiguous_caption").
+Bad rows and regions are skipped and counted by reason (schema.REASONS + "ambiguous_caption", "not_a_task").
+
+Question rows of `granvit-data downstream` (data/downstream.py: a `benchmark` column instead of `regions`) give one
+example each under the task "downstream": the row's prompt and answer, its `{boxN}` filled in the processor's format.
 The counts travel *inside* the examples ("skipped": what was dropped since the previous example of that stream), so
 they survive DataLoader worker processes; the collator folds them into one SkipCounter in the training process.
 
@@ -36,7 +39,7 @@ from datasets import Image as ImageFeature
 
 from .schema import MAX_CAPTION_CHARS, BadRecord, check_header, check_region, decode_image
 
-TASKS = ("bbox2caption", "caption2bbox", "vqa")
+TASKS = ("bbox2caption", "caption2bbox", "vqa", "downstream")  # downstream: question rows of data/downstream.py
 REGION_TASKS = ("bbox2caption", "caption2bbox")
 # The question a Gran record answers without VQA annotations of its own (the "vqa" task on region data).
 COUNT_QUESTION = "How many objects are in the image?"
@@ -112,6 +115,8 @@ class TaskBuilder:
 
     def examples(self, record: dict) -> list[dict]:
         """All examples of one record ([] if it is unusable; the reason goes into `pending`)."""
+        if isinstance(record, dict) and "benchmark" in record:
+            return self._downstream(record)
         reason = check_header(record)
         if reason:
             return self._skip(reason)
@@ -157,6 +162,20 @@ class TaskBuilder:
             out.append(self._example(record, image, "vqa", self.processor.vqa_prompt(question),
                                      self.processor.plain_text(answer), [r["bbox"] for r in regions]))
         return out
+
+    def _downstream(self, record: dict) -> list[dict]:
+        """A question row of data/downstream.py: one example, its boxes in this processor's box format."""
+        from .downstream import downstream_example
+
+        if "downstream" not in self.tasks:
+            return self._skip("not_a_task")  # question rows in a phase that does not train on them
+        if not self._coin(random.Random(f"{self.seed}:{record.get('image_id')}"), "downstream"):
+            return []
+        try:
+            image, prompt, target, boxes = downstream_example(self.processor, record)
+        except BadRecord as e:
+            return self._skip(e.reason)
+        return [self._example(record, image, "downstream", prompt, target, boxes)]
 
     def _coin(self, rng: random.Random, task: str) -> bool:
         share = self.shares[task]
