@@ -24,6 +24,8 @@ import argparse
 import copy
 import hashlib
 import json
+import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -146,8 +148,21 @@ def data_dir_for(recipe: dict, max_train_images: int, root: Path) -> Path:
     # The folder name carries a digest of the generator settings: a recipe change never reuses a stale set.
     digest = hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
     folder = root / f"synth-train{max_train_images}-{digest}"
-    if not (folder / "README.md").exists():
-        write_synth(str(folder), {k: int(v) for k, v in data["sizes"].items()}, synth_config(recipe), seed=0)
+    return write_once(folder, lambda tmp: write_synth(str(tmp), {k: int(v) for k, v in data["sizes"].items()},
+                                                       synth_config(recipe), seed=0))
+
+
+def write_once(folder: Path, write) -> Path:
+    """`write(tmp)` into a sibling folder renamed into place: processes side by side never read a half-written set."""
+    if (folder / "README.md").exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    write(tmp)
+    try:
+        os.rename(tmp, folder)
+    except OSError:  # another process finished first: its copy is the same pure function of the settings
+        shutil.rmtree(tmp)
     return folder
 
 
