@@ -257,6 +257,7 @@ def run_phase(recipe: dict, name: str, model, processor, train_split, state: Run
         if trainer.is_world_process_zero():
             trained.save_pretrained(str(phase_dir(recipe, name) / "adapter"))
         trained = trained.merge_and_unload()
+    trained.__dict__.pop("forward", None)  # the sft / grpo stages' fused LM head, patched on by trl (trl_stages.py)
     trained.requires_grad_(True)
     if evaluate is not None and trainer.is_world_process_zero():
         if not state.curve["val"] or state.curve["val"][-1]["step"] != state.steps:

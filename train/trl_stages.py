@@ -118,30 +118,14 @@ class ConversationCollator(DataCollatorForVisionLanguageModeling):
         return batch
 
 
-class _TRLStage:
-    """Both trl stages: trl patches a fused LM head onto the model (`model.forward`); it is removed after training, so
-    the model that goes on to the next phase (or into a reference copy) runs its own forward."""
-
-    def train(self, *args, **kwargs):
-        try:
-            return super().train(*args, **kwargs)
-        finally:
-            remove_fused_lm_head(self.accelerator.unwrap_model(self.model))
-
-
-def remove_fused_lm_head(model) -> None:
-    for module in (model, model.get_base_model() if hasattr(model, "get_base_model") else model):
-        module.__dict__.pop("forward", None)  # the class's forward again; GranViT never sets one per instance
-
-
-class GranViTSFTTrainer(_TRLStage, GranViTTrainer, SFTTrainer):
+class GranViTSFTTrainer(GranViTTrainer, SFTTrainer):
     """trl's SFTTrainer as the GranViT `sft` stage: ViT frozen, projector + LLM (full or LoRA) on conversations."""
 
     stage = "sft"
 
 
 # ============================================================================================ GRPO
-class GranViTGRPOTrainer(_TRLStage, GranViTTrainer, GRPOTrainer):
+class GranViTGRPOTrainer(GranViTTrainer, GRPOTrainer):
     """trl's GRPOTrainer as the GranViT `grpo` stage: Caption2Bbox prompts, IoU rewards, ViT frozen (adapters (a)-(c)
     of the module docstring)."""
 
@@ -155,6 +139,8 @@ class GranViTGRPOTrainer(_TRLStage, GranViTTrainer, GRPOTrainer):
             raise ValueError("vLLM has no GranViT model implementation: set use_vllm to false")
         if args.sync_ref_model:
             raise ValueError("sync_ref_model is not supported: the KL reference is the frozen starting model")
+        if args.soft_coord_sigma:
+            raise ValueError("soft_coord_sigma shapes a cross-entropy, which the grpo stage does not have: set it to 0")
         args.max_completion_length = args.max_completion_length or processing_class.max_box_tokens + 1
         if reward_funcs is None:
             reward_funcs = grounding_rewards(processing_class, args.box_grammar)
@@ -162,7 +148,7 @@ class GranViTGRPOTrainer(_TRLStage, GranViTTrainer, GRPOTrainer):
         beta, reference = args.beta, None
         if beta and not args.lora_r:
             reference = copy.deepcopy(model).requires_grad_(False).eval()
-            remove_fused_lm_head(reference)
+            reference.__dict__.pop("forward", None)  # a copied fused-LM-head patch (trl's) would run the original
         args.beta = 0.0
         try:
             super().__init__(model=model, args=args, processing_class=processing_class, reward_funcs=reward_funcs,
