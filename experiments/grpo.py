@@ -141,22 +141,23 @@ def summarize(out: Path) -> str:
     (out / "summary.md").write_text("\n".join(lines) + "\n")
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    window = 10
+    rewards = []
     for s in seeds:
         curve = [e for e in runs[("grpo", s)]["curve"] if "reward" in e]
-        left.plot([e["step"] for e in curve], [e["reward"] for e in curve], alpha=0.35, label=f"seed {s}")
-        window = min(10, len(curve))
-        mean = np.convolve([e["reward"] for e in curve], np.ones(window) / window, mode="valid")
-        left.plot([e["step"] for e in curve][window - 1:], mean, color=left.lines[-1].get_color())
-    left.set(xlabel="GRPO step", ylabel="mean sampled IoU (reward)", title="reward per step (line: 10-step mean)")
-    left.legend()
-    for k, arm in enumerate(ARMS):
-        values = [runs[(arm, s)]["scores"]["grounding_acc50"] for s in seeds]
-        right.scatter([k + 1] * len(values), values, color=f"C{k}")
-        right.bar(k + 1, np.mean(values), alpha=0.3, color=f"C{k}")
-    right.axhline(start["grounding_acc50"], color="grey", linestyle="--", label="start")
-    right.set_xticks([1, 2], ["grpo", "stage 2 (same time)"])
+        left.plot([e["step"] for e in curve], [e["reward"] for e in curve], alpha=0.25, linewidth=0.8, label=f"seed {s}")
+        rewards.append([e["reward"] for e in curve])
+    length = min(len(r) for r in rewards)
+    mean = np.convolve(np.mean([r[:length] for r in rewards], axis=0), np.ones(window) / window, mode="valid")
+    left.plot(np.arange(window, length + 1), mean, color="black", linewidth=2, label=f"mean of seeds, {window}-step mean")
+    left.set(xlabel="GRPO step", ylabel="mean IoU of the step's samples (reward)", title="reward per step")
+    left.legend(fontsize=7)
+    for s in seeds:
+        right.plot([0, 1, 2], [start["grounding_acc50"], *(runs[(arm, s)]["scores"]["grounding_acc50"] for arm in ARMS)],
+                   marker="o", alpha=0.6, label=f"seed {s}")
+    right.set_xticks([0, 1, 2], ["start", "+ grpo", "+ stage 2 (same time)"])
     right.set(ylabel="held-out ACC@0.5 (box grammar)", title="grounding after the same wall time")
-    right.legend()
+    right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "grpo.png", dpi=120)
     return "\n".join(lines)
@@ -169,8 +170,8 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     parser.add_argument("--grpo-steps", type=int, default=60)
-    parser.add_argument("--grpo-lr", type=float, default=2e-5)
-    parser.add_argument("--stage2-lr", type=float, default=5e-5)
+    parser.add_argument("--grpo-lr", type=float, default=1e-5)
+    parser.add_argument("--stage2-lr", type=float, default=1e-5)
     parser.add_argument("--grpo-set", action="append", default=[], metavar="KEY=VALUE", help="grpo recipe override")
     parser.add_argument("--eval-split", default="test")
     parser.add_argument("--eval-limit", type=int, help="score only the first N regions (default: all)")

@@ -136,16 +136,19 @@ class StopAt(TrainerCallback):
         control.should_training_stop = state.global_step >= self.step
 
 
-def test_sft_resume_is_exact(tiny_checkpoints, gran, tmp_path):
-    """Killed after step 2 (its checkpoint saved), then resumed: the weights of an uninterrupted run, bitwise."""
+@pytest.mark.parametrize("stage", ["sft", "grpo"])
+def test_resume_is_exact(tiny_checkpoints, gran, tmp_path, stage):
+    """Killed after step 2 (its checkpoint saved), then resumed: the weights of an uninterrupted run, bitwise (GRPO:
+    the same samples too, from the restored RNG state; the KL reference is the same starting model)."""
+    make = sft_trainer if stage == "sft" else grpo_trainer
     straight, processor = load(tiny_checkpoints)
-    sft_trainer(straight, processor, gran[1], tmp_path / "a", max_steps=4).train()
+    make(straight, processor, gran[1], tmp_path / "a", max_steps=4).train()
     interrupted, _ = load(tiny_checkpoints)
-    trainer = sft_trainer(interrupted, processor, gran[1], tmp_path / "b", max_steps=4, save_strategy="steps", save_steps=2)
+    trainer = make(interrupted, processor, gran[1], tmp_path / "b", max_steps=4, save_strategy="steps", save_steps=2)
     trainer.add_callback(StopAt(2))
     trainer.train()
     resumed, _ = load(tiny_checkpoints)
-    sft_trainer(resumed, processor, gran[1], tmp_path / "b", max_steps=4).train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2"))
+    make(resumed, processor, gran[1], tmp_path / "b", max_steps=4).train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2"))
     for (name, p), q in zip(straight.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), name
 

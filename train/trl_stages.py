@@ -165,7 +165,9 @@ class GranViTGRPOTrainer(GranViTTrainer, GRPOTrainer):
             else:
                 reference = self.accelerator.prepare_model(reference, evaluation_mode=True)
             self.ref_model = reference
-        self.grammar = BoxConstraintLogitsProcessor.from_processor(processing_class, force_box=True) if args.box_grammar else None
+        self.grammar = None
+        if args.box_grammar:
+            self.grammar = BoxConstraintLogitsProcessor.from_processor(processing_class, force_box=True)
         self.data_collator = CountingIdentity(skip_counter if skip_counter is not None else SkipCounter())
 
     def _generate_single_turn(self, *args, **kwargs):
@@ -183,7 +185,8 @@ class GranViTGRPOTrainer(GranViTTrainer, GRPOTrainer):
 @contextlib.contextmanager
 def logits_processor_in_generate(model, logits_processor):
     """`model.generate` with `logits_processor` added, inside the block (an instance attribute, removed after)."""
-    model.generate = functools.partial(type(model).generate, model, logits_processor=LogitsProcessorList([logits_processor]))
+    processors = LogitsProcessorList([logits_processor])
+    model.generate = functools.partial(type(model).generate, model, logits_processor=processors)
     try:
         yield model
     finally:
@@ -220,11 +223,13 @@ def make_trl_trainer(recipe: dict, name: str, model, processor, train_split, tra
     if stage == "sft":
         builder = TaskBuilder(processor, tasks=phase["tasks"], regions_per_image=data.get("regions_per_image", 4),
                               multi_box=data.get("multi_box", True), seed=seed)
-        return GranViTSFTTrainer(model=model, args=GranViTSFTConfig(**training), train_dataset=sft_items(train_split, builder),
+        return GranViTSFTTrainer(model=model, args=GranViTSFTConfig(**training),
+                                 train_dataset=sft_items(train_split, builder),
                                  data_collator=ConversationCollator(processor=processor, counter=counter),
                                  processing_class=processor, callbacks=callbacks)
     if set(phase["tasks"]) != {"caption2bbox"}:
         raise UserError(f"phases.{name}: the grpo stage rewards grounding; its tasks must be {{caption2bbox: 1.0}}")
     builder = TaskBuilder(processor, tasks={"caption2bbox": 1.0}, regions_per_image=1, multi_box=False, seed=seed)
-    return GranViTGRPOTrainer(model=model, args=GranViTGRPOConfig(**training), train_dataset=grounding_prompts(train_split, builder),
-                              processing_class=processor, callbacks=callbacks, skip_counter=counter)
+    return GranViTGRPOTrainer(model=model, args=GranViTGRPOConfig(**training),
+                              train_dataset=grounding_prompts(train_split, builder), processing_class=processor,
+                              callbacks=callbacks, skip_counter=counter)
