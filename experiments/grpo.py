@@ -148,6 +148,7 @@ def summarize(out: Path) -> str:
         left.plot([e["step"] for e in curve], [e["reward"] for e in curve], alpha=0.25, linewidth=0.8, label=f"seed {s}")
         rewards.append([e["reward"] for e in curve])
     length = min(len(r) for r in rewards)
+    window = min(window, length)
     mean = np.convolve(np.mean([r[:length] for r in rewards], axis=0), np.ones(window) / window, mode="valid")
     left.plot(np.arange(window, length + 1), mean, color="black", linewidth=2, label=f"mean of seeds, {window}-step mean")
     left.set(xlabel="GRPO step", ylabel="mean IoU of the step's samples (reward)", title="reward per step")

@@ -25,6 +25,8 @@ from granvit.train.trl_stages import (
     GranViTSFTTrainer,
 )
 
+# trl's GRPOTrainer reads the deprecated `model.is_gradient_checkpointing` (transformers 5.24 warns)
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 CONFIG = str(Path(__file__).resolve().parent.parent / "train" / "configs" / "trl_tiny_cpu.yaml")
 COMMON = {"use_cpu": True, "logging_steps": 1, "save_strategy": "no", "report_to": "none", "disable_tqdm": True,
           "seed": 0}
