@@ -8,6 +8,10 @@
     # a one-minute smoke run of both stages on tiny parts
     granvit-train --stage 1 --config train/configs/cli_tiny_cpu.yaml && granvit-train --stage 2 --config train/configs/cli_tiny_cpu.yaml
 
+    # the trl stages (train/trl_stages.py): SFT on conversations, grounding refined by RL with an IoU reward
+    granvit-train --stage sft --config train/configs/sft_quickstart.yaml
+    granvit-train --stage grpo --config train/configs/grpo_quickstart.yaml
+
     # one GPU, the paper recipe (SigLIP 2 base-512 + Qwen2.5-1.5B; the build happens once, in stage 1)
     granvit-train --stage 1 --config train/configs/paper_siglip2_qwen2.5_1.5b.yaml data.path=/data/gran29m \
         training.gradient_accumulation_steps=32
@@ -46,7 +50,7 @@ def phases_to_run(recipe: dict, stage: str | None, phase: str | None) -> list[st
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--stage", help="run the recipe's phases of this stage (1, 2, sft, projector, joint)")
+    which.add_argument("--stage", help="run the recipe's phases of this stage (1, 2, sft, grpo, projector, joint)")
     which.add_argument("--phase", help="run one phase of the recipe by name")
     parser.add_argument("--config", required=True, help="recipe YAML (train/configs/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value, e.g. phases.stage1.training.max_steps=10")

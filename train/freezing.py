@@ -15,6 +15,9 @@ TRAINED = {
     # The paper's stage 2 (and SFT after it): the ViT frozen (the paper measured no gain from tuning it here).
     "2": {"multi_modal_projector", "language_model", "lm_head"},
     "sft": {"multi_modal_projector", "language_model", "lm_head"},
+    # Grounding refined by RL (train/trl_stages.py): what stage 2 trains; the reward only scores the LLM's boxes, and a
+    # frozen ViT keeps the encoder the earlier stages made (the package's product) as it was.
+    "grpo": {"multi_modal_projector", "language_model", "lm_head"},
     # Every part at once: not the paper's method; the experiments' "joint" arm.
     "joint": set(COMPONENTS),
 }

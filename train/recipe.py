@@ -11,6 +11,8 @@
     phases:                                # in order; each: a stage of freezing.TRAINED, its tasks and training overrides
       stage1: {stage: "1", tasks: {bbox2caption: 1.0}, training: {max_steps: 600}}
       stage2: {stage: "2", tasks: {caption2bbox: 1.0, bbox2caption: 1.0}, training: {max_steps: 600}}
+      grpo: {stage: grpo, tasks: {caption2bbox: 1.0}, training: {num_generations: 4}}   # sft / grpo: also
+                                           # trl's SFTConfig / GRPOConfig fields (train/trl_stages.py)
     eval: {every: 200, val_regions: 128, test: true}
 
 Overrides are dotted paths with YAML values: ``phases.stage2.training.max_steps=50``, ``model.box_format=tokens``.
@@ -38,6 +40,7 @@ MODEL_KEYS = {"checkpoint", "vision", "llm", "box_format", "num_coord_bins", "sp
 PHASE_KEYS = {"stage", "tasks", "training"}
 EVAL_KEYS = {"every", "val_regions", "test", "test_regions", "batch_size"}
 DEFAULT_SPLITS = {"train": "train", "val": "val", "test": "test"}
+TRL_STAGES = ("sft", "grpo")  # stages trained by trl's SFTTrainer / GRPOTrainer (train/trl_stages.py)
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> dict:
@@ -93,7 +96,12 @@ def check_recipe(recipe: dict, source: str = "recipe") -> None:
         unknown(phase.get("tasks") or {}, TASKS, f"phases.{name}.tasks")
         if not phase.get("tasks"):
             raise UserError(f"{source}: phases.{name} has no tasks (e.g. tasks: {{bbox2caption: 1.0}})")
-        unknown(phase.get("training") or {}, argument_names, f"phases.{name}.training")
+        stage_arguments = argument_names
+        if str(phase.get("stage")) in TRL_STAGES:  # their phases also take trl's SFTConfig / GRPOConfig fields
+            from .trl_stages import config_class
+
+            stage_arguments = {f.name for f in dataclasses.fields(config_class(str(phase["stage"])))}
+        unknown(phase.get("training") or {}, stage_arguments, f"phases.{name}.training")
     if not data.get("path") and not (data.get("sizes") or {}).get("train"):
         raise UserError(f"{source}: set data.path (a Gran dataset folder) or data.sizes.train (synthetic images)")
     if not model.get("checkpoint") and not (model.get("vision") and model.get("llm")):

@@ -5,8 +5,9 @@ experiments (many recipes).
     data    a Gran folder, or the synthetic set written into {output_dir}/data
     model   a granvit-build checkpoint, or built here from a vision tower + a causal LLM (`granvit-build`'s code);
             "embedded" parts are pretrained first (train/parts.py) and cached
-    phases  in recipe order, each a stage Trainer (trainers.TRAINERS) on the phase's tasks, one item per image with
-            every query of that image (data/tasks.py), validation scores every `eval.every` steps
+    phases  in recipe order, each a stage Trainer (trainers.TRAINERS; stages sft / grpo: trl's trainers, trl_stages.py)
+            on the phase's tasks, one item per image with every query of that image (data/tasks.py), validation scores
+            every `eval.every` steps
 
 In one process the model passes from phase to phase in memory. `granvit-train` runs one stage per process instead:
 each phase saves `{output_dir}/<phase>/final` and a later phase starts from the last earlier phase's `final`, so the
@@ -25,7 +26,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..console import UserError
-from .recipe import phase_training, splits
+from .recipe import TRL_STAGES, phase_training, splits
 
 logger = logging.getLogger(__name__)
 SYNTH_DIR = "data"  # under output_dir, when the recipe generates the synthetic set
@@ -167,6 +168,12 @@ def make_trainer(recipe: dict, name: str, model, processor, train_split, state: 
     phase, data = recipe["phases"][name], recipe.get("data") or {}
     stage = str(phase["stage"])
     training = {"output_dir": str(phase_dir(recipe, name)), "seed": recipe.get("seed", 0), **phase_training(recipe, name)}
+    counter = SkipCounter()
+    callbacks = [skip_counter_callback(counter), CurveCallback(name, state, evaluate, (recipe.get("eval") or {}).get("every", 0))]
+    if stage in TRL_STAGES:
+        from .trl_stages import make_trl_trainer
+
+        return make_trl_trainer(recipe, name, model, processor, train_split, training, counter, callbacks)
     if data.get("streaming"):
         # Each rank reads its own shards (split_dataset_by_node); the default would read on rank 0 and dispatch.
         training.setdefault("accelerator_config", {"dispatch_batches": False})
@@ -181,8 +188,6 @@ def make_trainer(recipe: dict, name: str, model, processor, train_split, state: 
         dataset = as_torch_iterable(StreamedImageQueries(train_split, builder))
     else:
         dataset = ImageQueries(train_split, builder)
-    counter = SkipCounter()
-    callbacks = [skip_counter_callback(counter), CurveCallback(name, state, evaluate, (recipe.get("eval") or {}).get("every", 0))]
     return TRAINERS[stage](model=model, args=args, train_dataset=dataset, data_collator=TaskCollator(processor, counter),
                            processing_class=processor, callbacks=callbacks)
 
@@ -252,6 +257,7 @@ def run_phase(recipe: dict, name: str, model, processor, train_split, state: Run
         if trainer.is_world_process_zero():
             trained.save_pretrained(str(phase_dir(recipe, name) / "adapter"))
         trained = trained.merge_and_unload()
+    trained.__dict__.pop("forward", None)  # the sft / grpo stages' fused LM head, patched on by trl (trl_stages.py)
     trained.requires_grad_(True)
     if evaluate is not None and trainer.is_world_process_zero():
         if not state.curve["val"] or state.curve["val"][-1]["step"] != state.steps:
