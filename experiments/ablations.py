@@ -175,7 +175,7 @@ def parse_args(argv=None):
     parser.add_argument("--scale", default="full", choices=("full", "long"), help="scale preset (ablations.yaml)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="results folder (runs/, summary.md, PNGs)")
     parser.add_argument("--data-root", help="where the synthetic set is cached (default: <out>/data)")
-    # 1 thread: on the shared 2 cores, 2 OpenMP threads per process were up to 8x slower (quickstart.yaml's note);
+    # 1 thread: on the shared 2 cores, 2 OpenMP threads per process were up to 8x slower (BENCHMARKS.md, "Training");
     # use the second core for a second invocation (another claim or --conditions) instead.
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
