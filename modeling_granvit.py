@@ -22,7 +22,7 @@ from transformers.modeling_outputs import (
 from .configuration_granvit import GranViTConfig
 from .pipeline_granvit import GranViTRegionsPipeline  # noqa: F401 (config.custom_pipelines names it: ship it with the model)
 from .region_decoding_granvit import GranViTRegionDecodingMixin  # dense region APIs (describe_regions, ground)
-from .tiling_granvit import num_views, stitch_tiles
+from .tiling_granvit import check_image_grids, num_views, stitch_tiles
 
 
 class GranViTPreTrainedModel(PreTrainedModel):
@@ -99,42 +99,13 @@ class GranViTModel(GranViTPreTrainedModel):
         x = patch_features.reshape(b, g // k, k, g // k, k, d)
         return x.permute(0, 1, 3, 2, 4, 5).reshape(b, (g // k) ** 2, k * k * d)
 
-    def check_image_grids(self, pixel_values: torch.Tensor, image_grids: torch.Tensor | None) -> None:
-        """Refuse pixel_values preprocessed another way than this checkpoint was trained (``config.max_tiles``)."""
-        max_tiles = self.config.max_tiles
-        if max_tiles and image_grids is None:
-            raise ValueError(
-                f"pixel_values of shape {tuple(pixel_values.shape)} came without image_grids, but this checkpoint tiles "
-                f"images (config.max_tiles={max_tiles}): preprocess with its own processor / image processor, which "
-                "returns image_grids, and pass them along (model(..., image_grids=...))"
-            )
-        if not max_tiles and image_grids is not None:
-            raise ValueError(
-                "image_grids were given, but this checkpoint does not tile images (config.max_tiles=0): preprocess with "
-                "its own processor, whose pixel_values hold one padded square per image"
-            )
-        if image_grids is None:
-            return
-        tiles = image_grids.prod(dim=-1)
-        if image_grids.ndim != 2 or image_grids.shape[-1] != 2 or (image_grids < 1).any() or (tiles > max_tiles).any():
-            raise ValueError(
-                f"image_grids {image_grids.tolist()} must be (images, 2) (rows, cols) grids of 1 to "
-                f"config.max_tiles={max_tiles} tiles: preprocess with this checkpoint's own processor"
-            )
-        views = sum(num_views(g) for g in image_grids.tolist())
-        if views != pixel_values.shape[0]:
-            raise ValueError(
-                f"pixel_values has {pixel_values.shape[0]} views but image_grids {image_grids.tolist()} need {views} "
-                "(a thumbnail + rows x cols tiles per image): pass the pixel_values and image_grids of one call"
-            )
-
     def get_image_features(
         self, pixel_values: torch.Tensor, image_grids: torch.Tensor | None = None, **kwargs
     ) -> BaseModelOutputWithPooling:
         """``last_hidden_state``: ViT patch features of every view (views, g*g, d); ``pooler_output``: per image its
         projected image tokens (views of the image x ``num_image_tokens``, text_hidden). Without tiling a view is an
         image; with it (``image_grids``: (images, 2) rows, cols) an image is its thumbnail and tiles in a row."""
-        self.check_image_grids(pixel_values, image_grids)
+        check_image_grids(pixel_values.shape[0], image_grids, self.config.max_tiles)
         patches = self.get_patch_features(pixel_values)  # (views, g, g, d)
         projected = self.multi_modal_projector(self.merge_patches(patches))  # (views, num_image_tokens, text_hidden)
         if image_grids is None:
@@ -154,7 +125,7 @@ class GranViTModel(GranViTPreTrainedModel):
         ``patch_features``: precomputed ``get_patch_features`` output (views, g, g, d), to avoid encoding twice; without
         ``image_grids`` each of its views is one map (the stage-1 teacher's crops are single squares)."""
         if patch_features is None:
-            self.check_image_grids(pixel_values, image_grids)
+            check_image_grids(pixel_values.shape[0], image_grids, self.config.max_tiles)
             patch_features = self.get_patch_features(pixel_values)
         if image_grids is None:
             return list(patch_features.unbind(0))

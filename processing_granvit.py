@@ -21,6 +21,7 @@ markers never reach the model and never appear in decoded text (``decode``, ``ba
 ``post_process_image_text_to_text`` drop them).
 """
 
+import itertools
 import re
 from typing import TypedDict, Unpack
 
@@ -352,10 +353,8 @@ class GranViTProcessor(ProcessorMixin):
         flat_images = [img for imgs in per_sample_images for img in imgs]
         image_features = self.image_processor(flat_images) if flat_images else {}
         grids = image_features["image_grids"].tolist() if "image_grids" in image_features else None
-        starts = [0]
-        for imgs in per_sample_images:
-            starts.append(starts[-1] + len(imgs))
-        per_sample_grids = [None if grids is None else grids[a:b] for a, b in zip(starts, starts[1:])]
+        starts = list(itertools.accumulate((len(imgs) for imgs in per_sample_images), initial=0))
+        per_sample_grids = [None if grids is None else grids[a:b] for a, b in itertools.pairwise(starts)]
         sequences = [self._encode(chat, g) for chat, g in zip(chats, per_sample_grids)]
         labels = None
         if targets is not None:

@@ -72,6 +72,35 @@ def cut_tiles(image: Image.Image, grid, tile_size: int) -> list[Image.Image]:
     ]
 
 
+def check_image_grids(num_pixel_views: int, image_grids: torch.Tensor | None, max_tiles: int) -> None:
+    """Refuse pixel_values preprocessed another way than a checkpoint was trained (its ``config.max_tiles``)."""
+    if max_tiles and image_grids is None:
+        raise ValueError(
+            f"pixel_values with {num_pixel_views} view(s) came without image_grids, but this checkpoint tiles images "
+            f"(config.max_tiles={max_tiles}): preprocess with its own processor / image processor, which returns "
+            "image_grids, and pass them along (model(..., image_grids=...))"
+        )
+    if not max_tiles and image_grids is not None:
+        raise ValueError(
+            "image_grids were given, but this checkpoint does not tile images (config.max_tiles=0): preprocess with "
+            "its own processor, whose pixel_values hold one padded square per image"
+        )
+    if image_grids is None:
+        return
+    shape_ok = image_grids.ndim == 2 and image_grids.shape[-1] == 2
+    if not shape_ok or (image_grids < 1).any() or (image_grids.prod(-1) > max_tiles).any():
+        raise ValueError(
+            f"image_grids {image_grids.tolist()} must be (images, 2) (rows, cols) grids of 1 to "
+            f"config.max_tiles={max_tiles} tiles: preprocess with this checkpoint's own processor"
+        )
+    views = sum(num_views(g) for g in image_grids.tolist())
+    if views != num_pixel_views:
+        raise ValueError(
+            f"pixel_values has {num_pixel_views} views but image_grids {image_grids.tolist()} need {views} "
+            "(a thumbnail + rows x cols tiles per image): pass the pixel_values and image_grids of one call"
+        )
+
+
 def stitch_tiles(view_features: torch.Tensor, image_grids: torch.Tensor) -> list[torch.Tensor]:
     """Per-view patch grids -> one stitched tile map per image (the thumbnail is left out).
 
@@ -94,4 +123,4 @@ def stitch_tiles(view_features: torch.Tensor, image_grids: torch.Tensor) -> list
     return maps
 
 
-__all__ = ["cut_tiles", "num_views", "select_tile_grid", "stitch_tiles", "tile_marker", "view_markers"]
+__all__ = ["check_image_grids", "cut_tiles", "num_views", "select_tile_grid", "stitch_tiles", "tile_marker", "view_markers"]

@@ -24,10 +24,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from region_bench import build, independent_generate, result, scene, timed, trim_at_eos  # noqa: E402
-
-from granvit import GranViTImageProcessor, GranViTProcessor  # noqa: E402
-from granvit.tiling_granvit import num_views, select_tile_grid  # noqa: E402
+from granvit import GranViTImageProcessor, GranViTProcessor
+from granvit.tiling_granvit import num_views, select_tile_grid
+from region_bench import build, independent_generate, result, scene, timed, trim_at_eos
 
 SIZES = [(512, 512), (1024, 768), (768, 1024), (1024, 1024), (1920, 1080), (2048, 512)]
 NUM_QUERIES = 16

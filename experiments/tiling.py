@@ -22,7 +22,6 @@ Results: <out>/runs/<arm>_seed<N>.json, then <out>/summary.md (mean and per-seed
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import tempfile
@@ -42,9 +41,10 @@ HERE = Path(__file__).parent
 DEFAULT_OUT = HERE / "results" / "tiling"
 DEFAULT_DATA = HERE.parent / "outputs" / "tiling-data"  # git-ignored; written once, shared by every run
 ARMS = {"untiled": 0, "tiled4": 4}
-SYNTH = dict(image_size=256, min_objects=1, max_objects=3, object_size=(0.1, 0.2), num_sizes=2,
-             shapes=("circle", "square", "triangle", "star"), colours=("red", "green", "blue", "yellow", "purple", "orange"),
-             textures=("solid",), allow_duplicates=False, relations=False, ocr_fraction=0.3)
+SYNTH = {"image_size": 256, "min_objects": 1, "max_objects": 3, "object_size": (0.1, 0.2), "num_sizes": 2,
+         "shapes": ("circle", "square", "triangle", "star"),
+         "colours": ("red", "green", "blue", "yellow", "purple", "orange"),
+         "textures": ("solid",), "allow_duplicates": False, "relations": False, "ocr_fraction": 0.3}
 SIZES = {"train": 1000, "test": 100}
 PROBE_TRAIN_IMAGES = 400
 
