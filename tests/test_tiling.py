@@ -206,7 +206,7 @@ FRESH_PROCESS = textwrap.dedent(
     sys.modules["granvit"] = None  # only the checkpoint's own code
     import torch
     from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
     ckpt, ref_path = sys.argv[1], sys.argv[2]
     ref = torch.load(ref_path)
@@ -226,6 +226,9 @@ FRESH_PROCESS = textwrap.dedent(
         model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"][:1])
     except ValueError as err:
         report["refusal"] = str(err)
+    pipe = pipeline("image-text-to-text", model=ckpt, trust_remote_code=True)  # image_grids flow into generate
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "what?"}]}]
+    report["pipeline_roles"] = [m["role"] for m in pipe(text=messages, max_new_tokens=2)[0]["generated_text"]]
     print("REPORT " + json.dumps(report))
     """
 )
@@ -254,6 +257,7 @@ def test_fresh_process_remote_code_load_of_a_tiled_checkpoint(tmp_path, tiled_ch
     assert report["module"].startswith("transformers_modules.") and report["grids"] == [[1, 2]]
     assert report["same_inputs"] and report["logits_equal"] and report["regions_equal"] and report["generate_equal"]
     assert "came without image_grids" in report["refusal"] and "max_tiles=4" in report["refusal"]
+    assert report["pipeline_roles"] == ["user", "assistant"]
 
 
 def test_exported_encoder_documents_tiling(tmp_path, tiled_checkpoints):
