@@ -200,14 +200,22 @@ class Stage1Trainer(GranViTTrainer):
         return (loss, outputs) if return_outputs else loss
 
     def distill_loss(self, patch_features: torch.Tensor, boxes: list[torch.Tensor], crops: torch.Tensor,
-                     extents: torch.Tensor, image_grids: torch.Tensor | None = None) -> torch.Tensor:
+                     extents: torch.Tensor | None = None, image_grids: torch.Tensor | None = None) -> torch.Tensor:
         """MSE between ROIAlign of the student's full-image patches at each box and the teacher's features of its crop.
 
         patch_features: (views, g*g, d) from the forward (the image is encoded once; with tiling, ``image_grids``
         stitches each image's tiles back into one map); boxes: b tensors (K_i, 4) in that map's frame
         (``to_model_space``); crops: (sum K_i, 3, S, S) crop pixel values, each crop padded to a square at the
-        top-left; extents: (sum K_i, 2) the crop content's (w, h) in that square, in (0, 1].
+        top-left; extents: (sum K_i, 2) the crop content's (w, h) in that square, in (0, 1] (the collator's
+        ``crop_extents``; None derives them from the boxes, which only holds without tiling, where the model frame
+        scales both axes alike).
         """
+        if extents is None:
+            if image_grids is not None:
+                raise ValueError("distill_loss with image_grids needs the collator's crop_extents: tiled model-frame "
+                                 "boxes are normalized per axis and no longer give the crop's aspect ratio")
+            wh = torch.cat(boxes)[:, 2:] - torch.cat(boxes)[:, :2]
+            extents = wh / wh.max(dim=1, keepdim=True).values  # (sum K_i, 2)
         base, out = self.base_model(), self.args.roi_output_size
         keep = self.args.distill_regions_per_example
         starts = torch.tensor([0] + [len(b) for b in boxes]).cumsum(0).tolist()
