@@ -23,6 +23,10 @@ class GranViTConfig(PreTrainedConfig):
             image tokens by k**2 (1 = off).
         vision_feature_layer: which ViT hidden state feeds the projector (and the region features).
         projector_hidden_act: activation between the two projector layers.
+        max_tiles: high-resolution tiling (tiling_granvit.py): 0 = off (one padded square view per image); N >= 1 =
+            a global thumbnail plus up to N tiles of the model resolution on the grid that best fits the image's
+            aspect ratio. Fixed at build time so a checkpoint always preprocesses the way it was trained; the model
+            refuses ``pixel_values`` without the processor's ``image_grids`` when it is on.
         trained_tasks: the tasks this checkpoint was trained on (``bbox2caption``, ``caption2bbox``, ``vqa``, ...),
             written by the training runner; ``None`` = unknown (a fresh build). The Space uses it to say plainly
             when a tab asks for something the model never learned.
@@ -51,6 +55,7 @@ class GranViTConfig(PreTrainedConfig):
     spatial_merge_size: int = 1
     vision_feature_layer: int = -1
     projector_hidden_act: str = "gelu"
+    max_tiles: int = 0
     tie_word_embeddings: bool = False
     trained_tasks: list[str] | None = None
 
@@ -61,6 +66,8 @@ class GranViTConfig(PreTrainedConfig):
             self.tie_word_embeddings = True
         if self.box_format not in ("text", "tokens"):
             raise ValueError(f"box_format must be 'text' or 'tokens', got {self.box_format!r}")
+        if not isinstance(self.max_tiles, int) or self.max_tiles < 0:
+            raise ValueError(f"max_tiles must be an integer >= 0 (0 = no tiling), got {self.max_tiles!r}")
         if self.patch_grid_size % self.spatial_merge_size:
             raise ValueError(
                 f"spatial_merge_size={self.spatial_merge_size} must divide the patch grid "
@@ -74,7 +81,7 @@ class GranViTConfig(PreTrainedConfig):
 
     @property
     def num_image_tokens(self) -> int:
-        """LLM tokens per image, after the k x k spatial merge."""
+        """LLM tokens per view (one view per image without tiling), after the k x k spatial merge."""
         return (self.patch_grid_size // self.spatial_merge_size) ** 2
 
 

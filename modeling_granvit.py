@@ -22,6 +22,7 @@ from transformers.modeling_outputs import (
 from .configuration_granvit import GranViTConfig
 from .pipeline_granvit import GranViTRegionsPipeline  # noqa: F401 (config.custom_pipelines names it: ship it with the model)
 from .region_decoding_granvit import GranViTRegionDecodingMixin  # dense region APIs (describe_regions, ground)
+from .tiling_granvit import check_image_grids, num_views, stitch_tiles
 
 
 class GranViTPreTrainedModel(PreTrainedModel):
@@ -98,13 +99,37 @@ class GranViTModel(GranViTPreTrainedModel):
         x = patch_features.reshape(b, g // k, k, g // k, k, d)
         return x.permute(0, 1, 3, 2, 4, 5).reshape(b, (g // k) ** 2, k * k * d)
 
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
-        """``last_hidden_state``: ViT patch features (b, g*g, d); ``pooler_output``: list of projected image tokens."""
-        patches = self.get_patch_features(pixel_values)  # (b, g, g, d)
-        projected = self.multi_modal_projector(self.merge_patches(patches))  # (b, num_image_tokens, text_hidden)
-        return BaseModelOutputWithPooling(
-            last_hidden_state=patches.flatten(1, 2), pooler_output=list(projected.unbind(0))
-        )
+    def get_image_features(
+        self, pixel_values: torch.Tensor, image_grids: torch.Tensor | None = None, **kwargs
+    ) -> BaseModelOutputWithPooling:
+        """``last_hidden_state``: ViT patch features of every view (views, g*g, d); ``pooler_output``: per image its
+        projected image tokens (views of the image x ``num_image_tokens``, text_hidden). Without tiling a view is an
+        image; with it (``image_grids``: (images, 2) rows, cols) an image is its thumbnail and tiles in a row."""
+        check_image_grids(pixel_values.shape[0], image_grids, self.config.max_tiles)
+        patches = self.get_patch_features(pixel_values)  # (views, g, g, d)
+        projected = self.multi_modal_projector(self.merge_patches(patches))  # (views, num_image_tokens, text_hidden)
+        if image_grids is None:
+            per_image = list(projected.unbind(0))
+        else:
+            per_image = [p.flatten(0, 1) for p in projected.split([num_views(g) for g in image_grids.tolist()])]
+        return BaseModelOutputWithPooling(last_hidden_state=patches.flatten(1, 2), pooler_output=per_image)
+
+    def get_feature_maps(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        image_grids: torch.Tensor | None = None,
+        patch_features: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """One ViT feature map per image, (H, W, vision_hidden): the patch grid of the padded square, or with tiling
+        the stitched tile map (tiles put back on one grid, the thumbnail left out), which covers the original image.
+        ``patch_features``: precomputed ``get_patch_features`` output (views, g, g, d), to avoid encoding twice; without
+        ``image_grids`` each of its views is one map (the stage-1 teacher's crops are single squares)."""
+        if patch_features is None:
+            check_image_grids(pixel_values.shape[0], image_grids, self.config.max_tiles)
+            patch_features = self.get_patch_features(pixel_values)
+        if image_grids is None:
+            return list(patch_features.unbind(0))
+        return stitch_tiles(patch_features, image_grids)
 
     def get_region_features(
         self,
@@ -112,34 +137,45 @@ class GranViTModel(GranViTPreTrainedModel):
         boxes: list[torch.Tensor] | torch.Tensor | None = None,
         output_size: int | tuple[int, int] = 7,
         patch_features: torch.Tensor | None = None,
+        image_grids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """ROIAlign over the ViT patch grid: one (vision_hidden, out, out) feature map per box.
+        """ROIAlign over the ViT feature map of each image: one (vision_hidden, out, out) feature map per box.
 
         Args:
-            pixel_values: (batch, 3, S, S) model inputs (ignored if ``patch_features`` is given).
-            boxes: one (K_i, 4) tensor per image, ``[x1, y1, x2, y2]`` normalized to the model input frame (the padded
-                square; ``processor.image_processor.to_model_space`` converts from original pixels), or one
-                (K, 5) tensor ``[batch_index, x1, y1, x2, y2]``.
+            pixel_values: (views, 3, S, S) model inputs (ignored if ``patch_features`` is given).
+            boxes: one (K_i, 4) tensor per image, ``[x1, y1, x2, y2]`` normalized to the image's feature map frame
+                (``processor.image_processor.to_model_space`` converts from original pixels: the padded square, or
+                with tiling the original image, which the stitched tile map covers), or one (K, 5) tensor
+                ``[image_index, x1, y1, x2, y2]``.
             output_size: ROI output resolution.
-            patch_features: precomputed ``get_patch_features`` output (b, g, g, d), to avoid encoding twice.
+            patch_features: precomputed ``get_patch_features`` output (views, g, g, d), to avoid encoding twice.
+            image_grids: (images, 2) the tile grids the processor returned (tiling checkpoints only).
         Returns:
             (sum K_i, vision_hidden, out_h, out_w)
         """
-        if patch_features is None:
-            patch_features = self.get_patch_features(pixel_values)
-        grid = patch_features.shape[1]
-        feature_map = patch_features.permute(0, 3, 1, 2)  # (b, d, g, g)
-        if isinstance(boxes, (list, tuple)):
-            rois = [b.to(feature_map) * grid for b in boxes]
-        else:
-            rois = boxes.to(feature_map).clone()
-            rois[:, 1:] *= grid
-        dtype = feature_map.dtype
-        if feature_map.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
-            # torchvision's CPU roi_align kernel has no half-precision version.
-            feature_map, rois = feature_map.float(), [r.float() for r in rois] if isinstance(rois, list) else rois.float()
-        # aligned=True: a box [0, 0, 1, 1] covers exactly the whole grid (pixel i spans [i, i+1)).
-        return roi_align(feature_map, rois, output_size=output_size, spatial_scale=1.0, aligned=True).to(dtype)
+        maps = self.get_feature_maps(pixel_values, image_grids, patch_features)  # per image (H, W, d)
+        order = None
+        if not isinstance(boxes, (list, tuple)):  # (K, 5): group by image, then restore the given order
+            index = boxes[:, 0].long()
+            order = torch.cat([(index == i).nonzero().squeeze(1) for i in range(len(maps))])
+            boxes = [boxes[index == i, 1:] for i in range(len(maps))]
+        if len(boxes) != len(maps):
+            raise ValueError(f"boxes for {len(boxes)} image(s) but {len(maps)} image(s) in the input")
+        outputs = []
+        for feature_map, image_boxes in zip(maps, boxes):
+            height, width = feature_map.shape[:2]
+            feature_map = feature_map.permute(2, 0, 1).unsqueeze(0)  # (1, d, H, W)
+            rois = image_boxes.to(feature_map).reshape(-1, 4) * feature_map.new_tensor([width, height, width, height])
+            dtype = feature_map.dtype
+            if feature_map.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+                # torchvision's CPU roi_align kernel has no half-precision version.
+                feature_map, rois = feature_map.float(), rois.float()
+            # aligned=True: a box [0, 0, 1, 1] covers exactly the whole map (patch i spans [i, i+1)).
+            outputs.append(roi_align(feature_map, [rois], output_size=output_size, spatial_scale=1.0, aligned=True).to(dtype))
+        features = torch.cat(outputs)
+        if order is not None:
+            features = features[torch.argsort(order)]
+        return features
 
     def forward(
         self,
@@ -151,6 +187,7 @@ class GranViTModel(GranViTPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         mm_encoder_outputs: dict | None = None,
+        image_grids: torch.Tensor | None = None,
         **kwargs,
     ) -> MultimodalBaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
@@ -160,7 +197,7 @@ class GranViTModel(GranViTPreTrainedModel):
 
         image_outputs = (mm_encoder_outputs or {}).get("image")
         if image_outputs is None and pixel_values is not None:
-            image_outputs = self.get_image_features(pixel_values)
+            image_outputs = self.get_image_features(pixel_values, image_grids)
         if image_outputs is not None:
             image_features = torch.cat(image_outputs.pooler_output, dim=0).to(inputs_embeds)
             if input_ids is None:
@@ -170,8 +207,9 @@ class GranViTModel(GranViTPreTrainedModel):
             if n_tokens != n_features:
                 raise ValueError(
                     f"Image features and image tokens do not match: {n_tokens} <image> tokens in input_ids but "
-                    f"{len(image_outputs.pooler_output)} image(s) x {self.config.num_image_tokens} = {n_features} "
-                    "features. Build inputs with GranViTProcessor, which expands each <image> to the right count."
+                    f"{len(image_outputs.pooler_output)} image(s) with {n_features} features "
+                    f"({self.config.num_image_tokens} per view, config.max_tiles={self.config.max_tiles}). Build inputs "
+                    "with GranViTProcessor, which expands each <image> to the right count."
                 )
             inputs_embeds = inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features)
 
@@ -210,9 +248,11 @@ class GranViTForConditionalGeneration(GranViTPreTrainedModel, GenerationMixin, G
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
         return self.model.get_image_features(pixel_values, **kwargs)
 
-    def get_region_features(self, pixel_values=None, boxes=None, output_size=7, patch_features=None) -> torch.Tensor:
-        """See ``GranViTModel.get_region_features``: ROIAlign region embeddings from the ViT patch grid."""
-        return self.model.get_region_features(pixel_values, boxes, output_size, patch_features)
+    def get_region_features(
+        self, pixel_values=None, boxes=None, output_size=7, patch_features=None, image_grids=None
+    ) -> torch.Tensor:
+        """See ``GranViTModel.get_region_features``: ROIAlign region embeddings from the ViT feature map."""
+        return self.model.get_region_features(pixel_values, boxes, output_size, patch_features, image_grids)
 
     def forward(
         self,
@@ -226,6 +266,7 @@ class GranViTForConditionalGeneration(GranViTPreTrainedModel, GenerationMixin, G
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         mm_encoder_outputs: dict | None = None,
+        image_grids: torch.Tensor | None = None,
         **kwargs,
     ) -> MultimodalCausalLMOutputWithPast:
         if cache is None and "past_key_values" in kwargs:  # 4.x callers
@@ -234,6 +275,7 @@ class GranViTForConditionalGeneration(GranViTPreTrainedModel, GenerationMixin, G
             input_ids=input_ids,
             pixel_values=pixel_values,
             attention_mask=attention_mask,
+            image_grids=image_grids,
             position_ids=position_ids,
             cache=cache,
             inputs_embeds=inputs_embeds,

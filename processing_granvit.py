@@ -21,6 +21,7 @@ markers never reach the model and never appear in decoded text (``decode``, ``ba
 ``post_process_image_text_to_text`` drop them).
 """
 
+import itertools
 import re
 from typing import TypedDict, Unpack
 
@@ -30,6 +31,7 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, TextKwargs
 
 from .box_utils_granvit import check_box
+from .tiling_granvit import view_markers
 
 IMAGE_TOKEN = "<image>"
 BOX_START, BOX_END = "<box>", "</box>"
@@ -274,8 +276,26 @@ class GranViTProcessor(ProcessorMixin):
             ids += self.tokenizer(piece, add_special_tokens=False)["input_ids"]
         return ids
 
-    def _encode(self, text: str) -> list[int]:
-        """Trusted segments as-is (``<image>`` expanded), untrusted segments as plain text."""
+    @property
+    def tiling(self) -> bool:
+        """Whether images are tiled (the image processor's ``max_tiles``, recorded at build time)."""
+        return bool(getattr(self.image_processor, "max_tiles", 0))
+
+    def image_token_ids(self, grid=None) -> list[int]:
+        """What one ``<image>`` becomes: ``num_image_tokens`` image tokens, or with tiling (``grid`` = (rows, cols)),
+        per view its marker text (``global:``, ``tile 1,2:``, ...) then that view's image tokens."""
+        image_ids = [self.image_token_id] * self.num_image_tokens
+        if grid is None:
+            return image_ids
+        ids = []
+        for marker in view_markers(grid):
+            ids += self.tokenizer(marker, add_special_tokens=False)["input_ids"] + image_ids
+        return ids
+
+    def _encode(self, text: str, image_grids=None) -> list[int]:
+        """Trusted segments as-is (``<image>`` expanded; with tiling, the i-th by ``image_grids[i]``), untrusted
+        segments as plain text."""
+        grids = iter([None] * text.count(IMAGE_TOKEN) if image_grids is None else [tuple(g) for g in image_grids])
         ids = []
         for i, segment in enumerate(re.split(f"{UNTRUSTED_START}(.*?){UNTRUSTED_END}", text, flags=re.DOTALL)):
             segment = segment.replace(UNTRUSTED_START, "").replace(UNTRUSTED_END, "")
@@ -285,7 +305,7 @@ class GranViTProcessor(ProcessorMixin):
                 ids += self._plain_ids(segment)
                 continue
             for token_id in self.tokenizer(segment, add_special_tokens=False)["input_ids"]:
-                ids += [token_id] * (self.num_image_tokens if token_id == self.image_token_id else 1)
+                ids += self.image_token_ids(next(grids)) if token_id == self.image_token_id else [token_id]
         return ids
 
     def __call__(
@@ -330,7 +350,12 @@ class GranViTProcessor(ProcessorMixin):
             if n_placeholders != len(imgs):
                 raise ValueError(f"Prompt has {n_placeholders} <image> placeholder(s) but {len(imgs)} image(s): {chat!r}")
 
-        sequences = [self._encode(chat) for chat in chats]
+        flat_images = [img for imgs in per_sample_images for img in imgs]
+        image_features = self.image_processor(flat_images) if flat_images else {}
+        grids = image_features["image_grids"].tolist() if "image_grids" in image_features else None
+        starts = list(itertools.accumulate((len(imgs) for imgs in per_sample_images), initial=0))
+        per_sample_grids = [None if grids is None else grids[a:b] for a, b in itertools.pairwise(starts)]
+        sequences = [self._encode(chat, g) for chat, g in zip(chats, per_sample_grids)]
         labels = None
         if targets is not None:
             targets = [targets] if isinstance(targets, str) else list(targets)
@@ -342,15 +367,17 @@ class GranViTProcessor(ProcessorMixin):
             labels = [[-100] * len(s) + a for s, a in zip(sequences, answers)]
             sequences = [s + a for s, a in zip(sequences, answers)]
         if options.get("truncation") not in (None, False, "do_not_truncate"):
-            sequences, labels = self._truncate(sequences, labels, options.get("max_length"), per_sample_images)
+            sequences, labels = self._truncate(sequences, labels, options.get("max_length"), per_sample_images,
+                                               per_sample_grids)
         side = options.get("padding_side") or ("right" if targets is not None else "left")
         data = self._pad(sequences, labels, side, options)
         if options.get("return_attention_mask") is False:
             del data["attention_mask"]
 
-        flat_images = [img for imgs in per_sample_images for img in imgs]
         if flat_images:
-            data["pixel_values"] = self.image_processor(flat_images)["pixel_values"]
+            data["pixel_values"] = image_features["pixel_values"]  # (views, 3, S, S): one view per image untiled
+            if grids is not None:
+                data["image_grids"] = image_features["image_grids"]  # (images, 2): rows, cols of each image's tiles
         return BatchFeature(data=data, tensor_type=options.get("return_tensors"))
 
     @classmethod
@@ -384,17 +411,18 @@ class GranViTProcessor(ProcessorMixin):
             raise ValueError(f"{len(grouped)} image groups for {batch_size} prompts")
         return grouped
 
-    def _truncate(self, sequences, labels, max_length, per_sample_images):
+    def _truncate(self, sequences, labels, max_length, per_sample_images, per_sample_grids):
         """Cut each sequence (and its labels) to ``max_length`` on the tokenizer's ``truncation_side``; a cut into
         the image tokens is an error (the model needs all of them)."""
         max_length = max_length or self.tokenizer.model_max_length
         cut = (lambda x: x[-max_length:]) if self.tokenizer.truncation_side == "left" else (lambda x: x[:max_length])
         sequences = [cut(s) for s in sequences]
-        for seq, imgs in zip(sequences, per_sample_images):
-            if seq.count(self.image_token_id) != len(imgs) * self.num_image_tokens:
+        for seq, imgs, grids in zip(sequences, per_sample_images, per_sample_grids):
+            expected = sum(self.image_token_ids(g).count(self.image_token_id) for g in (grids or [None] * len(imgs)))
+            if seq.count(self.image_token_id) != expected:
                 raise ValueError(
-                    f"max_length={max_length} cuts into the image tokens ({len(imgs)} image(s) x "
-                    f"{self.num_image_tokens} tokens); raise max_length"
+                    f"max_length={max_length} cuts into the image tokens ({len(imgs)} image(s), {expected} "
+                    "image tokens); raise max_length"
                 )
         return sequences, None if labels is None else [cut(lab) for lab in labels]
 
@@ -451,15 +479,21 @@ class GranViTProcessor(ProcessorMixin):
         return self.strip_markers(texts)
 
     # ---- dense region decoding ------------------------------------------------------------------------------------
-    def prompt_ids(self, prompts: list[str], num_images: int = 1) -> list[list[int]]:
-        """Unpadded token ids of each prompt exactly as ``__call__`` builds them (chat format, ``<image>`` expanded),
-        without touching any image: for callers that share one encoded image across prompts
-        (``model.describe_regions`` / ``model.ground``, see region_decoding_granvit.py)."""
-        return [self._encode(p if p.startswith(USER_TOKEN) else self.format_user_turn(p, num_images)) for p in prompts]
+    def prompt_ids(self, prompts: list[str], num_images: int = 1, image_grids=None) -> list[list[int]]:
+        """Unpadded token ids of each prompt exactly as ``__call__`` builds them (chat format, ``<image>`` expanded;
+        with tiling, by the images' ``image_grids`` from the image processor), without touching any image: for
+        callers that share one encoded image across prompts (``model.describe_regions`` / ``model.ground``, see
+        region_decoding_granvit.py)."""
+        if self.tiling and image_grids is None:
+            raise ValueError("prompt_ids: this processor tiles images (max_tiles="
+                             f"{self.image_processor.max_tiles}); pass the image_grids its image processor returned")
+        grids = None if image_grids is None else [tuple(g) for g in torch.as_tensor(image_grids).tolist()]
+        return [self._encode(p if p.startswith(USER_TOKEN) else self.format_user_turn(p, num_images), grids)
+                for p in prompts]
 
     @property
     def model_input_names(self) -> list[str]:
-        return ["input_ids", "attention_mask", "pixel_values"]
+        return ["input_ids", "attention_mask", "pixel_values"] + (["image_grids"] if self.tiling else [])
 
     @classmethod
     def from_parts(

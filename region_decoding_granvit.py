@@ -158,13 +158,15 @@ def dense_greedy_generate(
     eos_token_ids: list[int],
     pad_token_id: int,
     logits_processor: LogitsProcessorList | None = None,
+    image_grids: torch.Tensor | None = None,
 ) -> list[list[int]]:
     """Greedy continuations of N prompts that share one image (and usually a long prefix), as one batch.
 
     Args:
         model: a ``GranViTForConditionalGeneration``.
         sequences: N unpadded prompt token-id lists, each with the image's ``<image>`` tokens in the shared prefix.
-        pixel_values: (1, 3, S, S) the one image.
+        pixel_values: (views, 3, S, S) the one image (one view, or with tiling its thumbnail and tiles).
+        image_grids: (1, 2) its tile grid (tiling checkpoints only).
         eos_token_ids: a row stops after emitting any of them (the eos is kept in its output, as ``generate`` does).
     Returns:
         N lists of generated token ids (at most ``max_new_tokens`` each).
@@ -185,7 +187,8 @@ def dense_greedy_generate(
     # 1. Image encode + shared prefix, once: (1, P).
     cache = DynamicCache(config=model.config.text_config)
     prefix = torch.tensor([sequences[0][:shared]], dtype=torch.long, device=device)
-    model(input_ids=prefix, pixel_values=pixel_values, cache=cache, use_cache=True, logits_to_keep=1)
+    model(input_ids=prefix, pixel_values=pixel_values, image_grids=image_grids, cache=cache, use_cache=True,
+          logits_to_keep=1)
 
     # 2. The N suffixes, right-aligned in one (N, W) batch: pads on the left, masked, real tokens at P .. P+S_i-1.
     lengths = torch.tensor([len(s) for s in suffixes], device=device)
@@ -248,9 +251,11 @@ def dense_greedy_generate(
 class GranViTRegionDecodingMixin:
     """Dense region APIs for ``GranViTForConditionalGeneration`` (greedy; see the module docstring)."""
 
-    def _dense_inputs(self, processor, image) -> tuple[torch.Tensor, tuple[int, int]]:
+    def _dense_inputs(self, processor, image) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor | None]:
+        """(pixel_values, original (width, height), image_grids or None) of one image."""
         features = processor.image_processor([image])
-        return features["pixel_values"].to(self.device), tuple(features["image_sizes"][0])
+        grids = features.get("image_grids")
+        return features["pixel_values"].to(self.device), tuple(features["image_sizes"][0]), grids
 
     def _eos_and_pad(self, processor) -> tuple[list[int], int]:
         eos = self.generation_config.eos_token_id
@@ -259,10 +264,12 @@ class GranViTRegionDecodingMixin:
         pad = self.generation_config.pad_token_id
         return eos, eos[0] if pad is None else pad
 
-    def _dense_ids(self, processor, pixel_values, prompts, max_new_tokens, logits_processor) -> list[list[int]]:
+    def _dense_ids(self, processor, inputs, prompts, max_new_tokens, logits_processor) -> list[list[int]]:
+        pixel_values, _, grids = inputs
         eos, pad = self._eos_and_pad(processor)
         return dense_greedy_generate(
-            self, processor.prompt_ids(prompts), pixel_values, max_new_tokens, eos, pad, logits_processor
+            self, processor.prompt_ids(prompts, image_grids=grids), pixel_values, max_new_tokens, eos, pad,
+            logits_processor, image_grids=None if grids is None else grids.to(self.device),
         )
 
     def box_constraint(self, processor, force_box: bool = False) -> BoxConstraintLogitsProcessor:
@@ -284,8 +291,7 @@ class GranViTRegionDecodingMixin:
         Token-identical (fp32) to ``model.generate(**processor(images=[image], text=[p]), do_sample=False)`` per
         prompt, with the same ``logits_processor``. Rows include their eos when they stop before ``max_new_tokens``.
         """
-        pixel_values, _ = self._dense_inputs(processor, image)
-        return self._dense_ids(processor, pixel_values, prompts, max_new_tokens, logits_processor)
+        return self._dense_ids(processor, self._dense_inputs(processor, image), prompts, max_new_tokens, logits_processor)
 
     @torch.no_grad()
     def describe_regions(
@@ -297,9 +303,9 @@ class GranViTRegionDecodingMixin:
         logits_processor: LogitsProcessorList | None = None,
     ) -> list[str]:
         """One caption per box (``[x1, y1, x2, y2]`` original pixels), all from one image encode and one batch."""
-        pixel_values, image_size = self._dense_inputs(processor, image)
-        prompts = [processor.bbox2caption_prompt(box, image_size) for box in boxes]
-        ids = self._dense_ids(processor, pixel_values, prompts, max_new_tokens, logits_processor)
+        inputs = self._dense_inputs(processor, image)
+        prompts = [processor.bbox2caption_prompt(box, inputs[1]) for box in boxes]
+        ids = self._dense_ids(processor, inputs, prompts, max_new_tokens, logits_processor)
         return [text.strip() for text in processor.batch_decode(ids, skip_special_tokens=True)]
 
     @torch.no_grad()
@@ -316,13 +322,13 @@ class GranViTRegionDecodingMixin:
         format with the answer forced to be a box, so every answer holds at least one well-formed box (given
         ``max_new_tokens >= processor.max_box_tokens``; the default leaves room for two boxes)."""
         max_new_tokens = max_new_tokens or 2 * processor.max_box_tokens + 4
-        pixel_values, image_size = self._dense_inputs(processor, image)
+        inputs = self._dense_inputs(processor, image)
         processors = LogitsProcessorList(logits_processor or [])
         if constrain_boxes:
             processors.append(BoxConstraintLogitsProcessor.from_processor(processor, force_box=True))
         prompts = [processor.caption2bbox_prompt(phrase) for phrase in phrases]
-        ids = self._dense_ids(processor, pixel_values, prompts, max_new_tokens, processors)
-        return processor.post_process_grounding(ids, [image_size] * len(ids))
+        ids = self._dense_ids(processor, inputs, prompts, max_new_tokens, processors)
+        return processor.post_process_grounding(ids, [inputs[1]] * len(ids))
 
 
 __all__ = [

@@ -60,8 +60,10 @@ def region_features(model, processor, dataset, output_size: int, max_images: int
             kept += [attrs for _, attrs in regions]
         if not images:
             continue
-        pixel_values = ip(images)["pixel_values"].to(model.device)
-        rois = model.get_region_features(pixel_values, boxes, output_size=output_size)  # (regions, d, out, out)
+        inputs = ip(images)  # with tiling: every image's thumbnail and tiles, and image_grids to stitch them back
+        grids = inputs.get("image_grids")
+        rois = model.get_region_features(inputs["pixel_values"].to(model.device), boxes, output_size=output_size,
+                                         image_grids=None if grids is None else grids.to(model.device))
         features.append(rois.flatten(1).float().cpu().numpy())
         for attrs in kept:
             for a in ATTRIBUTES:

@@ -13,10 +13,13 @@ Two things a user must know, written into the README too:
 - GranViT reads ``hidden_states[vision_feature_layer]``; layers after it got no training signal and are dropped
   here, so ``hidden_states[-1]`` of the export is GranViT's patch feature. ``last_hidden_state`` adds the tower's
   ``post_layernorm`` (kept from the pretrained tower; GranViT does not use it).
+- A checkpoint trained with tiling (``config.max_tiles`` > 0) saw a thumbnail plus tiles per image; the export then
+  carries ``tiling_granvit.py`` (torch + PIL only) and its README shows how to tile and stitch with it.
 """
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -66,6 +69,29 @@ patch_features = out.hidden_states[-1]  # ({grid}x{grid} patches, {hidden}): wha
   from this export ({kept} of {total} kept), so `hidden_states[-1]` here is exactly that feature. `last_hidden_state`
   additionally applies the tower's `post_layernorm`, which GranViT training did not use (its weights are the
   pretrained tower's).
+"""
+
+TILING_README = """
+## Tiling (this encoder was trained with up to {max_tiles} tiles per image)
+
+GranViT fed each image as a global thumbnail (the padded square above) plus tiles: the image stretched to the
+(cols x rows) grid of {size} px tiles whose aspect ratio best fits it, cut row-major. `tiling_granvit.py` (next to
+this README; torch + PIL only) has the rule. GranViT's region features come from the tiles' patch grids put back side
+by side, a map that covers exactly the original image (box coordinates there: `x / width`, `y / height`).
+
+```python
+from tiling_granvit import cut_tiles, select_tile_grid
+
+rows, cols = select_tile_grid(image.size, max_tiles={max_tiles}, tile_size={size})
+tiles = cut_tiles(image, (rows, cols), {size})                            # rows * cols square PIL tiles, row-major
+tile_pixels = processor(images=tiles, return_tensors="pt")["pixel_values"]  # square already: nothing to pad
+with torch.no_grad():
+    hidden = encoder(pixel_values=tile_pixels, output_hidden_states=True).hidden_states[-1]  # (tiles, {grid}*{grid}, {hidden})
+# tile (r, c)'s patch (i, j) sits at (r * {grid} + i, c * {grid} + j) of the stitched map
+feature_map = hidden.reshape(rows, cols, {grid}, {grid}, -1).permute(0, 2, 1, 3, 4).reshape(rows * {grid}, cols * {grid}, -1)
+```
+The thumbnail is the padded square above; GranViT's LLM read it first, then each tile, but its region features use the
+stitched map only. With a 1 x 1 grid there is no thumbnail: the one tile is the image stretched to a square.
 """
 
 
@@ -135,7 +161,11 @@ def export_encoder(checkpoint: str | Path, out: str | Path):
             patch=vision_config.patch_size, grid=size // vision_config.patch_size, hidden=vision_config.hidden_size,
             layer=config.vision_feature_layer, kept=kept, total=total,
         )
+        + (TILING_README.format(max_tiles=config.max_tiles, size=size, grid=size // vision_config.patch_size,
+                                hidden=vision_config.hidden_size) if config.max_tiles else "")
     )
+    if config.max_tiles:
+        shutil.copy(Path(__file__).resolve().parent.parent / "tiling_granvit.py", out / "tiling_granvit.py")
     return tower
 
 

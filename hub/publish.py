@@ -107,9 +107,10 @@ captions = model.describe_regions(processor, image, [[120, 40, 380, 300], [400, 
 # Grounding: the box(es) a phrase describes, decoded under a box grammar so the answer always parses.
 boxes = model.ground(processor, image, ["the red car on the left"])[0]
 # Region features from the ViT patch grid (ROIAlign), e.g. for retrieval or detection heads.
-pixel_values = processor.image_processor([image])["pixel_values"]
+inputs = processor.image_processor([image])  # pixel_values (+ image_grids when the checkpoint tiles images)
 model_boxes = processor.image_processor.to_model_space([[120, 40, 380, 300]], image.size)
-features = model.get_region_features(pixel_values, [model_boxes], output_size=7)  # (1, vision_hidden, 7, 7)
+features = model.get_region_features(inputs["pixel_values"], [model_boxes], output_size=7,
+                                     image_grids=inputs.get("image_grids"))  # (1, vision_hidden, 7, 7)
 ```'''
 
 

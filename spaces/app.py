@@ -156,19 +156,22 @@ class GranViTDemo:
     def similarity(self, image: Image.Image, box: list[float]) -> np.ndarray:
         """Cosine similarity between the box's region feature and every ViT patch, as an (H, W) map on the image."""
         image_processor = self.processor.image_processor
-        pixel_values = image_processor([image])["pixel_values"].to(self.device)
+        inputs = image_processor([image])
+        grids = inputs.get("image_grids")
         with torch.inference_mode():
-            patches = self.model.model.get_patch_features(pixel_values)  # (1, g, g, d)
+            [feature_map] = self.model.model.get_feature_maps(inputs["pixel_values"].to(self.device), grids)  # (H, W, d)
             model_box = image_processor.to_model_space([box], image.size).to(self.device)  # (1, 4) in [0, 1]
-            region = self.model.get_region_features(boxes=[model_box], output_size=7, patch_features=patches)
+            region = self.model.get_region_features(boxes=[model_box], output_size=7,
+                                                    patch_features=feature_map[None])  # one map: no grid to stitch
             region = region.mean(dim=(2, 3))  # (1, d): ROIAlign grid averaged into one region vector
-            sim = F.cosine_similarity(patches[0].float(), region[0].float(), dim=-1)  # (g, g)
-        # Patch grid -> the padded square -> crop the image content (top-left) -> original size.
-        size = image_processor.image_size
-        square = F.interpolate(sim[None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0]
-        content_w, content_h = image_processor.resized_size(image.size)
-        content = square[:content_h, :content_w]
-        full = F.interpolate(content[None, None], size=(image.height, image.width), mode="bilinear")
+            sim = F.cosine_similarity(feature_map.float(), region[0].float(), dim=-1)  # (H, W)
+        if grids is None:  # patch grid -> the padded square -> crop the image content (top-left)
+            size = image_processor.image_size
+            square = F.interpolate(sim[None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+            content_w, content_h = image_processor.resized_size(image.size)
+            sim = square[:content_h, :content_w]
+        # (with tiling the stitched tile map already covers exactly the image) -> original size
+        full = F.interpolate(sim[None, None], size=(image.height, image.width), mode="bilinear")
         return full[0, 0].clamp(-1, 1).cpu().numpy()
 
 

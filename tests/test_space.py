@@ -291,3 +291,16 @@ def test_atomic_image_cache_still_fits_gradio(tmp_path, monkeypatch):
     gr.AnnotatedImage().postprocess((image, [((1, 1, 5, 5), "a box")]))
     gr.Image(type="pil").postprocess(image)
     assert len(calls) == 3  # the AnnotatedImage base and its mask, then the Image output
+
+
+def test_similarity_with_tiling_covers_the_original_image(tmp_path):
+    """A tiled checkpoint's heat map comes from the stitched tile map, which covers exactly the original image."""
+    from granvit.train.tiny import build_tiny_checkpoint
+
+    demo_model = space_app.GranViTDemo(str(build_tiny_checkpoint(tmp_path, max_tiles=4)))
+    image = Image.new("RGB", (128, 64), "white")  # 2 tiles of 64 px side by side: 16 px patches stay 16 px
+    image.paste((255, 0, 0), (80, 16, 96, 32))
+    sim = demo_model.similarity(image, [80, 16, 96, 32])
+    assert sim.shape == (64, 128)
+    assert sim[16:32, 80:96].mean() > sim[40:, :40].mean()
+    assert len(demo_model.model.describe_regions(demo_model.processor, image, [[80, 16, 96, 32]], max_new_tokens=2)) == 1

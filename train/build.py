@@ -37,7 +37,7 @@ def vision_config_from(vision: str) -> AutoConfig:
     return config
 
 
-def image_processor_from(vision: str, image_size: int) -> GranViTImageProcessor:
+def image_processor_from(vision: str, image_size: int, max_tiles: int = 0) -> GranViTImageProcessor:
     """Keep the tower's own normalization (SigLIP: 0.5/0.5, CLIP: OpenAI mean/std) when it ships a preprocessor."""
     try:
         source = AutoImageProcessor.from_pretrained(vision)
@@ -45,7 +45,7 @@ def image_processor_from(vision: str, image_size: int) -> GranViTImageProcessor:
     except OSError:
         logger.warning("%s has no image processor config; using SigLIP's mean/std of 0.5", vision)
         mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-    return GranViTImageProcessor(image_size=image_size, image_mean=mean, image_std=std)
+    return GranViTImageProcessor(image_size=image_size, image_mean=mean, image_std=std, max_tiles=max_tiles)
 
 
 def build_granvit(
@@ -56,6 +56,7 @@ def build_granvit(
     vision_feature_layer: int = -1,
     projector_hidden_act: str = "gelu",
     box_format: str = "tokens",
+    max_tiles: int = 0,
     dtype: torch.dtype = torch.float32,
     **processor_kwargs,
 ) -> tuple[GranViTForConditionalGeneration, GranViTProcessor]:
@@ -63,7 +64,8 @@ def build_granvit(
 
     ``box_format``: ``"tokens"`` (6 new tokens per box, with sin/cos-initialised coordinate rows; what the
     small-scale measurement chose) or ``"text"`` (the paper's: coordinates as integers in the LLM's own digits);
-    see processing_granvit.py.
+    see processing_granvit.py. ``max_tiles``: 0 (no tiling) or N, a global thumbnail plus up to N tiles per image
+    (tiling_granvit.py), recorded in the config and the image processor.
     """
     tokenizer = AutoTokenizer.from_pretrained(llm)
     token_ids = GranViTProcessor.add_tokens(tokenizer, num_coord_bins, box_format)
@@ -78,6 +80,7 @@ def build_granvit(
         vision_feature_layer=vision_feature_layer,
         projector_hidden_act=projector_hidden_act,
         box_format=box_format,
+        max_tiles=max_tiles,
         **token_ids,
     )
     config.auto_map = dict(AUTO_MAP)
@@ -100,7 +103,7 @@ def build_granvit(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id
     )
     processor = GranViTProcessor(
-        image_processor_from(vision, vision_config.image_size),
+        image_processor_from(vision, vision_config.image_size, max_tiles),
         tokenizer,
         num_image_tokens=config.num_image_tokens,
         num_coord_bins=num_coord_bins,
@@ -133,6 +136,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="tokens: 6 new tokens per box; text: '[x1, y1, x2, y2]' in the LLM's own digits (the paper's)")
     parser.add_argument("--spatial-merge-size", type=int, default=1, help="k: k x k patches per image token")
     parser.add_argument("--vision-feature-layer", type=int, default=-1)
+    parser.add_argument("--max-tiles", type=int, default=0,
+                        help="high-resolution tiling: a global view + up to N tiles per image (0 = off; 6 is typical)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
@@ -143,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         spatial_merge_size=args.spatial_merge_size,
         vision_feature_layer=args.vision_feature_layer,
         box_format=args.box_format,
+        max_tiles=args.max_tiles,
         dtype=getattr(torch, args.dtype),
     )
     out = save_granvit(model, processor, args.out)

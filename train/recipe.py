@@ -36,7 +36,7 @@ SECTIONS = {
 }
 DATA_KEYS = {"path", "splits", "synth", "sizes", "regions_per_image", "multi_box", "streaming", "train_images"}
 MODEL_KEYS = {"checkpoint", "vision", "llm", "box_format", "num_coord_bins", "spatial_merge_size", "vision_feature_layer",
-              "bbox2caption_template", "caption2bbox_template"}
+              "bbox2caption_template", "caption2bbox_template", "max_tiles"}
 PHASE_KEYS = {"stage", "tasks", "training"}
 EVAL_KEYS = {"every", "val_regions", "test", "test_regions", "batch_size"}
 DEFAULT_SPLITS = {"train": "train", "val": "val", "test": "test"}

@@ -136,7 +136,7 @@ def build_model(recipe: dict, state: RunState, log=print):
         vision, llm, num_coord_bins=model_cfg.get("num_coord_bins", 1000),
         spatial_merge_size=model_cfg.get("spatial_merge_size", 1),
         vision_feature_layer=model_cfg.get("vision_feature_layer", -1),
-        box_format=model_cfg.get("box_format", "tokens"), **templates,
+        box_format=model_cfg.get("box_format", "tokens"), max_tiles=model_cfg.get("max_tiles", 0), **templates,
     )
     save_granvit(model, processor, Path(recipe["output_dir"]) / BUILD_DIR)
     log(f"  granvit-build: {vision} + {llm} -> {Path(recipe['output_dir']) / BUILD_DIR} "

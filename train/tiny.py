@@ -89,7 +89,8 @@ def save_tiny_parts(
 
 
 def build_tiny_checkpoint(
-    out_dir: str | Path, num_coord_bins: int = 100, spatial_merge_size: int = 1, box_format: str = "tokens", **parts_kwargs
+    out_dir: str | Path, num_coord_bins: int = 100, spatial_merge_size: int = 1, box_format: str = "tokens",
+    max_tiles: int = 0, **parts_kwargs
 ) -> Path:
     """Tiny parts -> ``granvit-build`` -> a complete (untrained) GranViT checkpoint folder at ``out_dir/granvit``."""
     from .build import build_granvit, save_granvit
@@ -98,6 +99,6 @@ def build_tiny_checkpoint(
     vision_dir, llm_dir = save_tiny_parts(out_dir / "parts", **parts_kwargs)
     model, processor = build_granvit(
         str(vision_dir), str(llm_dir), num_coord_bins=num_coord_bins, spatial_merge_size=spatial_merge_size,
-        box_format=box_format,
+        box_format=box_format, max_tiles=max_tiles,
     )
     return save_granvit(model, processor, out_dir / "granvit")

@@ -178,12 +178,13 @@ class Stage1Trainer(GranViTTrainer):
     # ---- loss ---------------------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
-        boxes, crops = inputs.pop("region_boxes"), inputs.pop("crop_pixel_values")
+        boxes, crops, extents = inputs.pop("region_boxes"), inputs.pop("crop_pixel_values"), inputs.pop("crop_extents")
         lm_loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if self.args.distill_lambda == 0:
             distill = lm_loss.new_zeros(())
         else:
-            distill = self.distill_loss(outputs.image_outputs.last_hidden_state, boxes, crops)
+            distill = self.distill_loss(outputs.image_outputs.last_hidden_state, boxes, crops, extents,
+                                        inputs.get("image_grids"))
         loss = lm_loss + self.args.distill_lambda * distill
         if model.training:
             ga = self.current_gradient_accumulation_steps
@@ -198,22 +199,35 @@ class Stage1Trainer(GranViTTrainer):
             self._log_sums += torch.stack([caption.detach(), distill.detach() / ga])
         return (loss, outputs) if return_outputs else loss
 
-    def distill_loss(self, patch_features: torch.Tensor, boxes: list[torch.Tensor], crops: torch.Tensor) -> torch.Tensor:
+    def distill_loss(self, patch_features: torch.Tensor, boxes: list[torch.Tensor], crops: torch.Tensor,
+                     extents: torch.Tensor | None = None, image_grids: torch.Tensor | None = None) -> torch.Tensor:
         """MSE between ROIAlign of the student's full-image patches at each box and the teacher's features of its crop.
 
-        patch_features: (b, g*g, d) from the forward (the image is encoded once); boxes: b tensors (K_i, 4) in the
-        model frame; crops: (sum K_i, 3, S, S) crop pixel values, each crop padded to a square at the top-left.
+        patch_features: (views, g*g, d) from the forward (the image is encoded once; with tiling, ``image_grids``
+        stitches each image's tiles back into one map); boxes: b tensors (K_i, 4) in that map's frame
+        (``to_model_space``); crops: (sum K_i, 3, S, S) crop pixel values, each crop padded to a square at the
+        top-left; extents: (sum K_i, 2) the crop content's (w, h) in that square, in (0, 1] (the collator's
+        ``crop_extents``; None derives them from the boxes, which only holds without tiling, where the model frame
+        scales both axes alike).
         """
+        if extents is None:
+            if image_grids is not None:
+                raise ValueError("distill_loss with image_grids needs the collator's crop_extents: tiled model-frame "
+                                 "boxes are normalized per axis and no longer give the crop's aspect ratio")
+            wh = torch.cat(boxes)[:, 2:] - torch.cat(boxes)[:, :2]
+            extents = wh / wh.max(dim=1, keepdim=True).values  # (sum K_i, 2)
         base, out = self.base_model(), self.args.roi_output_size
         keep = self.args.distill_regions_per_example
         starts = torch.tensor([0] + [len(b) for b in boxes]).cumsum(0).tolist()
         picked = [list(range(s, s + (min(len(b), keep) if keep else len(b)))) for s, b in zip(starts, boxes)]
         boxes = [b[: len(idx)] for b, idx in zip(boxes, picked)]
         crops = crops[[i for idx in picked for i in idx]]  # (n, 3, S, S)
+        extents = extents[[i for idx in picked for i in idx]]  # (n, 2)
 
         grid = round(patch_features.shape[1] ** 0.5)
         student_patches = patch_features.reshape(patch_features.shape[0], grid, grid, -1)  # (b, g, g, d)
-        student = base.get_region_features(boxes=boxes, output_size=out, patch_features=student_patches)  # (n, d, out, out)
+        student = base.get_region_features(boxes=boxes, output_size=out, patch_features=student_patches,
+                                           image_grids=image_grids)  # (n, d, out, out)
 
         with torch.no_grad():
             tower = self.teacher
@@ -222,11 +236,9 @@ class Stage1Trainer(GranViTTrainer):
                 tower = _InterpolatedPositions(self.teacher)
             teacher_patches = base.model.get_patch_features(crops, vision_tower=tower)  # (n, g', g', d)
             # The crop keeps its aspect ratio inside its padded square: ROIAlign over the content part only, whose
-            # extent follows from the box's own width/height (the same scale applies to both axes in the model frame).
-            flat = torch.cat(boxes).to(teacher_patches)  # (n, 4)
-            wh = flat[:, 2:] - flat[:, :2]
-            extent = wh / wh.max(dim=1, keepdim=True).values  # (n, 2) in (0, 1]
-            index = torch.arange(len(flat), device=flat.device, dtype=flat.dtype).unsqueeze(1)
+            # extent the collator took from the pixel box (model-frame boxes are anisotropic with tiling).
+            extent = extents.to(teacher_patches)  # (n, 2) in (0, 1]
+            index = torch.arange(len(extent), device=extent.device, dtype=extent.dtype).unsqueeze(1)
             rois = torch.cat([index, torch.zeros_like(extent), extent], dim=1)  # (n, 5): [crop index, x1, y1, x2, y2]
             teacher = base.get_region_features(boxes=rois, output_size=out, patch_features=teacher_patches)
         student, teacher = student.float(), teacher.float()  # (n, d, out, out)

@@ -276,7 +276,8 @@ def as_torch_iterable(items):
 
 
 class TaskCollator:
-    """Examples -> model batch (input_ids, attention_mask, pixel_values, labels [, region_boxes, crop_pixel_values]),
+    """Examples -> model batch (input_ids, attention_mask, pixel_values, labels [, image_grids] [, region_boxes,
+    crop_pixel_values, crop_extents]),
     folding the examples' skip counts into `counter`. Items may be examples or lists of examples (one image each)."""
 
     def __init__(self, processor, counter: SkipCounter | None = None):
@@ -297,7 +298,11 @@ class TaskCollator:
         if "model_boxes" in examples[0]:
             batch["region_boxes"] = [torch.tensor(e["model_boxes"], dtype=torch.float32) for e in examples]  # (K, 4) each
             crops = [c for e in examples for c in e["crops"]]
-            batch["crop_pixel_values"] = self.processor.image_processor(crops)["pixel_values"]  # (sum K, 3, S, S)
+            # The teacher sees each crop as one padded square, tiling or not: a crop is one region, already small.
+            batch["crop_pixel_values"] = self.processor.image_processor(crops, max_tiles=0)["pixel_values"]  # (sum K, 3, S, S)
+            # Where the crop's content sits in its square (top-left, aspect kept): (w, h) / max(w, h) of the pixel box.
+            wh = torch.tensor([[x2 - x1, y2 - y1] for e in examples for x1, y1, x2, y2 in e["boxes"]], dtype=torch.float32)
+            batch["crop_extents"] = (wh / wh.max(dim=1, keepdim=True).values).reshape(-1, 2)  # (sum K, 2) in (0, 1]
         return batch
 
 
