@@ -57,3 +57,18 @@ def test_the_exported_encoder_is_the_trained_tower(tmp_path):
     rebuilt = build_granvit(str(encoder), str(llm), num_coord_bins=recipe["model"]["num_coord_bins"])[0].model.vision_tower
     assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), rebuilt.state_dict().values()))
     assert info["encoder_steps"] == 2
+
+
+def test_summary_reports_means_and_sample_stds_of_known_runs():
+    """Two seeds of one row with known scores: the family averages, their mean and the spread in the table's cells."""
+    def run(seed, scores):  # scores per family, as fractions
+        benchmarks = {f"b_{f}": {"family": f, "metric": "exact", "score": v} for f, v in scores.items()}
+        return {"row": "siglip", "seed": seed, "downstream": {"benchmarks": benchmarks, "families": dict(scores)},
+                "probe": {"probe_shape_acc": 0.5, "probe_colour_acc": 1.0}, "timings": {"total_s": 100.0 + seed},
+                "encoder_unchanged": True}
+
+    runs = {"siglip": [run(0, {"fine-grained": 0.1, "vqa": 0.2, "ocr": 0.0}), run(1, {"fine-grained": 0.3, "vqa": 0.4, "ocr": 0.2})]}
+    table = summary_markdown(runs, ["siglip"])
+    # fine-grained 10 / 30 -> 20.0 ± 14.1 (sample std); average of the families 10.0 / 30.0 -> 20.0 ± 14.1
+    assert "| siglip | 2 | 20.0 ± 14.1 | 30.0 ± 14.1 | 10.0 ± 14.1 | 20.0 ± 14.1 | 50.0 ± 0.0 | 100.0 ± 0.0 | 100 |" in table
+    assert "| b_vqa | vqa | exact | 30.0 ± 14.1 |" in table and "bitwise unchanged by transfer training in every run: True" in table
