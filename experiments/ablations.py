@@ -12,10 +12,11 @@ Claims (conditions in experiments/configs/ablations.yaml):
 
 Each run is the main job's recipe (train/configs/quickstart.yaml) + the preset's scale overrides + the condition's
 overrides, trained by the one runner (train/runner.py); this file only chooses the overrides, probes and scores.
-Results: <out>/runs/<claim>/<condition>_seed<N>.json (a finished run is skipped unless --force), then `aggregate`
-writes <out>/summary.md and one PNG per claim. Seeds change the GranViT initialisation (projector, new rows) and the
-batch order; the pretrained parts (`parts.seed` 0) and the synthetic data (data seed 0) are the same for every seed,
-as a paper's runs share one SigLIP and one LLM, and a smaller training set is a prefix of the larger one.
+Results (default <out>: experiments/results/claims_pipeline): <out>/runs/<claim>/<condition>_seed<N>.json (a finished
+run is skipped unless --force), then `aggregate` writes <out>/summary.md and one PNG per claim. Seeds change the
+GranViT initialisation (projector, new rows) and the batch order; the pretrained parts (`parts.seed` 0) and the
+synthetic data (data seed 0) are the same for every seed, as a paper's runs share one SigLIP and one LLM, and a smaller
+training set is a prefix of the larger one.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ from .probe import linear_probe
 HERE = Path(__file__).parent
 REPO = HERE.parent
 EXPERIMENTS_CONFIG = HERE / "configs" / "ablations.yaml"
-DEFAULT_OUT = HERE / "results"
+RESULTS = HERE / "results"
+DEFAULT_OUT = RESULTS / "claims_pipeline"  # results/runs/ etc. hold the previous pipeline's runs (EXPERIMENTS.md section 6)
 PROBE_TRAIN_IMAGES = 400  # the first 400 images of the shared training split (~760 regions) fit every probe
 SCORE_KEYS = ("grounding_acc50", "grounding_acc50_baseline", "grounding_miou", "caption_exact", "caption_exact_baseline",
               "grounding_acc50_unconstrained", "num_regions", "num_images")

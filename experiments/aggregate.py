@@ -1,6 +1,6 @@
 """Run JSONs -> `summary.md` (mean +- std per condition, effect sizes) and one PNG per claim.
 
-    python -m granvit.experiments.aggregate [--out experiments/results]
+    python -m granvit.experiments.aggregate [--out experiments/results/claims_pipeline]
 
 With 3 seeds the tests are a rough guide only: a Welch t-test between arms, and a paired t-test over seeds (a seed
 fixes the initialisation and the batch order in both arms). The table shows every seed count so a reader can judge.
@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
-DEFAULT_OUT = Path(__file__).parent / "results"
+DEFAULT_OUT = Path(__file__).parent / "results" / "claims_pipeline"
 # (label, path into the run JSON, baseline path or None)
 METRICS = (
     ("grounding ACC@0.5", ("scores", "grounding_acc50"), ("scores", "grounding_acc50_baseline")),

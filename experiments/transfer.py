@@ -39,7 +39,7 @@ import torch
 import yaml
 
 from ..train.recipe import _set
-from .ablations import DEFAULT_OUT as RESULTS, PROBE_TRAIN_IMAGES, REPO, data_dir_for, jointly, make_recipe, write_once
+from .ablations import PROBE_TRAIN_IMAGES, REPO, RESULTS, data_dir_for, jointly, make_recipe, write_once
 from .probe import linear_probe
 
 HERE = Path(__file__).parent
