@@ -299,11 +299,9 @@ def part_precision(args) -> None:
     result("cpu_bf16_train_first_loss_abs_diff", abs(losses[("bf16", "eager")] - losses[("fp32", "eager")]))
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="image_tokens,dense,constraint,tokens,precision")
+def model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Threads and the sizes of `build`'s random-init model (tiling_bench.py measures the same model)."""
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
-    parser.add_argument("--reps", type=int, default=3, help="timed repetitions per measurement (median reported)")
     parser.add_argument("--image-size", type=int, default=512)
     parser.add_argument("--vision-hidden", type=int, default=192)
     parser.add_argument("--vision-layers", type=int, default=4)
@@ -311,6 +309,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text-layers", type=int, default=4)
     parser.add_argument("--bins", type=int, default=1000)
     parser.add_argument("--max-new-tokens", type=int, default=10, help="caption length in the dense part")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default="image_tokens,dense,constraint,tokens,precision")
+    parser.add_argument("--reps", type=int, default=3, help="timed repetitions per measurement (median reported)")
+    model_arguments(parser)
     parser.add_argument("--grounding-queries", type=int, default=64)
     parser.add_argument("--train-steps", type=int, default=2)
     args = parser.parse_args(argv)

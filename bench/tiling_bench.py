@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from granvit import GranViTImageProcessor, GranViTProcessor
 from granvit.tiling_granvit import num_views, select_tile_grid
-from region_bench import build, independent_generate, result, scene, timed, trim_at_eos
+from region_bench import build, independent_generate, model_arguments, result, scene, timed, trim_at_eos
 
 SIZES = [(512, 512), (1024, 768), (768, 1024), (1024, 1024), (1920, 1080), (2048, 512)]
 NUM_QUERIES = 16
@@ -116,17 +116,10 @@ def part_dense(args, model, procs) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="tokens,time,dense")
-    parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     parser.add_argument("--max-tiles", type=int, default=6)
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions of the time part (median reported)")
     parser.add_argument("--dense-reps", type=int, default=2, help="timed repetitions of the dense part")
-    parser.add_argument("--image-size", type=int, default=512)
-    parser.add_argument("--vision-hidden", type=int, default=192)
-    parser.add_argument("--vision-layers", type=int, default=4)
-    parser.add_argument("--text-hidden", type=int, default=256)
-    parser.add_argument("--text-layers", type=int, default=4)
-    parser.add_argument("--bins", type=int, default=1000)
-    parser.add_argument("--max-new-tokens", type=int, default=10)
+    model_arguments(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     parts = args.parts.split(",")

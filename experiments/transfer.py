@@ -40,6 +40,7 @@ import yaml
 
 from ..train.recipe import _set
 from .ablations import PROBE_TRAIN_IMAGES, REPO, RESULTS, data_dir_for, jointly, make_recipe, write_once
+from .aggregate import mean_std
 from .probe import linear_probe
 
 HERE = Path(__file__).parent
@@ -182,16 +183,10 @@ def load_runs(out: Path) -> dict[str, list[dict]]:
 
 
 def figures(run: dict) -> dict:
-    """The table's numbers of one run: family averages (in %), their mean, the probe's accuracies."""
-    families = {f: 100 * run["downstream"]["families"][f] for f in FAMILIES}
+    """The table's numbers of one run, as fractions: family averages, their mean, the probe's accuracies."""
+    families = {f: run["downstream"]["families"][f] for f in FAMILIES}
     return {**families, "average": statistics.mean(families.values()),
-            "probe shape": 100 * run["probe"]["probe_shape_acc"], "probe colour": 100 * run["probe"]["probe_colour_acc"]}
-
-
-def mean_std(values: list[float]) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+            "probe shape": run["probe"]["probe_shape_acc"], "probe colour": run["probe"]["probe_colour_acc"]}
 
 
 def summary_markdown(runs: dict[str, list[dict]], rows: list[str]) -> str:
@@ -208,7 +203,7 @@ def summary_markdown(runs: dict[str, list[dict]], rows: list[str]) -> str:
               "| benchmark | family | metric | " + " | ".join(rows) + " |", "|---" * (len(rows) + 3) + "|"]
     for b in benchmarks:
         first = runs[rows[0]][0]["downstream"]["benchmarks"][b]
-        cells = [mean_std([100 * r["downstream"]["benchmarks"][b]["score"] for r in runs[row]]) for row in rows]
+        cells = [mean_std([r["downstream"]["benchmarks"][b]["score"] for r in runs[row]]) for row in rows]
         lines.append(f"| {b} | {first['family']} | {first['metric']} | " + " | ".join(cells) + " |")
     unchanged = all(r["encoder_unchanged"] for rs in runs.values() for r in rs)
     lines += ["", f"Frozen encoder bitwise unchanged by transfer training in every run: {unchanged}."]
@@ -228,11 +223,11 @@ def plot(runs: dict[str, list[dict]], rows: list[str], path: Path) -> Path:
     for i, row in enumerate(rows):
         table = [figures(r) for r in runs[row]]
         xs = [g + (i - (len(rows) - 1) / 2) * width for g in range(len(groups))]
-        means = [statistics.mean(t[c] for t in table) for c in groups]
-        errors = [statistics.stdev(t[c] for t in table) if len(table) > 1 else 0 for c in groups]
+        means = [100 * statistics.mean(t[c] for t in table) for c in groups]
+        errors = [100 * statistics.stdev(t[c] for t in table) if len(table) > 1 else 0 for c in groups]
         ax.bar(xs, means, width, yerr=errors, capsize=3, label=row, alpha=0.8)
         for x, c in zip(xs, groups):  # every seed as a dot
-            ax.scatter([x] * len(table), [t[c] for t in table], color="black", s=8, zorder=3)
+            ax.scatter([x] * len(table), [100 * t[c] for t in table], color="black", s=8, zorder=3)
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylabel("score (%), mean ± std over seeds")
     ax.set_title("Frozen encoder -> fresh small MLLM trained on the downstream mix (held-out)")
@@ -295,7 +290,7 @@ def main(argv=None) -> list[Path]:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(result, indent=1))
             written.append(path)
-            print(f"--- {row} seed {seed}: " + json.dumps({k: round(v, 1) for k, v in figures(result).items()})
+            print(f"--- {row} seed {seed}: " + json.dumps({k: round(100 * v, 1) for k, v in figures(result).items()})
                   + f" encoder unchanged {result['encoder_unchanged']}, {result['timings']['total_s']:.0f} s", flush=True)
     summarize(out, list(rows))
     return written
