@@ -25,6 +25,15 @@ from .region_decoding_granvit import GranViTRegionDecodingMixin  # dense region 
 from .tiling_granvit import check_image_grids, num_views, stitch_tiles
 
 
+def coordinate_code(num_bins: int, dim: int) -> torch.Tensor:
+    """(num_bins, dim) sin/cos code of the bin value: the starting rows of ``<coord_*>`` tokens, so neighbouring bins
+    start similar. From one cycle over the whole range (coarse position) to one cycle per 8 bins (fine position)."""
+    position = torch.arange(num_bins, dtype=torch.float32).unsqueeze(1) / num_bins  # (n, 1) in [0, 1)
+    freqs = torch.exp(torch.linspace(0.0, math.log(max(num_bins / 8, 1.0)), (dim + 1) // 2)).unsqueeze(0)
+    angles = 2 * math.pi * position * freqs  # (n, dim/2)
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)[:, :dim]
+
+
 class GranViTPreTrainedModel(PreTrainedModel):
     config_class = GranViTConfig
     base_model_prefix = "model"
@@ -318,13 +327,7 @@ class GranViTForConditionalGeneration(GranViTPreTrainedModel, GenerationMixin, G
         if self.config.box_format != "tokens" or start is None:
             raise ValueError("coordinate-token embeddings exist only with box_format='tokens' and its tokens added")
         embeddings = self.get_input_embeddings().weight
-        dim = embeddings.shape[1]
-        position = torch.arange(n, dtype=torch.float32).unsqueeze(1) / n  # (n, 1) in [0, 1)
-        # From one cycle over the whole range (coarse position) to one cycle per 8 bins (fine position, while
-        # neighbouring bins still stay similar).
-        freqs = torch.exp(torch.linspace(0.0, math.log(max(n / 8, 1.0)), (dim + 1) // 2)).unsqueeze(0)
-        angles = 2 * math.pi * position * freqs  # (n, dim/2)
-        code = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)[:, :dim]  # (n, dim)
+        code = coordinate_code(n, embeddings.shape[1])  # (n, dim)
         reference = torch.cat([embeddings[:start], embeddings[start + n :]]).float()
         scale = reference.norm(dim=1).mean() / code.norm(dim=1).mean()
         embeddings[start : start + n] = (code * scale).to(embeddings)

@@ -30,13 +30,11 @@ from transformers import AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, TextKwargs
 
+from .box_codec_granvit import BOX_END, BOX_FORMATS, BOX_START, TEXT_BOX_SEPARATOR, BoxCodec, coord_token  # noqa: F401
 from .box_utils_granvit import check_box
 from .tiling_granvit import view_markers
 
 IMAGE_TOKEN = "<image>"
-BOX_START, BOX_END = "<box>", "</box>"
-BOX_FORMATS = ("text", "tokens")
-TEXT_BOX_SEPARATOR = ", "  # between two boxes of one answer in the text format
 USER_TOKEN, ASSISTANT_TOKEN = "<|user|>", "<|assistant|>"
 # Private-use code points delimiting untrusted text inside a prompt string.
 UNTRUSTED_START, UNTRUSTED_END = "\ue000", "\ue001"
@@ -80,16 +78,9 @@ class GranViTProcessorKwargs(ProcessingKwargs, total=False):
     text_kwargs: GranViTTextKwargs
 
 
-def coord_token(i: int) -> str:
-    return f"<coord_{i}>"
-
-
 def box_format_tokens(box_format: str, num_coord_bins: int) -> list[str]:
     """The tokens a tokenizer needs for GranViT in a box format (chat scaffolding [+ box and coordinate tokens])."""
-    tokens = [IMAGE_TOKEN, USER_TOKEN, ASSISTANT_TOKEN]
-    if box_format == "tokens":
-        tokens += [BOX_START, BOX_END] + [coord_token(i) for i in range(num_coord_bins)]
-    return tokens
+    return [IMAGE_TOKEN, USER_TOKEN, ASSISTANT_TOKEN] + BoxCodec(num_coord_bins, box_format).added_tokens()
 
 
 class GranViTProcessor(ProcessorMixin):
@@ -158,7 +149,7 @@ class GranViTProcessor(ProcessorMixin):
             tokenizer.add_special_tokens({"extra_special_tokens": special}, replace_extra_special_tokens=False)
         ids = {"image_token_id": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)}
         if box_format == "tokens":
-            tokenizer.add_tokens([BOX_START, BOX_END] + [coord_token(i) for i in range(num_coord_bins)])
+            tokenizer.add_tokens(BoxCodec(num_coord_bins, box_format).added_tokens())
             ids.update(
                 box_start_token_id=tokenizer.convert_tokens_to_ids(BOX_START),
                 box_end_token_id=tokenizer.convert_tokens_to_ids(BOX_END),
@@ -176,26 +167,25 @@ class GranViTProcessor(ProcessorMixin):
         """Check a pixel box against its image; returns it as floats or raises ValueError naming the box and rule."""
         return check_box(box, image_size)
 
+    @property
+    def codec(self) -> BoxCodec:
+        """The box codec of this checkpoint (bins and box format): box_codec_granvit.py."""
+        return BoxCodec(self.num_coord_bins, self.box_format)
+
     def box_to_bins(self, box, image_size: tuple[int, int]) -> list[int]:
-        x1, y1, x2, y2 = self.validate_box(box, image_size)
-        width, height = image_size
-        n = self.num_coord_bins
-        return [min(int(v / size * n), n - 1) for v, size in ((x1, width), (y1, height), (x2, width), (y2, height))]
+        return self.codec.quantize(box, image_size)
 
     def format_bins(self, bins: list[int]) -> str:
         """Four bins in the box format: ``[a, b, c, d]`` (text) or ``<box><coord_a>..<coord_d></box>`` (tokens)."""
-        if self.box_format == "text":
-            return "[" + ", ".join(str(b) for b in bins) + "]"
-        return BOX_START + "".join(coord_token(b) for b in bins) + BOX_END
+        return self.codec.format_bins(bins)
 
     def encode_box(self, box, image_size: tuple[int, int]) -> str:
         """``[x1, y1, x2, y2]`` original pixels -> the box in the model's box format."""
-        return self.format_bins(self.box_to_bins(box, image_size))
+        return self.codec.encode(box, image_size)
 
     def encode_boxes(self, boxes, image_size: tuple[int, int]) -> str:
         """Several boxes as one answer (Caption2Bbox with more than one matching region)."""
-        separator = TEXT_BOX_SEPARATOR if self.box_format == "text" else ""
-        return separator.join(self.encode_box(box, image_size) for box in boxes)
+        return self.codec.encode_many(boxes, image_size)
 
     @property
     def max_box_tokens(self) -> int:
@@ -206,24 +196,11 @@ class GranViTProcessor(ProcessorMixin):
     @property
     def box_pattern(self) -> re.Pattern:
         """A regex matching one box of this box format in decoded text; its 4 groups are the bins."""
-        if self.box_format == "text":
-            return re.compile(r"\[\s*" + r"\s*,\s*".join([r"(\d{1,6})"] * 4) + r"\s*\]")
-        return re.compile(re.escape(BOX_START) + r"\s*" + r"\s*".join([r"<coord_(\d{1,6})>"] * 4) + r"\s*" + re.escape(BOX_END))
+        return self.codec.pattern
 
     def decode_boxes(self, text: str, image_size: tuple[int, int]) -> list[list[float]]:
         """Every well-formed box in ``text`` as original pixels (bin centres). Malformed output gives ``[]``."""
-        if not isinstance(text, str):
-            return []
-        width, height = image_size
-        n = self.num_coord_bins
-        boxes = []
-        for match in self.box_pattern.finditer(text):
-            bins = [int(g) for g in match.groups()]
-            if max(bins) >= n or bins[2] < bins[0] or bins[3] < bins[1]:
-                continue
-            sizes = (width, height, width, height)
-            boxes.append([(b + 0.5) / n * size for b, size in zip(bins, sizes)])
-        return boxes
+        return self.codec.decode(text, image_size)
 
     def post_process_grounding(self, generated, image_sizes) -> list[list[list[float]]]:
         """Generated ids (tensor or lists) or decoded strings -> per sample, the list of boxes in original pixels."""
