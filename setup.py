@@ -21,8 +21,11 @@ BASE = [
     "pyyaml>=6",
 ]
 EXTRAS = {
-    "train": ["datasets>=5,<6", "accelerate>=1.10", "peft>=0.17", "trl>=1.10", "matplotlib>=3.8", "pyarrow>=18"],
-    "eval": ["datasets>=5,<6", "evaluate>=0.4.6", "pycocoevalcap>=1.2", "matplotlib>=3.8"],
+    # scikit-learn + threadpoolctl: the region probe (eval/probe.py) the main job and granvit-parts report.
+    "train": ["datasets>=5,<6", "accelerate>=1.10", "peft>=0.17", "trl>=1.10", "matplotlib>=3.8", "pyarrow>=18",
+              "scikit-learn>=1.3", "threadpoolctl>=3"],
+    "eval": ["datasets>=5,<6", "evaluate>=0.4.6", "pycocoevalcap>=1.2", "matplotlib>=3.8", "scikit-learn>=1.3",
+             "threadpoolctl>=3"],
     "demo": ["gradio>=6.14,<7", "gradio_client>=2", "gradio_image_annotation==0.5.6"],
     # filelock 4 breaks lmms-eval 0.7.3's simple_evaluate (ModuleNotFoundError: filelock._api).
     "lmms": ["lmms-eval==0.7.3", "filelock<4"],
@@ -55,6 +58,8 @@ setup(
     package_data={
         "granvit": [
             "train/configs/*.yaml",
+            "pretrained_parts/parts.json",
+            "pretrained_parts/*/*",
             "train/configs/accelerate/*",
             "eval/lmms_tasks/*.yaml",
             "eval/lmms_tasks/*.py",
@@ -71,6 +76,7 @@ setup(
             "granvit-data=granvit.train.data.cli:main",
             "granvit-train=granvit.train.cli:main",
             "granvit-quickstart=granvit.train.quickstart:main",
+            "granvit-parts=granvit.train.parts.cli:main",
             "granvit-eval=granvit.eval.run:main",
             "granvit-push=granvit.hub.publish:main",
             "granvit-export-encoder=granvit.hub.export_encoder:main",

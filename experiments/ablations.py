@@ -14,7 +14,7 @@ Each run is the main job's recipe (train/configs/quickstart.yaml) + the preset's
 overrides, trained by the one runner (train/runner.py); this file only chooses the overrides, probes and scores.
 Results (default <out>: experiments/results/claims_pipeline): <out>/runs/<claim>/<condition>_seed<N>.json (a finished
 run is skipped unless --force), then `aggregate` writes <out>/summary.md and one PNG per claim. Seeds change the
-GranViT initialisation (projector, new rows) and the batch order; the pretrained parts (`parts.seed` 0) and the
+GranViT initialisation (projector, new rows) and the batch order; the shipped pretrained parts and the
 synthetic data (data seed 0) are the same for every seed, as a paper's runs share one SigLIP and one LLM, and a smaller
 training set is a prefix of the larger one.
 """
@@ -36,9 +36,9 @@ import yaml
 
 from ..eval.run import evaluate_synthetic
 from ..train.quickstart import CONFIG, SMOKE
-from ..train.recipe import _set, load_recipe
+from ..train.recipe import set_dotted, load_recipe
 from ..train.runner import RunState, build_model, load_split, run
-from .probe import linear_probe
+from ..eval.probe import linear_probe
 
 HERE = Path(__file__).parent
 REPO = HERE.parent
@@ -62,11 +62,11 @@ def load_plan(smoke: bool, scale: str = "full", path: Path = EXPERIMENTS_CONFIG)
 
 
 def make_recipe(scale: list[str], condition: dict, seed: int, extra: list[str] = ()) -> dict:
-    """The quickstart recipe + scale + condition overrides, with this run's seed (parts keep seed 0)."""
+    """The quickstart recipe + scale + condition overrides, with this run's seed (the shipped parts stay the same)."""
     condition = dict(condition)
     joint = condition.pop("joint", False)
     # JSON is valid YAML, so every value goes through load_recipe's own parser unchanged.
-    overrides = list(scale) + [f"{k}={json.dumps(v)}" for k, v in condition.items()] + [f"seed={seed}", "parts.seed=0"]
+    overrides = list(scale) + [f"{k}={json.dumps(v)}" for k, v in condition.items()] + [f"seed={seed}"]
     recipe = load_recipe(CONFIG, overrides + list(extra))
     return jointly(recipe) if joint else recipe
 
@@ -99,9 +99,9 @@ def run_one(recipe: dict, data_dir: Path, work: Path) -> dict:
     start = time.time()
     recipe = copy.deepcopy(recipe)
     recipe["output_dir"] = str(work)
-    _set(recipe, "data.path", str(data_dir))
-    _set(recipe, "data.splits", {"train": "train", "val": "test", "test": "test"})
-    _set(recipe, "eval.every", 0)  # phase ends only
+    set_dotted(recipe, "data.path", str(data_dir))
+    set_dotted(recipe, "data.splits", {"train": "train", "val": "test", "test": "test"})
+    set_dotted(recipe, "eval.every", 0)  # phase ends only
     recipe["eval"].pop("val_regions", None)
     full_train = load_split(data_dir, "train")
     if train_images(recipe) > len(full_train):

@@ -66,7 +66,7 @@ def arm_recipe(arm: str, start: Path, seed: int, args) -> dict:
         recipe = load_recipe(GRPO_RECIPE, common + [f"phases.grpo.training.max_steps={args.grpo_steps}",
                                                     f"phases.grpo.training.learning_rate={args.grpo_lr:.6e}", *args.grpo_set])
     else:
-        recipe = load_recipe(QUICKSTART, common + ["data.synth=null", "data.sizes=null", "parts=null",
+        recipe = load_recipe(QUICKSTART, common + ["data.synth=null", "data.sizes=null",
                                                    "phases.stage2.training.max_steps=100000",
                                                    f"phases.stage2.training.learning_rate={args.stage2_lr:.6e}",
                                                    "phases.stage2.training.lr_scheduler_type=constant",

@@ -13,7 +13,7 @@ images, text pages (fonts 1/20-1/8 of the side: 12-32 px, 6-16 px after the resi
 
     natural regions  grounding ACC@0.5 (box grammar) and region-caption exact match ("small red circle")
     OCR regions      reading: the region caption (the word or line in the box) exact and ANLS, and grounding
-    probe            linear probe of shape and colour on ROI features of natural regions (experiments/probe.py),
+    probe            linear probe of shape and colour on ROI features of natural regions (eval/probe.py),
                      before training (the same weights, only the input differs) and after
 
 Results: <out>/runs/<arm>_seed<N>.json, then <out>/summary.md (mean and per-seed values).
@@ -35,7 +35,7 @@ from ..eval.run import evaluate_synthetic, generate
 from ..train.quickstart import CONFIG, SMOKE
 from ..train.recipe import load_recipe
 from ..train.runner import RunState, build_model, load_split, run
-from .probe import linear_probe
+from ..eval.probe import linear_probe
 
 HERE = Path(__file__).parent
 DEFAULT_OUT = HERE / "results" / "tiling"
@@ -59,7 +59,7 @@ def write_data(folder: Path, smoke: bool) -> Path:
 
 
 def make_recipe(max_tiles: int, seed: int, args, work: Path, data: Path) -> dict:
-    overrides = [f"output_dir={work}", f"data.path={data}", f"seed={seed}", "parts.seed=0", "parts.parallel=false",
+    overrides = [f"output_dir={work}", f"data.path={data}", f"seed={seed}",
                  f"threads={args.threads}", f"model.max_tiles={max_tiles}", "training.disable_tqdm=true",
                  "data.regions_per_image=4",  # a text page holds dozens of words: 4 queries per image, as for scenes
                  f"phases.stage1.training.max_steps={args.stage1_steps}",

@@ -16,7 +16,7 @@ MLLM with one recipe and scores three benchmark families (fine-grained, VQA, OCR
               projector + LM trained on the downstream mix (`granvit-data downstream`, all ten benchmarks), then
               every held-out benchmark scored (eval/downstream.py) and the three family averages
     probe     a linear probe of the encoder's region features (ROIAlign at each box -> shape / colour), as the
-              ablations do (experiments/probe.py)
+              ablations do (eval/probe.py)
 
 Sizes and rows: experiments/configs/transfer.yaml. A seed sets the encoder training's and the transfer's
 initialisation and batch order; the parts, the synthetic sets and the downstream set are the same for every seed.
@@ -38,10 +38,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..train.recipe import _set
+from ..train.recipe import set_dotted
 from .ablations import PROBE_TRAIN_IMAGES, REPO, RESULTS, data_dir_for, jointly, make_recipe, write_once
 from .aggregate import mean_std
-from .probe import linear_probe
+from ..eval.probe import linear_probe
 
 HERE = Path(__file__).parent
 PLAN = HERE / "configs" / "transfer.yaml"
@@ -63,7 +63,7 @@ def encoder_recipe(scale: dict, row: dict | None, seed: int, smoke: bool, extra:
     overrides = (list(SMOKE) if smoke else []) + [f"{k}={json.dumps(v)}" for k, v in scale["encoder"].items()]
     recipe = make_recipe(overrides, {k: v for k, v in (row or {}).items() if k != "joint"}, seed, extra)
     recipe["phases"] = {"stage1": recipe["phases"]["stage1"]}
-    _set(recipe, "phases.stage1.training.max_steps", scale["encoder_steps"])
+    set_dotted(recipe, "phases.stage1.training.max_steps", scale["encoder_steps"])
     return jointly(recipe) if (row or {}).get("joint") else recipe
 
 
@@ -107,7 +107,7 @@ def make_encoder(row: str, recipe: dict, synth_dir: Path, work: Path) -> tuple[P
         return Path(vision), Path(llm), info
     recipe = copy.deepcopy(recipe)
     recipe["output_dir"] = str(work / "encoder-run")
-    _set(recipe, "data.path", str(synth_dir))
+    set_dotted(recipe, "data.path", str(synth_dir))
     recipe["eval"] = {}
     model, processor, state, _ = run(recipe, log=silent)
     save_granvit(model, processor, work / "encoder-checkpoint")

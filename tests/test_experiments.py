@@ -5,7 +5,7 @@ import json
 import pytest
 
 from granvit.experiments.ablations import load_plan, main, make_recipe
-from granvit.experiments.probe import caption_attributes
+from granvit.eval.probe import caption_attributes
 
 
 def test_caption_attributes_reads_the_generator_captions():
@@ -24,7 +24,8 @@ def test_joint_condition_keeps_the_total_steps_in_one_all_parts_phase():
     assert staged["phases"]["stage1"]["training"]["max_steps"] == 150 and staged["data"]["train_images"] == 1000
     assert joint["phases"] == {"joint": {"stage": "joint", "tasks": {"bbox2caption": 1.0, "caption2bbox": 1.0},
                                          "training": {"max_steps": 900}}}
-    assert (staged["seed"], staged["parts"]["seed"]) == (0, 0) and make_recipe(scale, {}, seed=2)["parts"]["seed"] == 0
+    assert staged["seed"] == 0 and make_recipe(scale, {}, seed=2)["seed"] == 2
+    assert staged["model"]["vision"] == "embedded" and "parts" not in staged  # the seed never moves the shipped parts
 
 
 def test_smoke_runs_every_claim_and_aggregates(tmp_path):

@@ -28,8 +28,12 @@ def test_outputs_and_phases(smoke_run):
     assert [e["phase"] for e in scores["curve"]["loss"]][-1] == "stage2"
     assert {e["phase"] for e in scores["curve"]["loss"]} == {"stage1", "stage2"}
     assert any("distill_loss" in e for e in scores["curve"]["loss"] if e["phase"] == "stage1")
+    # the shipped parts, loaded (not trained) and reported with their hash and figures
+    from granvit.train.parts import shipped_part
+
     assert set(scores["parts"]) == {"siglip", "lm"} and "retrieval_top1" in scores["parts"]["siglip"]
-    assert "perplexity" in scores["parts"]["lm"]
+    assert "perplexity" in scores["parts"]["lm"] and "text_task_exact" in scores["parts"]["lm"]
+    assert all(scores["parts"][name]["hash"] == shipped_part(name)[1]["hash"] for name in ("siglip", "lm"))
     assert {"grounding_acc50_unconstrained", "grounding_acc50", "caption_exact_baseline"} <= set(scores)
     # the effective recipe reloads as the same recipe
     assert load_recipe(out / "recipe.yaml") == scores["recipe"]
@@ -91,9 +95,13 @@ def test_frozen_parts_unchanged_by_the_stages(smoke_run, tmp_path):
 
 
 def test_step_scale_scales_every_phase_and_part():
+    from granvit.train.recipe import CONFIGS
+
     recipe = load_recipe(quickstart.CONFIG)
     quickstart.scale_steps(recipe, 0.5)
     default = load_recipe(quickstart.CONFIG)
     for name, phase in recipe["phases"].items():
         assert phase["training"]["max_steps"] == round(default["phases"][name]["training"]["max_steps"] / 2)
-    assert recipe["parts"]["lm"]["steps"] == round(default["parts"]["lm"]["steps"] / 2)
+    tiny = load_recipe(CONFIGS / "cli_tiny_cpu.yaml")  # parts trained by the recipe itself (pretrain) scale too
+    quickstart.scale_steps(tiny, 0.5)
+    assert tiny["parts"]["lm"]["steps"] == round(load_recipe(CONFIGS / "cli_tiny_cpu.yaml")["parts"]["lm"]["steps"] / 2)

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from ..console import check_model_source, console_main
+from ..box_codec_granvit import coord_token
+from ..console import UserError, check_model_source, console_main
 from ..registration import AUTO_MAP, CUSTOM_PIPELINES
 from ..configuration_granvit import GranViTConfig
 from ..image_processing_granvit import GranViTImageProcessor
@@ -48,10 +49,24 @@ def image_processor_from(vision: str, image_size: int, max_tiles: int = 0) -> Gr
     return GranViTImageProcessor(image_size=image_size, image_mean=mean, image_std=std, max_tiles=max_tiles)
 
 
+def coordinate_bins(tokenizer, llm: str, num_coord_bins: int | None, box_format: str) -> tuple[int, bool]:
+    """(bins, whether the LLM already has their tokens). An LLM trained with the ``tokens`` box format (the embedded
+    LM part) fixes the bins: added bins' ids would not follow its own. ``num_coord_bins`` None: the LLM's, else 1000."""
+    vocab = tokenizer.get_vocab()
+    if box_format != "tokens" or coord_token(0) not in vocab:
+        return num_coord_bins or 1000, False
+    known = next(i for i in range(len(vocab) + 1) if coord_token(i) not in vocab)
+    if num_coord_bins not in (None, known):
+        raise UserError(f"--llm {llm}: its tokenizer already has {known} coordinate tokens (<coord_0>..<coord_{known - 1}>), "
+                        f"so the box format 'tokens' needs num_coord_bins={known}, not {num_coord_bins}; or use "
+                        "box_format='text'")
+    return known, True
+
+
 def build_granvit(
     vision: str,
     llm: str,
-    num_coord_bins: int = 1000,
+    num_coord_bins: int | None = None,
     spatial_merge_size: int = 1,
     vision_feature_layer: int = -1,
     projector_hidden_act: str = "gelu",
@@ -62,12 +77,14 @@ def build_granvit(
 ) -> tuple[GranViTForConditionalGeneration, GranViTProcessor]:
     """Load both parts with ``from_pretrained``, add GranViT's tokens, and return (model, processor).
 
-    ``box_format``: ``"tokens"`` (6 new tokens per box, with sin/cos-initialised coordinate rows; what the
-    small-scale measurement chose) or ``"text"`` (the paper's: coordinates as integers in the LLM's own digits);
-    see processing_granvit.py. ``max_tiles``: 0 (no tiling) or N, a global thumbnail plus up to N tiles per image
+    ``box_format``: ``"tokens"`` (6 tokens per box, added with sin/cos-initialised coordinate rows unless the LLM
+    already has them; what the small-scale measurement chose) or ``"text"`` (the paper's: coordinates as integers in
+    the LLM's own digits); see processing_granvit.py. ``num_coord_bins`` None: the LLM's own coordinate tokens'
+    number if it has them, else 1000. ``max_tiles``: 0 (no tiling) or N, a global thumbnail plus up to N tiles per image
     (tiling_granvit.py), recorded in the config and the image processor.
     """
     tokenizer = AutoTokenizer.from_pretrained(llm)
+    num_coord_bins, knows_boxes = coordinate_bins(tokenizer, llm, num_coord_bins, box_format)
     token_ids = GranViTProcessor.add_tokens(tokenizer, num_coord_bins, box_format)
 
     vision_config = vision_config_from(vision)
@@ -97,7 +114,7 @@ def build_granvit(
     del tower, lm
 
     model.resize_token_embeddings(len(tokenizer), mean_resizing=True, pad_to_multiple_of=64)
-    if box_format == "tokens":
+    if box_format == "tokens" and not knows_boxes:  # an LLM that already reads box tokens keeps its rows
         model.initialize_coordinate_embeddings()
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id
@@ -131,7 +148,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vision", required=True, help="Hub id or folder of a SigLIP / SigLIP 2 / CLIP checkpoint")
     parser.add_argument("--llm", required=True, help="Hub id or folder of a causal LLM (with its tokenizer)")
     parser.add_argument("--out", required=True, help="output checkpoint folder")
-    parser.add_argument("--num-coord-bins", type=int, default=1000, help="N: coordinates are quantized to 0 .. N-1")
+    parser.add_argument("--num-coord-bins", type=int, default=None,
+                        help="N: coordinates are quantized to 0 .. N-1 (default: the LLM's own box tokens' bins if it "
+                        "has them, as the embedded LM part does, else 1000)")
     parser.add_argument("--box-format", choices=["tokens", "text"], default="tokens",
                         help="tokens: 6 new tokens per box; text: '[x1, y1, x2, y2]' in the LLM's own digits (the paper's)")
     parser.add_argument("--spatial-merge-size", type=int, default=1, help="k: k x k patches per image token")

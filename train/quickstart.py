@@ -30,16 +30,13 @@ import torch
 
 from ..console import console_main
 from .recipe import CONFIGS, dump_recipe, load_recipe, splits
+from .parts.shipped import CURVES
 from .runner import load_split, run
 
 CONFIG = CONFIGS / "quickstart.yaml"
 # --smoke: the same pipeline on a few images and steps, small enough for the test suite.
 SMOKE = [
     "data.sizes.train=16", "data.sizes.val=4", "data.sizes.test=4",
-    "parts.siglip.hidden=32", "parts.siglip.layers=1", "parts.siglip.text_hidden=32", "parts.siglip.text_layers=1",
-    "parts.siglip.images=32", "parts.siglip.test_images=8", "parts.siglip.steps=2", "parts.siglip.batch_size=8",
-    "parts.lm.hidden=64", "parts.lm.layers=1", "parts.lm.vocab_size=300", "parts.lm.scenes=32", "parts.lm.test_scenes=4",
-    "parts.lm.steps=2", "parts.lm.batch_size=8",
     "phases.stage1.training.max_steps=2", "phases.stage2.training.max_steps=2", "training.per_device_train_batch_size=4",
     "eval.every=0", "eval.test_regions=8", "training.logging_steps=1",
 ]
@@ -105,7 +102,7 @@ def run_quickstart(argv=None) -> dict:
     state.timings["total_s"] = time.time() - start
     result = {k: scores[k] for k in SCORE_KEYS}
     result.update(
-        stages=state.phase_scores, parts={k: {m: v for m, v in r.items() if m != "loss_curve"} for k, r in state.parts.items()},
+        stages=state.phase_scores, parts={k: {m: v for m, v in r.items() if m not in CURVES} for k, r in state.parts.items()},
         skipped=state.skipped, timings=state.timings, load_average=os.getloadavg(), threads=torch.get_num_threads(),
         examples=scores["examples"], curve=state.curve, recipe=recipe,
     )

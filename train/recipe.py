@@ -4,16 +4,19 @@
     seed: 0
     threads: 0                             # torch threads (0 = torch's default)
     data:  {path: DIR | null, synth: {...}, sizes: {train: N, val: N, test: N}, regions_per_image: 4, streaming: false}
-    model: {checkpoint: DIR | null, vision: ID | embedded, llm: ID | embedded, box_format: tokens, num_coord_bins: 1000}
-    parts: {siglip: {...}, lm: {...}}      # the embedded pretrained parts (train/parts.py), when vision/llm: embedded
-                                           # (+ parallel: true|false, seed: the parts' own seed, default `seed`)
+    model: {checkpoint: DIR | null, vision: ID | embedded | pretrain, llm: ID | embedded | pretrain,
+            box_format: tokens, num_coord_bins: 1000}
+                                           # embedded: the shipped parts (pretrained_parts/, granvit-parts)
+    parts: {siglip: {...}, lm: {...}}      # pretrain: parts trained here first (train/parts/recipe.py PartsRecipe;
+                                           # + parallel, seed: the parts' own seed, default `seed`), cached by hash
     training: {...}                        # GranViTTrainingArguments for every phase
     phases:                                # in order; each: a stage of freezing.TRAINED, its tasks and training overrides
       stage1: {stage: "1", tasks: {bbox2caption: 1.0}, training: {max_steps: 600}}
       stage2: {stage: "2", tasks: {caption2bbox: 1.0, bbox2caption: 1.0}, training: {max_steps: 600}}
       grpo: {stage: grpo, tasks: {caption2bbox: 1.0}, training: {num_generations: 4}}   # sft / grpo: also
                                            # trl's SFTConfig / GRPOConfig fields (train/trl_stages.py)
-    eval: {every: 200, val_regions: 128, test: true}
+    eval: {every: 200, val_regions: 128, test: true, probe_images: 600}   # probe_images: the region probe
+                                           # of the ViT at the start and after each phase that trains it
 
 Overrides are dotted paths with YAML values: ``phases.stage2.training.max_steps=50``, ``model.box_format=tokens``.
 Unknown keys are errors that name the key (a misspelt key would otherwise be silently ignored).
@@ -38,7 +41,7 @@ DATA_KEYS = {"path", "splits", "synth", "sizes", "regions_per_image", "multi_box
 MODEL_KEYS = {"checkpoint", "vision", "llm", "box_format", "num_coord_bins", "spatial_merge_size", "vision_feature_layer",
               "bbox2caption_template", "caption2bbox_template", "max_tiles"}
 PHASE_KEYS = {"stage", "tasks", "training"}
-EVAL_KEYS = {"every", "val_regions", "test", "test_regions", "batch_size"}
+EVAL_KEYS = {"every", "val_regions", "test", "test_regions", "batch_size", "probe_images"}
 DEFAULT_SPLITS = {"train": "train", "val": "val", "test": "test"}
 TRL_STAGES = ("sft", "grpo")  # stages trained by trl's SFTTrainer / GRPOTrainer (train/trl_stages.py)
 
@@ -52,7 +55,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> dict:
         key, sep, value = item.partition("=")
         if not sep:
             raise UserError(f"override {item!r} is not key=value (e.g. phases.stage1.training.max_steps=10)")
-        _set(raw, key, yaml.safe_load(value))
+        set_dotted(raw, key, yaml.safe_load(value))
     recipe = _format(raw, output_dir=raw.get("output_dir", "runs/granvit"))
     check_recipe(recipe, str(path))
     return recipe
@@ -64,7 +67,7 @@ def check_recipe(recipe: dict, source: str = "recipe") -> None:
     from .data.synth import SynthConfig
     from .data.tasks import TASKS
     from .freezing import TRAINED
-    from .parts import LMRecipe, SiglipRecipe
+    from .parts.recipe import from_granvit_recipe
     from .trainers import GranViTTrainingArguments
 
     def unknown(keys, known, where):
@@ -79,10 +82,11 @@ def check_recipe(recipe: dict, source: str = "recipe") -> None:
     unknown(model, MODEL_KEYS, "model")
     if model.get("box_format", "tokens") not in BOX_FORMATS:
         raise UserError(f"{source}: model.box_format must be one of {BOX_FORMATS}, not {model['box_format']!r}")
-    parts = recipe.get("parts") or {}
-    unknown(parts, {"siglip", "lm", "parallel", "seed"}, "parts")
-    unknown(parts.get("siglip") or {}, {f.name for f in dataclasses.fields(SiglipRecipe)}, "parts.siglip")
-    unknown(parts.get("lm") or {}, {f.name for f in dataclasses.fields(LMRecipe)}, "parts.lm")
+    if recipe.get("parts") is not None:
+        if "pretrain" not in (model.get("vision"), model.get("llm")):
+            raise UserError(f"{source}: a parts section is for model.vision / model.llm: pretrain (parts trained here); "
+                            "the embedded parts are shipped (train/configs/parts.yaml, granvit-parts)")
+        from_granvit_recipe(recipe)  # unknown keys in parts.* are refused there
     unknown(recipe.get("eval") or {}, EVAL_KEYS, "eval")
     argument_names = {f.name for f in dataclasses.fields(GranViTTrainingArguments)}
     unknown(recipe.get("training") or {}, argument_names, "training")
@@ -121,7 +125,7 @@ def dump_recipe(recipe: dict, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(recipe, sort_keys=False))
 
 
-def _set(config: dict, dotted: str, value) -> None:
+def set_dotted(config: dict, dotted: str, value) -> None:
     *parents, leaf = dotted.split(".")
     for p in parents:
         child = config.setdefault(p, {})

@@ -26,6 +26,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..console import UserError
+from .freezing import TRAINED
 from .recipe import TRL_STAGES, phase_training, splits
 
 logger = logging.getLogger(__name__)
@@ -92,32 +93,46 @@ def has_split(folder: Path, split: str) -> bool:
 
 # ============================================================================================ model
 def embedded_parts(recipe: dict, log=print) -> tuple[str, str, dict]:
-    """(vision folder, llm folder, their quality reports): the recipe's ids/folders, or the embedded small parts.
+    """(vision folder or id, llm folder or id, the parts' quality reports) of the recipe's model section.
 
-    Two parts that both need pretraining train side by side in two processes of one thread each (`parts.parallel`,
-    default on where there are 2+ CPUs): they are independent, and each keeps one core busy.
+    ``embedded``: the shipped parts (pretrained_parts/, checked against train/configs/parts.yaml's hash);
+    ``pretrain``: parts of the recipe's own ``parts:`` section, trained here once and cached by their hash (two
+    parts that both need training train side by side, one process each, with ``parts.parallel``); anything else is a
+    Hub id or a folder, used as it is.
     """
-    from .parts import LMRecipe, SiglipRecipe, cached_part, pretrain_parts
+    from .parts.cached import cached_report, pretrain_cached
+    from .parts.recipe import from_granvit_recipe
+    from .parts.shipped import shipped_part
 
-    model, parts = recipe["model"], recipe.get("parts") or {}
-    seed = parts.get("seed", recipe.get("seed", 0))
-    synth = synth_config(recipe)
-    jobs = {}
-    if model["vision"] == "embedded":
-        jobs["siglip"] = {"recipe": SiglipRecipe(**(parts.get("siglip") or {})), "synth": synth, "seed": seed}
-    if model["llm"] == "embedded":
-        templates = {"bbox2caption": model.get("bbox2caption_template", "describe {box}"),
-                     "caption2bbox": model.get("caption2bbox_template", "find {caption}")}
-        jobs["lm"] = {"recipe": LMRecipe(**(parts.get("lm") or {})), "synth": synth, "seed": seed,
-                      "bins": model.get("num_coord_bins", 1000), "templates": templates}
-    if jobs and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not all(cached_part(k, **v) for k, v in jobs.items()):
-        raise UserError("the embedded parts are pretrained in a single process: run the recipe once without a "
-                        "distributed launcher (e.g. granvit-train --stage 1 ... phases.stage1.training.max_steps=0)")
-    parallel = parts.get("parallel", (os.cpu_count() or 1) > 1)
-    done = pretrain_parts(jobs, parallel=parallel, log=log)
-    vision = str(done["siglip"][0]) if "siglip" in done else model["vision"]
-    llm = str(done["lm"][0]) if "lm" in done else model["llm"]
-    return vision, llm, {name: report for name, (_, report) in done.items()}
+    model = recipe["model"]
+    sources, reports = {}, {}
+    for key, name in (("vision", "siglip"), ("llm", "lm")):
+        if model[key] == "embedded":
+            folder, entry = shipped_part(name)
+            sources[name] = str(folder)
+            reports[name] = {**entry["figures"], "hash": entry["hash"], "seconds": entry["seconds"], "source": "shipped"}
+            log(f"  {PART_TITLES[name]}: {folder} (hash {entry['hash']}): {format_figures(entry['figures'])}")
+    wanted = [name for key, name in (("vision", "siglip"), ("llm", "lm")) if model[key] == "pretrain"]
+    if wanted:
+        parts = from_granvit_recipe(recipe)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not all(cached_report(n, parts) for n in wanted):
+            raise UserError("parts with `pretrain` are trained in a single process: run the recipe once without a "
+                            "distributed launcher (e.g. granvit-train --stage 1 ... phases.stage1.training.max_steps=0)")
+        for name, (folder, report) in pretrain_cached(wanted, parts, log=log).items():
+            sources[name], reports[name] = str(folder), report
+    return sources.get("siglip", model["vision"]), sources.get("lm", model["llm"]), reports
+
+
+PART_TITLES = {"siglip": "embedded SigLIP", "lm": "embedded LM"}
+FIGURES = {"retrieval_top1": "zero-shot retrieval", "probe_shape_acc": "region probe shape",
+           "probe_colour_acc": "colour", "perplexity": "perplexity", "bbox2caption_exact_tokens": "describe exact",
+           "caption2bbox_exact_tokens": "find exact", "bbox2caption_exact_text": "describe exact (text boxes)",
+           "caption2bbox_exact_text": "find exact (text boxes)"}
+
+
+def format_figures(figures: dict) -> str:
+    return ", ".join(f"{label} {figures[key]:.3f}" if key != "perplexity" else f"{label} {figures[key]:.2f}"
+                     for key, label in FIGURES.items() if key in figures)
 
 
 def build_model(recipe: dict, state: RunState, log=print):
@@ -133,7 +148,7 @@ def build_model(recipe: dict, state: RunState, log=print):
     vision, llm, state.parts = embedded_parts(recipe, log)
     templates = {k: model_cfg[k] for k in ("bbox2caption_template", "caption2bbox_template") if k in model_cfg}
     model, processor = build_granvit(
-        vision, llm, num_coord_bins=model_cfg.get("num_coord_bins", 1000),
+        vision, llm, num_coord_bins=model_cfg.get("num_coord_bins"),
         spatial_merge_size=model_cfg.get("spatial_merge_size", 1),
         vision_feature_layer=model_cfg.get("vision_feature_layer", -1),
         box_format=model_cfg.get("box_format", "tokens"), max_tiles=model_cfg.get("max_tiles", 0), **templates,
@@ -306,6 +321,27 @@ def make_validator(recipe: dict, processor, val_split, baselines):
     return evaluate
 
 
+def make_prober(recipe: dict, processor, folder: Path, train):
+    """With ``eval.probe_images``: a function model -> the region probe (eval/probe.py) of its ViT, fit on the
+    regions of that many training images and scored on the test split's: how much of *what is where* the patch
+    features carry, the quantity stage 1 is meant to raise. None without the setting, a test split, or with
+    streaming data."""
+    images = (recipe.get("eval") or {}).get("probe_images")
+    test_split = splits(recipe)["test"]
+    if not images or not has_split(folder, test_split) or (recipe.get("data") or {}).get("streaming"):
+        return None
+    from ..eval.probe import linear_probe
+
+    fit, test = train.select(range(min(int(images), len(train)))), load_split(folder, test_split)
+    size = phase_training(recipe, next(iter(recipe["phases"]))).get("roi_output_size", 2)
+
+    def probe(model) -> dict:
+        scores = linear_probe(model, processor, fit, test, output_size=size, seed=recipe.get("seed", 0))
+        return {k: v for k, v in scores.items() if k in ("probe_shape_acc", "probe_colour_acc")}
+
+    return probe
+
+
 def run(recipe: dict, only: list[str] | None = None, log=print, start_from: tuple | None = None) -> tuple:
     """Run the recipe's phases (all, or the names in `only`); returns (model, processor, RunState, data folder).
 
@@ -351,12 +387,17 @@ def run(recipe: dict, only: list[str] | None = None, log=print, start_from: tupl
         if names:
             state.curve["val"].append({**evaluate(model), "step": 0, "phase": "start"})
             state.phase_scores["start"] = {k: v for k, v in state.curve["val"][-1].items() if k not in ("step", "phase")}
+    probe = make_prober(recipe, processor, folder, train)
+    if probe is not None and names:
+        state.phase_scores.setdefault("start", {}).update(probe(model))
 
     for name in names:
         if name not in recipe["phases"]:
             raise UserError(f"no phase {name!r} in the recipe; phases: {list(recipe['phases'])}")
         model, trainer = run_phase(recipe, name, model, processor, train, state, evaluate, log)
         state.last_trainer = trainer
+        if probe is not None and "vision_tower" in TRAINED[str(recipe["phases"][name]["stage"])]:
+            state.phase_scores.setdefault(name, {}).update(probe(model))
         model.config.trained_tasks = list(state.trained_tasks)
         if only is not None and trainer.is_world_process_zero():
             final = phase_dir(recipe, name) / "final"

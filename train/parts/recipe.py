@@ -1,0 +1,156 @@
+"""What decides a pretrained part's weights: its recipe, the scenes it sees, its seed, and the code version.
+
+`train/configs/parts.yaml` holds the recipe of the shipped parts (`granvit-parts` trains from it). A GranViT recipe
+with ``vision: pretrain`` / ``llm: pretrain`` carries its own ``parts:`` section instead (tests, experiments), which
+defaults the scenes to the recipe's ``data.synth`` and the LM's box settings to its ``model`` section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ...console import UserError, load_yaml
+from ..data.synth import PRESETS, SynthConfig
+
+PARTS_SEED_OFFSET = 1000  # parts see scenes of seed + 1000: never an image of the GranViT splits
+# Bump when the way a part is made changes, so that parts made by the old code are neither reused nor shipped.
+PARTS_VERSION = 4
+PARTS_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "parts.yaml"
+
+
+@dataclass
+class SiglipRecipe:
+    """The small SigLIP (vision + text towers, sigmoid loss). Image and patch size are GranViT's: the tower is used
+    as is."""
+
+    image_size: int = 128
+    patch_size: int = 32
+    hidden: int = 192
+    layers: int = 4
+    text_hidden: int = 128
+    text_layers: int = 2
+    text_length: int = 24  # captions padded to a fixed length (SigLIP pools the last position)
+    images: int = 4000  # distinct training images; each visit draws the caption's object order anew
+    steps: int = 400
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    test_images: int = 256  # zero-shot retrieval is scored among these
+    probe_images: int = 600  # region probe: fit on this many training scenes' regions, scored on test_images'
+
+
+@dataclass
+class LMRecipe:
+    """The small causal LM (Qwen2 architecture) and its text corpus (train/parts/corpus.py)."""
+
+    hidden: int = 256
+    layers: int = 4
+    vocab_size: int = 512  # BPE merges learned on the corpus, before the role and box tokens are added
+    tie_word_embeddings: bool = True
+    scenes: int = 4000  # distinct scenes written as text; every visit writes and asks a scene anew
+    steps: int = 400
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    test_scenes: int = 200
+    num_coord_bins: int = 32  # the box quantization GranViT builds on this LM will use
+    box_formats: dict = field(default_factory=lambda: {"tokens": 1.0})  # share of documents in each box format
+    random_caption_share: float = 0.0  # documents whose objects get random word strings: only copying answers them
+    answers_only: bool = False  # loss on the answers of the region questions only (else on every token)
+    templates: dict = field(default_factory=lambda: {"bbox2caption": "describe {box}", "caption2bbox": "find {caption}"})
+
+
+@dataclass
+class PartsRecipe:
+    """Both parts and what they share."""
+
+    seed: int = 0
+    synth: dict = field(default_factory=dict)  # SynthConfig fields (+ preset) of the scenes both parts see
+    siglip: SiglipRecipe = field(default_factory=SiglipRecipe)
+    lm: LMRecipe = field(default_factory=LMRecipe)
+    threads: int = 1  # torch threads per part
+    parallel: bool = True  # train the two parts side by side, one process each
+    bf16: bool = True  # bf16 autocast (AMX CPUs and GPUs: BENCHMARKS.md, "Pretrained parts")
+
+    def synth_config(self) -> SynthConfig:
+        values = dict(self.synth)
+        preset = values.pop("preset", "default")
+        if preset not in PRESETS:
+            raise UserError(f"parts.synth.preset must be one of {sorted(PRESETS)}, not {preset!r}")
+        return SynthConfig(**{**PRESETS[preset], **values})
+
+
+def parts_recipe(values: dict | None, source: str = "parts") -> PartsRecipe:
+    """A PartsRecipe from a mapping (the YAML file, or a GranViT recipe's ``parts:``); unknown keys are refused."""
+    values = dict(values or {})
+    fields = {f.name for f in dataclasses.fields(PartsRecipe)}
+    _refuse_unknown(values, fields, source)
+    try:
+        siglip = SiglipRecipe(**_checked(values.pop("siglip", None) or {}, SiglipRecipe, f"{source}.siglip"))
+        lm = LMRecipe(**_checked(values.pop("lm", None) or {}, LMRecipe, f"{source}.lm"))
+        recipe = PartsRecipe(siglip=siglip, lm=lm, **values)
+    except TypeError as error:  # a value of the wrong shape (e.g. a list where a mapping belongs)
+        raise UserError(f"{source}: {error}") from None
+    synth_fields = {f.name for f in dataclasses.fields(SynthConfig)} | {"preset"}
+    _refuse_unknown(recipe.synth, synth_fields, f"{source}.synth")
+    return recipe
+
+
+def load_parts_recipe(path: str | Path = PARTS_CONFIG, overrides: list[str] = ()) -> PartsRecipe:
+    """The parts recipe of a YAML file with ``key=value`` overrides (``lm.steps=100``)."""
+    import yaml
+
+    from ..recipe import set_dotted
+
+    raw = load_yaml(path) or {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"override {item!r} is not key=value (e.g. lm.steps=100)")
+        set_dotted(raw, key, yaml.safe_load(value))
+    return parts_recipe(raw, str(path))
+
+
+def part_hash(name: str, recipe: PartsRecipe) -> str:
+    """12 hex digits of everything that decides part `name`'s weights (its recipe, the scenes, the seed, the code
+    version): a shipped or cached part is reused only under the same hash."""
+    part = recipe.siglip if name == "siglip" else recipe.lm
+    synth = recipe.synth_config()
+    if name == "siglip":
+        synth = dataclasses.replace(synth, image_size=part.image_size)
+    key = json.dumps({"version": PARTS_VERSION, "part": name, "recipe": dataclasses.asdict(part),
+                      "synth": dataclasses.asdict(synth), "seed": recipe.seed}, sort_keys=True, default=list)
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def _checked(values: dict, cls, source: str) -> dict:
+    _refuse_unknown(values, {f.name for f in dataclasses.fields(cls)}, source)
+    return values
+
+
+def _refuse_unknown(values: dict, known: set, source: str) -> None:
+    import difflib
+
+    for key in values:
+        if key not in known:
+            near = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else f"; known: {sorted(known)}"
+            raise UserError(f"{source}: unknown key {key!r}{hint}")
+
+
+def from_granvit_recipe(recipe: dict) -> PartsRecipe:
+    """The parts a GranViT recipe trains for itself (``pretrain``): its ``parts:`` section, with the scenes of its
+    ``data.synth``, its seed, and its ``model`` section's box settings for the LM unless the section sets them."""
+    values = {k: v for k, v in (recipe.get("parts") or {}).items()}
+    model = recipe.get("model") or {}
+    values.setdefault("seed", recipe.get("seed", 0))
+    values.setdefault("synth", (recipe.get("data") or {}).get("synth") or {})
+    lm = dict(values.get("lm") or {})
+    lm.setdefault("num_coord_bins", model.get("num_coord_bins", 1000))
+    lm.setdefault("box_formats", {model.get("box_format", "tokens"): 1.0})
+    lm.setdefault("templates", {"bbox2caption": model.get("bbox2caption_template", "describe {box}"),
+                                "caption2bbox": model.get("caption2bbox_template", "find {caption}")})
+    values["lm"] = lm
+    return parts_recipe(values, "parts")

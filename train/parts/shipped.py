@@ -1,0 +1,64 @@
+"""The shipped pretrained parts: `pretrained_parts/` at the repository root, trained once by `granvit-parts`.
+
+    pretrained_parts/
+      parts.json      each part's recipe hash, quality figures, wall time and size, and the command that made them
+      siglip/         a SiglipModel checkpoint (config, safetensors, tokenizer, image processor, part_report.json)
+      lm/             a Qwen2ForCausalLM checkpoint (config, safetensors, tokenizer, part_report.json)
+
+``vision: embedded`` / ``llm: embedded`` in a recipe load these folders; ``granvit-build --vision
+pretrained_parts/siglip --llm pretrained_parts/lm`` builds from them like from any Hub id. A part is only used under
+the hash of the recipe in `train/configs/parts.yaml`: if the recipe changed since the parts were trained, loading
+stops with one line naming the command that retrains them (never a silent retrain).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ...console import UserError
+from .recipe import PARTS_CONFIG, PartsRecipe, load_parts_recipe, part_hash
+
+SHIPPED_DIR = Path(__file__).resolve().parents[2] / "pretrained_parts"
+MANIFEST = "parts.json"
+PART_NAMES = ("siglip", "lm")
+MAX_SHIPPED_BYTES = 64 * 2**20  # what the repository may hold of parts, all together
+RETRAIN_COMMAND = "granvit-parts"
+CURVES = ("loss_curve", "exact_curve")  # in each part's own part_report.json, not in parts.json
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def read_manifest(root: Path = SHIPPED_DIR) -> dict:
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise UserError(f"{path}: no pretrained parts there; train them with `{RETRAIN_COMMAND} --out {root}` "
+                        f"(recipe {PARTS_CONFIG})")
+    return json.loads(path.read_text())
+
+
+def write_manifest(root: Path, recipe: PartsRecipe, reports: dict, command: str, recipe_path: Path) -> dict:
+    """parts.json beside the part folders: what each part is, how good, how long it took, and how to remake it."""
+    manifest = read_manifest(root) if (Path(root) / MANIFEST).is_file() else {"parts": {}}
+    for name, report in reports.items():
+        figures = {k: v for k, v in report.items() if k not in CURVES + ("recipe", "part", "seconds")}
+        manifest["parts"][name] = {"folder": name, "hash": part_hash(name, recipe), "figures": figures,
+                                   "seconds": round(report["seconds"], 1), "bytes": folder_bytes(Path(root) / name),
+                                   "command": command, "recipe": str(recipe_path)}
+    (Path(root) / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def shipped_part(name: str, root: Path = SHIPPED_DIR, recipe_path: Path = PARTS_CONFIG) -> tuple[Path, dict]:
+    """(folder, parts.json entry) of a shipped part, after checking that it was trained from today's recipe."""
+    entry = read_manifest(root)["parts"].get(name)
+    if entry is None:
+        raise UserError(f"{Path(root) / MANIFEST} has no {name!r} part; train it with `{RETRAIN_COMMAND} --only {name}`")
+    expected = part_hash(name, load_parts_recipe(recipe_path))
+    if entry["hash"] != expected:
+        raise UserError(f"the shipped {name} part ({Path(root) / entry['folder']}, recipe hash {entry['hash']}) was "
+                        f"trained from another recipe than {recipe_path} (hash {expected}): retrain the parts with "
+                        f"`{RETRAIN_COMMAND}` (parts.json says how long it took), or restore the recipe")
+    return Path(root) / entry["folder"], entry
