@@ -16,7 +16,15 @@ from PIL import Image
 
 from granvit.eval.metrics import ocr_detection_scores
 from granvit.train.data.annotate import FileSource, annotate, open_source
-from granvit.train.data.annotate_models import LabelCaptioner, clean_caption, florence2_location, load_captioner
+from granvit.train.data.annotate_models import (
+    SPACE_THRESHOLD,
+    LabelCaptioner,
+    RapidOCREngine,
+    clean_caption,
+    florence2_location,
+    load_captioner,
+    restore_spaces,
+)
 from granvit.train.data.annotate_regions import IMAGE_REASONS, AnnotateConfig, InputError
 from granvit.train.data.annotate_review import lines_and_words, read_rows
 from granvit.train.data.cli import main
@@ -115,6 +123,86 @@ def test_lines_and_words_split():
     lines, words = lines_and_words(regions)
     assert sorted(t for _, t in lines) == ["platform", "to park"]
     assert sorted(t for _, t in words) == ["park", "platform", "to"]
+
+
+def test_box_rules_by_region_kind_shared_with_convert():
+    """annotate's regions go through the box rules of filters.py, as convert's do: a 200 x 40 px word read by OCR is
+    kept by default, a text rule drops it when set; the same box from a detector meets the paper's rules."""
+    from granvit.train.data.annotate_models import TextLine
+    from granvit.train.data.annotate_regions import Annotator
+
+    image, box = Image.new("RGB", (640, 480)), [10.0, 10.0, 210.0, 50.0]
+
+    def regions(cfg, **models):
+        counts = {}
+        ((_, found),) = Annotator(cfg, **models)(["a"], [image], counts)
+        return found, counts.get("filtered", {})
+
+    read = {"ocr": lambda im: [TextLine(box, "PHARMACY", 0.9, None)]}
+    assert regions(AnnotateConfig(route="ocr"), **read) == ([{"bbox": box, "caption": "PHARMACY", "kind": "ocr"}], {})
+    assert regions(AnnotateConfig(route="ocr", filters=FilterConfig(text_max_aspect=3)), **read) == ([], {"text_box_aspect": 1})
+    detected = {"detector": lambda images: [[{"box": box, "score": 0.9, "label": "sign"}]], "captioner": LabelCaptioner()}
+    assert regions(AnnotateConfig(route="natural", detector="x"), **detected)[1] == {"box_aspect": 1}
+
+
+def ctc_frames(best: str, space_p: dict, characters: list[str]):
+    """(1, frames, classes) probabilities: frame t's best class is best[t] ("_" = blank) with 0.9; the space class
+    gets space_p.get(t, 0) taken from it."""
+    import numpy as np
+
+    preds = np.full((1, len(best), len(characters)), 0.01, dtype=np.float32)
+    for t, c in enumerate(best):
+        preds[0, t, characters.index(c) if c != "_" else 0] = 0.9
+        preds[0, t, characters.index(" ")] = space_p.get(t, 0.0)
+    return preds
+
+
+def greedy(preds, characters) -> str:
+    best = preds.argmax(2)[0]
+    return "".join(characters[c] for t, c in enumerate(best) if c != 0 and (t == 0 or c != best[t - 1]))
+
+
+def test_restore_spaces_rule():
+    """A space goes between two characters when the space probabilities of the blank frames between them add up to
+    the threshold (at the frame with the most); never inside a character's run, next to a space, or between two CJK
+    ideographs; the other frames are untouched."""
+    chars = ["blank", "a", "b", "中", "文", " "]
+    t = SPACE_THRESHOLD
+    preds = ctc_frames("aa__b__b_a", {2: t / 2, 3: t / 2 + 0.001, 5: t / 4, 6: t / 4}, chars)
+    fixed = restore_spaces(preds, chars)
+    assert greedy(preds, chars) == "abba" and greedy(fixed, chars) == "a bba"
+    assert fixed.argmax(2)[0, 3] == chars.index(" ")  # the gap's likeliest space frame
+    assert fixed[0, 3, chars.index(" ")] == pytest.approx(0.9)  # as sure as the blank it replaces
+    changed = (fixed != preds).any(axis=2)[0]
+    assert changed.tolist() == [t == 3 for t in range(10)]
+    assert greedy(restore_spaces(ctc_frames("a_b", {1: 0.02}, chars), chars), chars) == "ab"  # below the threshold
+    assert greedy(restore_spaces(ctc_frames("ab", {}, chars), chars), chars) == "ab"  # no frame between them
+    assert greedy(restore_spaces(ctc_frames("中_文_a", {1: 0.5, 3: 0.5}, chars), chars), chars) == "中文 a"
+    assert greedy(restore_spaces(ctc_frames("a_ _b", {1: 0.4, 3: 0.4}, chars), chars), chars) == "a b"  # one space
+    assert restore_spaces(preds, chars, threshold=1e9) is preds  # nothing to insert: no copy
+
+
+@needs_ocr
+def test_embedded_ocr_restores_spaces(tmp_path):
+    """Lines drawn here (not by the project's page generator) in four DejaVu faces read with their spaces: the
+    recognizer alone drops most of them."""
+    import matplotlib
+    from PIL import ImageDraw, ImageFont
+
+    lines = ["Sparse is better than dense", "although never is often", "special cases 8574 purity",
+             "errors should never pass", "readability counts now"]
+    fonts = ["DejaVuSans.ttf", "DejaVuSerif.ttf", "DejaVuSans-Bold.ttf", "DejaVuSansMono.ttf", "DejaVuSans.ttf"]
+    page = Image.new("RGB", (640, 480), (245, 240, 230))
+    draw = ImageDraw.Draw(page)
+    for k, (text, name) in enumerate(zip(lines, fonts)):
+        font = ImageFont.truetype(os.path.join(matplotlib.get_data_path(), "fonts", "ttf", name), 22 + 2 * k)
+        draw.text((20, 20 + 85 * k), text, font=font, fill=(20, 20, 40))
+    read = [line.text for line in RapidOCREngine(threads=1)(page)]
+    assert read == lines
+    without = [line.text for line in RapidOCREngine(threads=1, space_threshold=0)(page)]
+    assert sum(a == b for a, b in zip(without, lines)) < len(lines)
+    words = [w for line in RapidOCREngine(threads=1)(page) for _, w in line.words]
+    assert words == " ".join(lines).split()
 
 
 # ----------------------------------------------------------------------------------------------- OCR path, CLI

@@ -65,7 +65,7 @@ def test_coco_detection_and_captions(tmp_path):
     assert json.load(open(os.path.join(out, "counts-train.json")))["written"] == 1
 
 
-def test_refcoco_json_parquet_and_no_pickle(tmp_path):
+def test_refcoco_json_and_parquet(tmp_path):
     images = tmp_path / "imgs"
     save_jpeg(str(images / "COCO_1.jpg"))
     instances = {"images": [{"id": 1, "file_name": "COCO_1.jpg", "width": 640, "height": 480}],
@@ -94,9 +94,120 @@ def test_refcoco_json_parquet_and_no_pickle(tmp_path):
     assert sorted((r["caption"], tuple(r["bbox"])) for r in ds[0]["regions"]) == [
         ("lady", (300, 100, 450, 300)), ("the man", (100, 50, 300, 350)), ("the woman", (300, 100, 450, 300)),
     ]
-    (tmp_path / "refs(unc).p").write_bytes(b"\x80\x04N.")
-    with pytest.raises(ValueError, match="unpickle"):
-        convert("refcoco", [str(tmp_path / "refs(unc).p")], str(tmp_path / "p"))
+
+
+# RefCOCO as the `refer` toolkit ships it (refcoco/refs(unc).p + refcoco/instances.json): its refs, field for field.
+OFFICIAL_REFS = [
+    {"sent_ids": [0, 1], "file_name": "COCO_train2014_000000000001_11.jpg", "ann_id": 11, "ref_id": 0, "image_id": 1,
+     "split": "train", "category_id": 1, "sentences": [
+         {"tokens": ["man", "on", "the", "left"], "raw": "Man on the left.", "sent_id": 0, "sent": "man on the left"},
+         {"tokens": ["left", "guy"], "raw": "left guy", "sent_id": 1, "sent": "left guy"}]},
+    {"sent_ids": [2], "file_name": "COCO_train2014_000000000001_12.jpg", "ann_id": 12, "ref_id": 1, "image_id": 1,
+     "split": "testA", "category_id": 1, "sentences": [
+         {"tokens": ["woman", "in", "red"], "raw": "woman in red", "sent_id": 2, "sent": "woman in red"}]},
+    {"sent_ids": [3], "file_name": "COCO_train2014_000000000002_21.jpg", "ann_id": 21, "ref_id": 2, "image_id": 2,
+     "split": "train", "category_id": 18, "sentences": [
+         {"tokens": ["caf\u00e9", "dog"], "raw": "caf\u00e9 dog", "sent_id": 3, "sent": "caf\u00e9 dog"}]},
+]
+
+
+def python2_pickle(obj) -> bytes:
+    """`obj` (lists, dicts, str, int) as Python 2's `pickle.dump(refs, f)` writes it (protocol 0: str as UTF-8 byte
+    strings, opcode S), which is how refs(unc).p was made. Python 3's pickler cannot write Python 2 strings."""
+    def dump(o) -> bytes:
+        if isinstance(o, bool) or o is None:
+            raise TypeError(o)
+        if isinstance(o, int):
+            return b"I%d\n" % o
+        if isinstance(o, str):
+            return b"S'" + o.encode("utf-8").replace(b"\\", b"\\\\").replace(b"'", b"\\'") + b"'\n"
+        if isinstance(o, list):
+            return b"(l" + b"".join(dump(v) + b"a" for v in o)
+        if isinstance(o, dict):
+            return b"(d" + b"".join(dump(k) + dump(v) + b"s" for k, v in o.items())
+        raise TypeError(o)
+
+    return dump(obj) + b"."
+
+
+def refcoco_files(tmp_path):
+    images = tmp_path / "train2014"
+    save_jpeg(str(images / "COCO_train2014_000000000001.jpg"))
+    save_jpeg(str(images / "COCO_train2014_000000000002.jpg"), (500, 460))
+    instances = {
+        "images": [{"id": 1, "file_name": "COCO_train2014_000000000001.jpg", "width": 640, "height": 480},
+                   {"id": 2, "file_name": "COCO_train2014_000000000002.jpg", "width": 500, "height": 460}],
+        "annotations": [{"id": 11, "image_id": 1, "bbox": [100, 50, 200, 300], "category_id": 1},
+                        {"id": 12, "image_id": 1, "bbox": [350, 40, 180, 400], "category_id": 1},
+                        {"id": 21, "image_id": 2, "bbox": [20, 30, 300, 250], "category_id": 18}],
+        "categories": [{"id": 1, "name": "person"}, {"id": 18, "name": "dog"}],
+    }
+    (tmp_path / "instances.json").write_text(json.dumps(instances))
+    return images, str(tmp_path / "instances.json")
+
+
+def rows(out):
+    return sorted(load_dataset(out, split="train").to_list(), key=lambda r: r["image_id"])
+
+
+@pytest.mark.parametrize("split", [None, "train"])
+def test_refcoco_pickle_converts_exactly_like_its_json_twin(tmp_path, split):
+    import pickle
+
+    images, instances = refcoco_files(tmp_path)
+    (tmp_path / "refs.json").write_text(json.dumps(OFFICIAL_REFS))
+    (tmp_path / "refs(unc).p").write_bytes(python2_pickle(OFFICIAL_REFS))
+    (tmp_path / "refs(umd).pkl").write_bytes(pickle.dumps(OFFICIAL_REFS, protocol=pickle.HIGHEST_PROTOCOL))
+    outs = {}
+    for name in ("refs.json", "refs(unc).p", "refs(umd).pkl"):
+        outs[name] = str(tmp_path / "out" / name.replace("(", "_").replace(")", "_"))
+        convert("refcoco", [str(tmp_path / name)], outs[name], str(images), instances=instances, ref_split=split)
+    assert rows(outs["refs(unc).p"]) == rows(outs["refs.json"]) == rows(outs["refs(umd).pkl"])
+    expected = {"refcoco-1": ["left guy", "man on the left"] + (["woman in red"] if split is None else []),
+                "refcoco-2": ["caf\u00e9 dog"]}
+    assert captions_by_image(outs["refs(unc).p"]) == expected
+    # one command, as a user runs it
+    assert main(["convert", "--from", "refcoco", str(tmp_path / "cli"), "--inputs", str(tmp_path / "refs(unc).p"),
+                 "--instances", instances, "--images", str(images), *(["--ref-split", split] if split else [])]) == 0
+    assert rows(str(tmp_path / "cli")) == rows(outs["refs.json"])
+
+
+class Payload:
+    """Unpickling this calls `function(*args)`: what a malicious refs(unc).p would do."""
+
+    def __init__(self, function, *args):
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return self.function, self.args
+
+
+@pytest.mark.parametrize("payload", ["os.system", "exec", "nested"])
+def test_refcoco_pickle_that_would_run_code_is_refused_and_never_runs(tmp_path, payload, capsys):
+    import builtins
+    import pickle
+
+    images, instances = refcoco_files(tmp_path)
+    marker = tmp_path / "ran"
+    if payload == "os.system":
+        evil = Payload(os.system, f"touch '{marker}'")
+    elif payload == "exec":
+        evil = Payload(builtins.exec, f"open({str(marker)!r}, 'w').write('ran')")
+    else:  # valid refs first, the call hidden in the last sentence
+        evil = [*OFFICIAL_REFS[:2], dict(OFFICIAL_REFS[2], sentences=[Payload(builtins.exec, f"open({str(marker)!r}, 'w')")])]
+    path = tmp_path / "refs(unc).p"
+    path.write_bytes(pickle.dumps(evil, protocol=2))
+    with pytest.raises(ValueError, match="refused to unpickle: it would load the Python object .*nothing in the file was run"):
+        convert("refcoco", [str(path)], str(tmp_path / "out"), str(images), instances=instances)
+    assert not marker.exists()
+    assert main(["convert", "--from", "refcoco", str(tmp_path / "out"), "--inputs", str(path), "--instances", instances,
+                 "--images", str(images)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "refused to unpickle" in err[0] and "refs(unc).p" in err[0]
+    assert not marker.exists() and not (tmp_path / "out").exists()  # refused before any output was started
+    (tmp_path / "broken.p").write_bytes(pickle.dumps(OFFICIAL_REFS)[:40])
+    with pytest.raises(ValueError, match="not a readable pickle"):
+        convert("refcoco", [str(tmp_path / "broken.p")], str(tmp_path / "out2"), str(images), instances=instances)
 
 
 def test_visual_genome(tmp_path):
@@ -137,6 +248,43 @@ def test_ocr_paddle_and_textocr(tmp_path):
     counts = convert("ocr", [str(tmp_path / "textocr.json")], out, str(tmp_path))
     assert counts["filtered"] == {"illegible": 1}
     assert captions_by_image(out) == {"ocr-t1": ["EXIT"]}
+
+
+def test_textocr_wide_words_kept_with_default_filters(tmp_path):
+    """TextOCR's layout with the default flags: a 200 x 40 px word (aspect 5, area 8000) and a small one are kept, as
+    text regions; the paper's box rules are for natural regions (the same box as a natural region is dropped), and a
+    text rule is there when asked for. The data card says which rules were applied."""
+    save_jpeg(str(tmp_path / "train_images" / "a1.jpg"), (1024, 768))
+    textocr = {
+        "imgs": {"a1": {"id": "a1", "width": 1024, "height": 768, "set": "train", "file_name": "train/a1.jpg"}},
+        "anns": {
+            "a1_1": {"id": "a1_1", "image_id": "a1", "bbox": [100.0, 200.0, 200.0, 40.0], "utf8_string": "PHARMACY",
+                     "points": [100.0, 200.0, 300.0, 200.0, 300.0, 240.0, 100.0, 240.0], "area": 8000.0},
+            "a1_2": {"id": "a1_2", "image_id": "a1", "bbox": [320.0, 210.0, 30.0, 14.0], "utf8_string": "24h",
+                     "points": [320.0, 210.0, 350.0, 210.0, 350.0, 224.0, 320.0, 224.0], "area": 420.0},
+            "a1_3": {"id": "a1_3", "image_id": "a1", "bbox": [400.0, 210.0, 30.0, 14.0], "utf8_string": ".",
+                     "points": [400.0, 210.0, 430.0, 210.0, 430.0, 224.0, 400.0, 224.0], "area": 420.0},
+        },
+        "imgToAnns": {"a1": ["a1_1", "a1_2", "a1_3"]},
+    }
+    (tmp_path / "TextOCR_0.1_train.json").write_text(json.dumps(textocr))  # "train/a1.jpg" found as train_images/a1.jpg
+    out = str(tmp_path / "out")
+    assert main(["convert", "--from", "ocr", out, "--inputs", str(tmp_path / "TextOCR_0.1_train.json"),
+                 "--images", str(tmp_path / "train_images")]) == 0
+    ds = load_dataset(out, split="train")
+    assert ds[0]["kind"] == 1 and [(r["caption"], r["bbox"], r["kind"]) for r in ds[0]["regions"]] == [
+        ("PHARMACY", [100, 200, 300, 240], 1), ("24h", [320, 210, 350, 224], 1)]
+    card = open(os.path.join(out, "README.md")).read()
+    assert "natural regions with aspect ratio in [1/3, 3] and area > 10000 px^2" in card
+    assert "text (OCR) regions kept whatever their shape and size" in card
+
+    counts = convert("ocr", [str(tmp_path / "TextOCR_0.1_train.json")], str(tmp_path / "strict"),
+                     str(tmp_path / "train_images"), filters=FilterConfig(text_min_box_area=1000))
+    assert counts["filtered"] == {"illegible": 1, "text_box_area": 1}
+    natural = write_jsonl(tmp_path, [{"image": "a1.jpg", "regions": [{"bbox": [100, 200, 300, 240], "caption": "x"},
+                                                                           {"bbox": [100, 200, 300, 240], "caption": "PHARMACY", "kind": "ocr"}]}])
+    counts = convert("jsonl", [natural], str(tmp_path / "mixed"), str(tmp_path / "train_images"))
+    assert counts["filtered"] == {"box_aspect": 1} and counts["regions"] == {"written": 1}
 
 
 def write_jsonl(tmp_path, rows) -> str:

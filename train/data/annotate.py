@@ -13,7 +13,8 @@ The models are in annotate_models.py; the preview grid and the OCR evaluation in
 Counts (per shard in manifest.json, totals in counts-<split>.json and printed): `inputs`, `written`; per image:
 `broken` (missing_image, corrupt_image), `skipped` (no_detector, no_detections, no_text, detector_error,
 captioner_error, ocr_error), `filtered` duplicate_image / image_short_side / image_aspect / min_regions; per
-region: `filtered` box_aspect / box_area / duplicate_box / max_regions / caption_* / text_not_alnum, `broken` box
+region: `filtered` box_aspect / box_area (natural) / text_box_aspect / text_box_area (text, off by default; the rules
+of filters.py, shared with `convert`) / duplicate_box / max_regions / caption_* / text_not_alnum, `broken` box
 reasons. So inputs = written + broken + skipped + the image reasons of filtered. `routed` and `regions` count
 natural / ocr images and written regions.
 
@@ -32,7 +33,7 @@ from dataclasses import asdict
 from datetime import timedelta
 
 from .annotate_regions import IMAGE_REASONS, AnnotateConfig, AnnotateProducer, Annotator, InputError, load_models
-from .convert import FilterConfig
+from .filters import add_filter_arguments, describe_filters, filters_from_args
 from .schema import (
     DEFAULT_ROW_GROUP_SIZE,
     DEFAULT_SHARD_BYTES,
@@ -273,7 +274,7 @@ def annotate(
         made_by = [f"route `{cfg.route}`"] + ([f"OCR `{cfg.ocr_engine}`"] if cfg.route != "natural" else [])
         made_by += [f"detector `{cfg.detector}`", f"captioner `{cfg.captioner}`"] if cfg.detector else []
         write_dataset_card(out_dir, pretty_name="Gran (annotated)",
-                           description=f"Made by `granvit-data annotate` ({', '.join(made_by)}).")
+                           description=f"Made by `granvit-data annotate` ({', '.join(made_by)}). {describe_filters(cfg.filters)}")
     return totals
 
 
@@ -281,7 +282,7 @@ def annotate(
 def add_arguments(p) -> None:
     from .cli import parse_size
 
-    c, f = AnnotateConfig(), FilterConfig()
+    c = AnnotateConfig()
     p.add_argument("input", nargs="?", help="a folder (recursive), glob, image, or text file listing image paths")
     p.add_argument("out", help="output Gran folder (README.md, manifest.json, data/*.parquet)")
     p.add_argument("--dataset", help="instead of INPUT: a `datasets` dataset (Hub name or folder) with an image column")
@@ -306,18 +307,16 @@ def add_arguments(p) -> None:
     p.add_argument("--ocr-det-model", default=c.ocr_det_model, help="--ocr-engine transformers: text detector")
     p.add_argument("--ocr-rec-model", default=c.ocr_rec_model, help="--ocr-engine transformers: text recognizer")
     p.add_argument("--text-score", type=float, default=c.text_score, help="minimum recognition confidence of a line")
-    p.add_argument("--min-short-side", type=int, default=f.min_short_side, help="keep images with short side > this (0: off)")
-    p.add_argument("--max-aspect", type=float, default=f.max_aspect, help="image and natural box aspect in [1/x, x] (0: off)")
-    p.add_argument("--min-box-area", type=float, default=f.min_box_area, help="keep natural boxes with area > this (0: off)")
-    p.add_argument("--min-regions", type=int, default=f.min_regions)
-    p.add_argument("--ocr-max-aspect", type=float, default=c.ocr_max_aspect, help="the aspect rule for text boxes (0: off)")
-    p.add_argument("--ocr-min-box-area", type=float, default=c.ocr_min_box_area, help="the area rule for text boxes (0: off)")
+    p.add_argument("--ocr-space-threshold", type=float, default=c.ocr_space_threshold,
+                   help="rapidocr: a space goes between two characters when the recognizer's space probabilities in "
+                        "the frames between them add up to this (0: only the spaces it reads itself)")
     p.add_argument("--source", default=c.source, help="the rows' `source` field")
     p.add_argument("--batch-size", type=int, default=8, help="images per detector call and crops per captioner call")
     p.add_argument("--shard-images", type=int, default=1000, help="at most this many inputs per shard (the unit of resume)")
     p.add_argument("--shard-size", type=parse_size, default="500MB")
     p.add_argument("--shard-multiple", type=int, default=1, help="shard count is a multiple of this (ranks x workers)")
     p.add_argument("--row-group-size", type=int, default=DEFAULT_ROW_GROUP_SIZE)
+    add_filter_arguments(p, text_aliases=("ocr",))
 
 
 def cmd_annotate(args) -> int:
@@ -329,8 +328,8 @@ def cmd_annotate(args) -> int:
             det_threshold=args.det_threshold, nms_iou=args.nms_iou, max_regions=args.max_regions, captioner=args.captioner,
             prompt=args.prompt, max_words=args.max_words, max_new_tokens=args.max_new_tokens, ocr_engine=args.ocr_engine,
             ocr_det_model=args.ocr_det_model, ocr_rec_model=args.ocr_rec_model, text_score=args.text_score,
-            filters=FilterConfig(args.min_short_side, args.max_aspect, args.min_box_area, args.min_regions),
-            ocr_max_aspect=args.ocr_max_aspect, ocr_min_box_area=args.ocr_min_box_area, source=args.source,
+            ocr_space_threshold=args.ocr_space_threshold,
+            filters=filters_from_args(args), source=args.source,
         )
         with distributed_state().main_process_first():  # rank 0 builds the `datasets` cache, the others read it
             source = open_source(args.input, args.dataset, args.dataset_split, args.image_column)

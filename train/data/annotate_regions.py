@@ -4,16 +4,17 @@ read -> exact duplicate of an earlier input (content hash)? -> decode (EXIF-upri
 -> route: OCR when the lines PP-OCR reads cover >= `ocr_coverage` of the image (or a fixed route) -> natural:
 detector boxes (score threshold, box filters, class-agnostic NMS = the near-duplicate rule, `max_regions`), one
 caption per box, cleaned (`annotate_models.clean_caption`); OCR: a region per line and per word with its text
-(near-duplicate lines dropped; the paper's box-area / aspect rules are off for text by default: they would drop
-nearly every word) -> at least `min_regions` regions, else dropped. Every drop is counted (see annotate.py).
+(near-duplicate lines dropped) -> the box rules of filters.py, the same as `granvit-data convert`'s (the paper's for
+natural regions; none for text regions unless --text-max-aspect / --text-min-box-area) -> at least `min_regions`
+regions, else dropped. Every drop is counted (see annotate.py).
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
 
-from .annotate_models import CROP_PROMPT, clean_caption
-from .convert import FilterConfig, box_filter_reason, image_filter_reason
+from .annotate_models import CROP_PROMPT, SPACE_THRESHOLD, clean_caption
+from .filters import FilterConfig, box_filter_reason, image_filter_reason
 from .schema import BadRecord, bump, check_box, decode_image
 
 logger = logging.getLogger(__name__)
@@ -44,9 +45,8 @@ class AnnotateConfig:
     ocr_det_model: str = "PaddlePaddle/PP-OCRv5_server_det_safetensors"
     ocr_rec_model: str = "PaddlePaddle/PP-OCRv5_server_rec_safetensors"
     text_score: float = 0.5
-    filters: FilterConfig = field(default_factory=FilterConfig)  # image rules for all, box rules for natural regions
-    ocr_max_aspect: float = 0.0  # box rules for text regions (0: off); a word is rarely 100 x 100 px or square
-    ocr_min_box_area: float = 0.0
+    ocr_space_threshold: float = SPACE_THRESHOLD  # rapidocr: restore spaces between words (annotate_models.py; 0: off)
+    filters: FilterConfig = field(default_factory=FilterConfig)  # image rules for all, box rules by region kind
     source: str = "annotate"
 
     def __post_init__(self):
@@ -70,7 +70,8 @@ def load_models(cfg: AnnotateConfig, device=None, dtype=None, batch_size: int = 
 
     models = {}
     if cfg.route != "natural" and cfg.ocr_engine == "rapidocr":
-        models["ocr"] = load("--ocr-engine", "rapidocr", lambda: m.RapidOCREngine(text_score=cfg.text_score))
+        models["ocr"] = load("--ocr-engine", "rapidocr", lambda: m.RapidOCREngine(
+            text_score=cfg.text_score, space_threshold=cfg.ocr_space_threshold))
     elif cfg.route != "natural":
         models["ocr"] = load("--ocr-det-model / --ocr-rec-model", f"{cfg.ocr_det_model} + {cfg.ocr_rec_model}", lambda: m.TransformersOCREngine(
             cfg.ocr_det_model, cfg.ocr_rec_model, cfg.text_score, device=device, dtype=dtype))
@@ -126,8 +127,6 @@ class Annotator:
 
     def __init__(self, cfg: AnnotateConfig, ocr=None, detector=None, captioner=None):
         self.cfg, self.ocr, self.detector, self.captioner = cfg, ocr, detector, captioner
-        self.box_rules = FilterConfig(max_aspect=cfg.filters.max_aspect, min_box_area=cfg.filters.min_box_area)
-        self.text_box_rules = FilterConfig(max_aspect=cfg.ocr_max_aspect, min_box_area=cfg.ocr_min_box_area)
 
     def __call__(self, ids: list[str], images: list, counts: dict) -> list[tuple[str, list[dict]] | None]:
         results: list = [None] * len(images)
@@ -181,15 +180,14 @@ class Annotator:
                     regions.append({"bbox": box, "caption": caption, "kind": "natural"})
             results[n] = ("natural", regions)
 
-    @staticmethod
-    def valid(box, width: int, height: int, rules: FilterConfig, counts: dict) -> list[float] | None:
-        """The box clipped to the image if it is valid and passes the box rules, else None (counted)."""
+    def valid(self, box, width: int, height: int, kind: str, counts: dict) -> list[float] | None:
+        """The box clipped to the image if it is valid and passes the box rules of its kind, else None (counted)."""
         box = [min(max(float(v), 0.0), float(lim)) for v, lim in zip(box, (width, height, width, height))]
         reason = check_box(box, width, height)
         if reason:
             bump(counts, "broken", reason)
             return None
-        reason = box_filter_reason(box, rules)
+        reason = box_filter_reason(box, self.cfg.filters, kind)
         if reason:
             bump(counts, "filtered", reason)
             return None
@@ -199,7 +197,7 @@ class Annotator:
         """Valid boxes that pass the box rules, near-duplicates removed by NMS, at most --max-regions."""
         valid = []
         for d in detections:
-            box = self.valid(d["box"], width, height, self.box_rules, counts)
+            box = self.valid(d["box"], width, height, "natural", counts)
             if box is not None:
                 valid.append({**d, "box": box})
         keep = _nms_keep([d["box"] for d in valid], [d["score"] for d in valid], self.cfg.nms_iou)
@@ -224,7 +222,7 @@ class Annotator:
                 if not any(c.isalnum() for c in text):
                     bump(counts, "filtered", "text_not_alnum")
                     continue
-                box = self.valid(box, width, height, self.text_box_rules, counts)
+                box = self.valid(box, width, height, "ocr", counts)
                 if box is not None:
                     regions.append({"bbox": box, "caption": text, "kind": "ocr"})
         return regions

@@ -8,6 +8,7 @@
     granvit-data convert --from vg OUT --inputs region_descriptions.json --images VG/
     granvit-data convert --from ocr OUT --inputs TextOCR_0.1_train.json --images train_images/
     granvit-data convert --from jsonl OUT --inputs data.jsonl --images imgs/ --min-short-side 0
+    granvit-data convert --from llava OUT --inputs llava.json --images imgs/ --box-convention normalized --checkpoint CKPT
     granvit-data validate OUT            # every row checked; exit code 1 if any is broken or a split is empty
     granvit-data annotate IMAGES OUT [--detector D --captioner C]   # raw images -> Gran (detector + captioner + OCR)
 
@@ -47,7 +48,8 @@ def _add_shard_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .annotate import add_arguments as add_annotate_arguments
-    from .convert import FORMATS, FilterConfig
+    from .convert import FORMATS
+    from .filters import add_filter_arguments
     from .synth import COLOURS, PRESETS, SHAPES, TEXTURES
 
     parser = argparse.ArgumentParser(prog="granvit-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,8 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=128, help="image side in px; objects and text scale with it")
     p.add_argument("--benchmarks", nargs="+", choices=list(BENCHMARKS), help="default: all")
 
-    f = FilterConfig()
-    p = sub.add_parser("convert", help="convert annotations (+ images) to Gran shards")
+    p = sub.add_parser("convert", help="convert annotations (+ images) to Gran shards (llava: to SFT conversation rows)")
     _add_shard_args(p)
     p.add_argument("--from", dest="fmt", required=True, choices=FORMATS)
     p.add_argument("--inputs", nargs="+", required=True, help="annotation files (JSON / JSONL / Parquet / label txt)")
@@ -97,10 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instances", help="refcoco JSON refs: the COCO instances JSON with boxes and image sizes")
     p.add_argument("--ref-split", help="refcoco: keep refs of this split only (train, val, testA, ...)")
     p.add_argument("--split", default="train", help="split name to write")
-    p.add_argument("--min-short-side", type=int, default=f.min_short_side, help="keep images with short side > this (0: off)")
-    p.add_argument("--max-aspect", type=float, default=f.max_aspect, help="image and box aspect in [1/x, x] (0: off)")
-    p.add_argument("--min-box-area", type=float, default=f.min_box_area, help="keep boxes with area > this (0: off)")
-    p.add_argument("--min-regions", type=int, default=f.min_regions)
+    p.add_argument("--box-convention", choices=("normalized", "0-999", "pixels", "none"),
+                   help="llava: how the source writes boxes ([a, b, c, d] in a turn): floats in [0, 1], integers in "
+                        "[0, 999], or pixels; none keeps the text as it is")
+    p.add_argument("--checkpoint", help="llava: the GranViT checkpoint to fine-tune; its box format is written")
+    add_filter_arguments(p)
 
     p = sub.add_parser("annotate", help="annotate raw images (detector + captioner, PP-OCR) into Gran shards")
     add_annotate_arguments(p)
@@ -138,12 +140,13 @@ def cmd_downstream(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .convert import FilterConfig, convert
+    from .convert import convert
+    from .filters import filters_from_args
 
-    filters = FilterConfig(args.min_short_side, args.max_aspect, args.min_box_area, args.min_regions)
+    filters = filters_from_args(args)
     counts = convert(
         args.fmt, args.inputs, args.out, args.images, args.split, filters, args.instances, args.ref_split,
-        args.num_proc, args.shard_size, args.shard_multiple, args.row_group_size,
+        args.num_proc, args.shard_size, args.shard_multiple, args.row_group_size, args.box_convention, args.checkpoint,
     )
     print(json.dumps(counts, indent=1, sort_keys=True))
     print(f"counts saved to {os.path.join(args.out, f'counts-{args.split}.json')}")
@@ -172,6 +175,7 @@ def validate_paths(paths: list[str], decode: bool = True) -> dict:
     import pyarrow.parquet as pq
     from tqdm.auto import tqdm
 
+    from .convert_llava import validate_conversation_row
     from .downstream import validate_row
     from .schema import Manifest, sha256_file
 
@@ -191,8 +195,10 @@ def validate_paths(paths: list[str], decode: bool = True) -> dict:
                 for row in batch.to_pylist():  # raw cells: image stays {bytes, path}, so decoding is checked here
                     rows += 1
                     split_rows[_split_of(file)] += 1
-                    # a question row of `granvit-data downstream`, or a Gran row
-                    reason = (validate_row if "benchmark" in row else validate_record)(row, decode=decode)
+                    # a question row of `granvit-data downstream`, a conversation row of `convert --from llava`,
+                    # or a Gran row
+                    check = validate_row if "benchmark" in row else validate_conversation_row if "messages" in row else validate_record
+                    reason = check(row, decode=decode)
                     if reason:
                         reasons[reason] += 1
         except (pa.ArrowException, OSError) as e:  # a damaged file: report it and check the others

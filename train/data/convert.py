@@ -5,30 +5,37 @@ kind}], width/height if the annotation states them}; `ConvertProducer` then chec
 shards are written (`schema.write_split`: parallel, atomic, resumable). Formats:
 
 - coco:    instances_*.json (region caption = category name) and/or captions_*.json (whole-image region), + images
-- refcoco: refs as JSON (list of refs with `sentences` + COCO instances for boxes) or Parquet (one row per ref with
-           `bbox` xywh, `sentences`/`answer`, `file_name` or embedded `image` bytes); the pickled refs(*).p files
-           are never read: unpickling runs arbitrary code
+- refcoco: the `refer` toolkit's refs(unc).p / refs(umd).p / refs(google).p (read by `DataOnlyUnpickler`: plain
+           data only, a pickle that would load any class or function is refused before anything runs) or the same
+           refs as JSON, + the COCO instances JSON shipped beside them (boxes, sizes); or Parquet (one row per ref
+           with `bbox` xywh, `sentences`/`answer`, `file_name` or embedded `image` bytes)
 - vg:      Visual Genome region_descriptions.json + images/<image_id>.jpg
 - ocr:     PaddleOCR det labels ("path\\t[{transcription, points}]") or TextOCR JSON ({imgs, anns}); words only
 - jsonl:   one Gran-like object a line: {"image": path, "regions": [{"bbox": [x1, y1, x2, y2], "caption"}], ...}
+- llava:   LLaVA-style instruction data -> conversation rows for the sft stage, not Gran rows (convert_llava.py)
+
+Filters (filters.py, shared with `granvit-data annotate`): the paper's image rules for every image, its box rules for
+natural regions only; text (OCR) regions keep their shape and size unless text rules are set.
 
 Counts: `written`; `filtered` (quality rules: image_short_side, image_aspect, min_regions count images; box_aspect,
-box_area, crowd, illegible count regions); `broken` (schema.REASONS: rows for image problems, regions for box and
-caption problems). A conversion that writes no row at all is an error (`EmptyOutputError`, with these counts): it
-leaves no empty split behind, so a rerun with other settings starts clean.
+box_area, text_box_aspect, text_box_area, crowd, illegible count regions); `broken` (schema.REASONS: rows for image
+problems, regions for box and caption problems). A conversion that writes no row at all is an error
+(`EmptyOutputError`, with these counts): it leaves no empty split behind, so a rerun with other settings starts clean.
 """
 from __future__ import annotations
 
 import json
 import os
+import pickle
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 from ...box_utils_granvit import xywh_to_xyxy
 from ...console import UserError, load_json
 from .schema import (
     DEFAULT_ROW_GROUP_SIZE,
     DEFAULT_SHARD_BYTES,
+    GRAN_FEATURES,
     BadRecord,
     Manifest,
     bump,
@@ -38,8 +45,9 @@ from .schema import (
     write_dataset_card,
     write_split,
 )
+from .filters import FilterConfig, box_filter_reason, describe_filters, image_filter_reason  # noqa: F401 (re-exported)
 
-FORMATS = ("coco", "refcoco", "vg", "ocr", "jsonl")
+FORMATS = ("coco", "refcoco", "vg", "ocr", "jsonl", "llava")
 # What to do about each reason every image was dropped for (the one-line error of a conversion that wrote nothing).
 EMPTY_OUTPUT_HINTS = {
     "missing_image": "check --images (the folder the annotations' image paths are relative to)",
@@ -47,8 +55,12 @@ EMPTY_OUTPUT_HINTS = {
     "image_aspect": "--max-aspect 0 turns the aspect filter off",
     "box_aspect": "--max-aspect 0 turns the aspect filter off",
     "box_area": "--min-box-area 0 turns the box-area filter off",
+    "text_box_aspect": "--text-max-aspect 0 turns the text aspect filter off",
+    "text_box_area": "--text-min-box-area 0 turns the text box-area filter off",
     "size_mismatch": "the annotations' width/height do not match the image files",
     "exif_orientation": "re-save the images without an EXIF rotation",
+    "box_outside": "boxes fall outside their images: check how the source writes boxes (llava: --box-convention)",
+    "no_image": "rows without an image are left out: GranViT fine-tunes on image conversations",
 }
 
 
@@ -74,39 +86,6 @@ def empty_output_message(counts: dict, out_dir: str, split: str) -> str:
     return (f"wrote no rows to {out_dir} ({split}): {counts.get('inputs', 0)} images in, dropped: {counted}"
             + (f"; {'; '.join(hints)}" if hints else ""))
 
-
-
-@dataclass
-class FilterConfig:
-    """The paper's data filters; 0 disables a rule."""
-
-    min_short_side: int = 448  # keep images whose short side is > this
-    max_aspect: float = 3.0  # keep images and boxes whose aspect ratio is in [1/max_aspect, max_aspect]
-    min_box_area: float = 100 * 100  # keep boxes whose area is > this (pixels^2)
-    min_regions: int = 1  # keep images with at least this many regions left
-
-
-def _aspect_ok(w: float, h: float, max_aspect: float) -> bool:
-    return not max_aspect or (w > 0 and h > 0 and 1 / max_aspect <= w / h <= max_aspect)
-
-
-def image_filter_reason(width: int, height: int, f: FilterConfig) -> str | None:
-    """The image rule (`image_short_side`, `image_aspect`) that drops a width x height image, or None."""
-    if f.min_short_side and min(width, height) <= f.min_short_side:
-        return "image_short_side"
-    if not _aspect_ok(width, height, f.max_aspect):
-        return "image_aspect"
-    return None
-
-
-def box_filter_reason(bbox, f: FilterConfig) -> str | None:
-    """The box rule (`box_aspect`, `box_area`) that drops a valid xyxy box, or None."""
-    x1, y1, x2, y2 = bbox
-    if not _aspect_ok(x2 - x1, y2 - y1, f.max_aspect):
-        return "box_aspect"
-    if f.min_box_area and (x2 - x1) * (y2 - y1) <= f.min_box_area:
-        return "box_area"
-    return None
 
 
 def _snap(bbox, width: int, height: int):
@@ -172,11 +151,12 @@ class ConvertProducer:
             if reason:
                 bump(counts, "broken", reason)
                 continue
-            reason = box_filter_reason(region["bbox"], f)
+            kind = region.get("kind", item["kind"])
+            reason = box_filter_reason(region["bbox"], f, kind)
             if reason:
                 bump(counts, "filtered", reason)
             else:
-                regions.append({"bbox": region["bbox"], "caption": region["caption"].strip(), "kind": region.get("kind", item["kind"])})
+                regions.append({"bbox": region["bbox"], "caption": region["caption"].strip(), "kind": kind})
         if len(regions) < max(f.min_regions, 1):  # an image without regions teaches nothing, whatever the setting
             bump(counts, "filtered", "min_regions")
             return None
@@ -252,7 +232,8 @@ def _sentences(value) -> list[str]:
 
 
 def read_refcoco(refs: str, images_dir: str, instances: str | None = None, split: str | None = None, source: str = "refcoco") -> list[dict]:
-    """RefCOCO/+/g as JSON refs (+ COCO instances JSON for boxes and sizes) or as Parquet (one row per ref).
+    """RefCOCO/+/g refs as the `refer` toolkit ships them (refs(unc).p etc., read as plain data only) or as JSON, +
+    the COCO instances JSON for boxes and sizes; or Parquet (one row per ref). One region per sentence of a ref.
     `split` keeps only refs of that split (train/val/testA/...) when the refs carry one."""
     items: dict = {}
 
@@ -277,20 +258,65 @@ def read_refcoco(refs: str, images_dir: str, instances: str | None = None, split
             sentences = _sentences(row.get("sentences") if row.get("sentences") is not None else row.get("answer"))
             add(key, file_name, image_bytes, row["bbox"], sentences)
         return list(items.values())
-    if refs.endswith((".p", ".pkl", ".pickle")):
-        raise UserError(f"{refs}: refusing to unpickle (it can run arbitrary code); use the JSON or Parquet distribution")
     if instances is None:
-        raise UserError(f"{refs}: refcoco JSON refs need --instances (the COCO instances JSON with the boxes)")
+        raise UserError(f"{refs}: refcoco refs need --instances (the COCO instances JSON with the boxes, shipped "
+                        "beside the refs: refcoco/instances.json)")
     coco = _load_json(instances, dict, "a COCO instances file (a JSON object with 'images' and 'annotations')")
     images = {img["id"]: img for img in coco["images"]}
     anns = {ann["id"]: ann for ann in coco["annotations"]}
-    for ref in _load_json(refs, list, "a RefCOCO refs file (a JSON list of refs)"):
+    if refs.endswith(PICKLE_SUFFIXES):
+        ref_list = load_data_pickle(refs, "RefCOCO refs")
+        if not isinstance(ref_list, list) or not all(isinstance(r, dict) for r in ref_list):
+            raise UserError(f"{refs} is not a RefCOCO refs pickle (a list of refs); check --from and --inputs")
+    else:
+        ref_list = _load_json(refs, list, "a RefCOCO refs file (a JSON list of refs)")
+    for n, ref in enumerate(ref_list):
         if split and ref.get("split") not in (None, split):
             continue
-        img = images[ref["image_id"]]
-        bbox = ref.get("bbox") or anns[ref["ann_id"]]["bbox"]
+        img = images.get(ref.get("image_id"))
+        ann = anns.get(ref.get("ann_id"))
+        if img is None or (ann is None and not ref.get("bbox")):
+            missing = "image_id" if img is None else "ann_id"
+            raise UserError(f"{refs}: ref {ref.get('ref_id', n)} has {missing} {ref.get(missing)!r}, which {instances} "
+                            "does not hold; pass the instances.json shipped with these refs")
+        bbox = ref.get("bbox") or ann["bbox"]
         add(ref["image_id"], img["file_name"], None, bbox, _sentences(ref.get("sentences")), img.get("width"), img.get("height"))
     return list(items.values())
+
+
+PICKLE_SUFFIXES = (".p", ".pkl", ".pickle")
+
+
+class ForbiddenGlobal(pickle.UnpicklingError):
+    """A pickle asked for a class or function: refused before anything of it ran."""
+
+
+class DataOnlyUnpickler(pickle.Unpickler):
+    """Lists, dicts, tuples, sets, strings, bytes, numbers, booleans and None, nothing else. `find_class` is the one
+    way a pickle reaches a class or a function (GLOBAL, STACK_GLOBAL, INST, OBJ and the copyreg extension codes all
+    go through it; REDUCE and BUILD need what it returns) and it admits nothing, so a pickle that would build an
+    object or call a function fails at that opcode, before anything of it runs: Python's documented "Restricting
+    Globals" recipe with an empty allow-list. Persistent ids are refused by the base class."""
+
+    def find_class(self, module, name):
+        raise ForbiddenGlobal(f"it would load the Python object {module}.{name}")
+
+
+def load_data_pickle(path: str, what: str):
+    """The plain data of a pickle file (`DataOnlyUnpickler`); anything else is a one-line UserError naming the file.
+    Python 2 pickles (the `refer` toolkit's refs(unc).p) hold byte strings: read as UTF-8, else as Latin-1."""
+    for encoding in ("utf-8", "latin-1"):
+        try:
+            with open(path, "rb") as f:
+                return DataOnlyUnpickler(f, encoding=encoding).load()
+        except UnicodeDecodeError:
+            continue  # a Python 2 byte string that is not UTF-8: the Latin-1 pass reads every byte
+        except ForbiddenGlobal as e:
+            raise UserError(f"{path}: refused to unpickle: {e}, and {what} hold only lists, dicts, strings and "
+                            "numbers; nothing in the file was run. Use the file from the dataset's own download") from None
+        except Exception as e:  # a damaged or non-pickle file: any error of the opcode reader, nothing executed
+            raise UserError(f"{path} is not a readable pickle ({type(e).__name__}: {e}); download it again") from None
+    raise AssertionError("unreachable: Latin-1 decodes every byte string")
 
 
 def read_vg(regions_json: str, images_dir: str, source: str = "vg") -> list[dict]:
@@ -313,7 +339,8 @@ def read_vg(regions_json: str, images_dir: str, source: str = "vg") -> list[dict
 
 
 def read_ocr(labels: str, images_dir: str, source: str = "ocr") -> list[dict]:
-    """PaddleOCR detection labels (a text file) or TextOCR JSON; "###" / "." transcriptions mean illegible."""
+    """PaddleOCR detection labels (a text file) or TextOCR JSON; "###" / "." transcriptions mean illegible. TextOCR's
+    file names ("train/<id>.jpg") are also looked up by base name in `images_dir` (its zip unpacks to train_images/)."""
     items = []
     if labels.endswith(".json"):
         data = _load_json(labels, dict, "a TextOCR file (a JSON object with 'imgs' and 'anns')")
@@ -327,8 +354,11 @@ def read_ocr(labels: str, images_dir: str, source: str = "ocr") -> list[dict]:
                     dropped.append("illegible")
                 else:
                     regions.append({"bbox": xywh_to_xyxy(ann["bbox"]), "caption": ann["utf8_string"]})
+            path = _image_path(images_dir, img["file_name"])
+            if not os.path.exists(path) and os.path.exists(os.path.join(images_dir, os.path.basename(path))):
+                path = os.path.join(images_dir, os.path.basename(path))  # "train/<id>.jpg" unpacked as train_images/<id>.jpg
             items.append({
-                "image_id": f"{source}-{image_id}", "image": _image_path(images_dir, img["file_name"]),
+                "image_id": f"{source}-{image_id}", "image": path,
                 "width": img.get("width"), "height": img.get("height"), "source": source, "kind": "ocr",
                 "regions": regions, "dropped": dropped,
             })
@@ -400,6 +430,21 @@ def read_items(fmt: str, inputs: list[str], images_dir: str, instances: str | No
     return items
 
 
+def write_counted(out_dir: str, split: str, producer, num_items: int, total_bytes: int, shard_bytes: int,
+                  shard_multiple: int, row_group_size: int, num_proc: int, features=GRAN_FEATURES) -> dict:
+    """`write_split`, then the counts (+ `inputs`) saved as counts-<split>.json; a split that got no row is dropped
+    from the manifest and raised as `EmptyOutputError`."""
+    counts = write_split(out_dir, split, producer, num_items, total_bytes, shard_bytes, shard_multiple, row_group_size,
+                         num_proc, features)
+    counts["inputs"] = num_items
+    with open(os.path.join(out_dir, f"counts-{split}.json"), "w", encoding="utf-8") as f:
+        json.dump(counts, f, indent=1, sort_keys=True)
+    if not counts.get("written"):
+        Manifest(out_dir).drop_split(split)
+        raise EmptyOutputError(empty_output_message(counts, out_dir, split), counts)
+    return counts
+
+
 def convert(
     fmt: str,
     inputs: list[str],
@@ -413,20 +458,26 @@ def convert(
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     shard_multiple: int = 1,
     row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
+    box_convention: str | None = None,
+    checkpoint: str | None = None,
 ) -> dict:
-    """Convert annotation files to one split of a Gran folder; returns (and saves as counts-<split>.json) the counts."""
+    """Convert annotation files to one split of a Gran folder (`llava`: of conversation rows, convert_llava.py);
+    returns (and saves as counts-<split>.json) the counts."""
+    if fmt == "llava":
+        from .convert_llava import convert_llava
+
+        for path in inputs:
+            if not os.path.isfile(path):
+                raise UserError(f"{path}: no such annotation file; check the path")
+        return convert_llava(inputs, out_dir, images_dir, split, box_convention, checkpoint, num_proc, shard_bytes,
+                             shard_multiple, row_group_size)
     items = read_items(fmt, inputs, images_dir, instances, ref_split)
     if not items:
         raise EmptyOutputError(f"{', '.join(inputs)}: no images found in the annotations; check --from and --inputs", {})
     items.sort(key=lambda it: it["image_id"])  # a fixed order: shard i holds the same items on every (re)run
     total = sum(_num_bytes(it["image"]) for it in items)
     producer = ConvertProducer(items, filters or FilterConfig(), fmt, inputs + ([instances] if instances else []))
-    counts = write_split(out_dir, split, producer, len(items), total, shard_bytes, shard_multiple, row_group_size, num_proc)
-    counts["inputs"] = len(items)
-    with open(os.path.join(out_dir, f"counts-{split}.json"), "w", encoding="utf-8") as f:
-        json.dump(counts, f, indent=1, sort_keys=True)
-    if not counts.get("written"):
-        Manifest(out_dir).drop_split(split)
-        raise EmptyOutputError(empty_output_message(counts, out_dir, split), counts)
-    write_dataset_card(out_dir, pretty_name=f"Gran ({fmt})", description=f"Converted by `granvit-data convert --from {fmt}`.")
+    counts = write_counted(out_dir, split, producer, len(items), total, shard_bytes, shard_multiple, row_group_size, num_proc)
+    write_dataset_card(out_dir, pretty_name=f"Gran ({fmt})",
+                       description=f"Converted by `granvit-data convert --from {fmt}`. {describe_filters(producer.filters)}")
     return counts
