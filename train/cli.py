@@ -28,8 +28,10 @@ Overrides are dotted paths with YAML values: `phases.stage1.training.max_steps=1
 
 import argparse
 import logging
+import sys
 
 from ..console import UserError, console_main
+from .launch import is_worker, planned_processes, relaunch
 from .recipe import load_recipe
 from .runner import run
 
@@ -47,7 +49,7 @@ def phases_to_run(recipe: dict, stage: str | None, phase: str | None) -> list[st
 
 
 @console_main
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int | None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--stage", help="run the recipe's phases of this stage (1, 2, sft, grpo, projector, joint)")
@@ -57,7 +59,12 @@ def main(argv: list[str] | None = None) -> None:
     cli = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     recipe = load_recipe(cli.config, cli.overrides)
-    run(recipe, only=phases_to_run(recipe, cli.stage, cli.phase))
+    only = phases_to_run(recipe, cli.stage, cli.phase)
+    these = {**recipe, "phases": {name: recipe["phases"][name] for name in only}}
+    processes = planned_processes(these)
+    if processes > 1 and not is_worker():  # one worker per core; each runs this same command
+        return relaunch("granvit.train.cli", list(argv if argv is not None else sys.argv[1:]), these, processes)
+    run(recipe, only=only)
 
 
 if __name__ == "__main__":

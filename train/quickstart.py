@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -30,6 +31,7 @@ import torch
 
 from ..console import console_main
 from .recipe import CONFIGS, dump_recipe, load_recipe, splits
+from .launch import is_main_process, is_worker, planned_processes, relaunch
 from .parts.shipped import CURVES
 from .runner import load_split, run
 
@@ -81,6 +83,9 @@ def run_quickstart(argv=None) -> dict:
         scale_steps(recipe, args.step_scale)
     out = Path(recipe["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
+    if not is_main_process():  # the other data-parallel workers only train: rank 0 logs and writes
+        run(recipe, log=lambda *args, **kwargs: None)
+        return None
     dump_recipe(recipe, out / "recipe.yaml")  # the effective recipe: `granvit-push` puts it in the model card
 
     print(f"GranViT quickstart -> {out}  (phases: {', '.join(recipe['phases'])})", flush=True)
@@ -123,8 +128,14 @@ def run_quickstart(argv=None) -> dict:
 
 
 @console_main
-def main(argv=None) -> None:
+def main(argv=None) -> int | None:
+    args = parse_args(argv)
+    recipe = load_recipe(args.config, (SMOKE if args.smoke else []) + args.set)
+    processes = planned_processes(recipe)
+    if processes > 1 and not is_worker():  # one worker per core; each runs this same command
+        return relaunch("granvit.train.quickstart", list(argv if argv is not None else sys.argv[1:]), recipe, processes)
     run_quickstart(argv)
+    return None
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     output_dir: runs/x                     # every phase writes under it; "{output_dir}" in strings is filled in
     seed: 0
     threads: 0                             # torch threads (0 = torch's default)
+    processes: auto                        # data-parallel workers: auto = one per core on a CPU (train/launch.py)
     data:  {path: DIR | null, synth: {...}, sizes: {train: N, val: N, test: N}, regions_per_image: 4, streaming: false}
     model: {checkpoint: DIR | null, vision: ID | embedded | pretrain, llm: ID | embedded | pretrain,
             box_format: tokens, num_coord_bins: 1000}
@@ -34,7 +35,7 @@ from ..console import UserError, load_yaml
 
 CONFIGS = Path(__file__).parent / "configs"
 SECTIONS = {
-    "output_dir": None, "seed": None, "threads": None, "data": None, "model": None, "parts": None, "training": None,
+    "output_dir": None, "seed": None, "threads": None, "processes": None, "data": None, "model": None, "parts": None, "training": None,
     "phases": None, "eval": None,
 }
 DATA_KEYS = {"path", "splits", "synth", "sizes", "regions_per_image", "multi_box", "streaming", "train_images"}

@@ -27,6 +27,7 @@ from transformers import TrainerCallback
 
 from ..console import UserError
 from .freezing import TRAINED
+from .launch import describe, is_main_process, split_batch
 from .recipe import TRL_STAGES, phase_training, splits
 
 logger = logging.getLogger(__name__)
@@ -183,6 +184,7 @@ def make_trainer(recipe: dict, name: str, model, processor, train_split, state: 
     phase, data = recipe["phases"][name], recipe.get("data") or {}
     stage = str(phase["stage"])
     training = {"output_dir": str(phase_dir(recipe, name)), "seed": recipe.get("seed", 0), **phase_training(recipe, name)}
+    training["per_device_train_batch_size"] = split_batch(training.get("per_device_train_batch_size", 8))
     counter = SkipCounter()
     callbacks = [skip_counter_callback(counter), CurveCallback(name, state, evaluate, (recipe.get("eval") or {}).get("every", 0))]
     if stage in TRL_STAGES:
@@ -251,8 +253,9 @@ def run_phase(recipe: dict, name: str, model, processor, train_split, state: Run
     phase = recipe["phases"][name]
     trainer = make_trainer(recipe, name, model, processor, train_split, state, evaluate)
     steps = trainer.args.max_steps
-    log(f"[{name}] stage {phase['stage']}: {steps} steps x {trainer.args.per_device_train_batch_size} images, "
-        f"tasks {phase['tasks']}")
+    images, world = trainer.args.per_device_train_batch_size, trainer.args.world_size
+    per_step = f"{images * world} images ({world} x {images})" if world > 1 else f"{images} images"
+    log(f"[{name}] stage {phase['stage']}: {steps} steps x {per_step}, tasks {phase['tasks']}")
     start = time.time()
     resume = trainer.args.resume_from_checkpoint
     if str(resume).lower() in ("true", "last"):
@@ -360,6 +363,7 @@ def run(recipe: dict, only: list[str] | None = None, log=print, start_from: tupl
     torch.manual_seed(recipe.get("seed", 0))
     names = list(recipe["phases"]) if only is None else only
     start = time.time()
+    log(f"  training on {describe(recipe)}")
 
     # Under a distributed launch the first process writes the data and the build, the others then read them.
     first = GranViTTrainingArguments(output_dir=str(Path(recipe["output_dir"]) / BUILD_DIR),
@@ -381,13 +385,13 @@ def run(recipe: dict, only: list[str] | None = None, log=print, start_from: tupl
     val = load_split(folder, split_names["val"]) if has_split(folder, split_names["val"]) else None
 
     evaluate = None
-    if val is not None and (recipe.get("eval") or {}).get("every") is not None:
+    if val is not None and (recipe.get("eval") or {}).get("every") is not None and is_main_process():
         baseline_rows = train if not streaming else load_split(folder, split_names["train"]).take(10000)
         evaluate = make_validator(recipe, processor, val, synthetic_baselines(baseline_rows))
         if names:
             state.curve["val"].append({**evaluate(model), "step": 0, "phase": "start"})
             state.phase_scores["start"] = {k: v for k, v in state.curve["val"][-1].items() if k not in ("step", "phase")}
-    probe = make_prober(recipe, processor, folder, train)
+    probe = make_prober(recipe, processor, folder, train) if is_main_process() else None
     if probe is not None and names:
         state.phase_scores.setdefault("start", {}).update(probe(model))
 
