@@ -24,9 +24,10 @@ from pathlib import Path
 
 import torch
 
-from ...console import UserError, console_main
+from ...console import console_main
 from .recipe import PARTS_CONFIG, PartsRecipe, load_parts_recipe, part_hash
 from .shipped import MAX_SHIPPED_BYTES, PART_NAMES, SHIPPED_DIR, folder_bytes, read_manifest, write_manifest
+from .training import read_report, write_report
 
 SMOKE = ["siglip.hidden=32", "siglip.layers=1", "siglip.text_hidden=32", "siglip.text_layers=1", "siglip.images=32",
          "siglip.test_images=8", "siglip.probe_images=8", "siglip.steps=2", "siglip.batch_size=8", "lm.hidden=64",
@@ -114,17 +115,21 @@ def main(argv=None) -> int:
         return check(args.out, args.config)
     parts = load_parts_recipe(args.config, (SMOKE if args.smoke else []) + args.set)
     names = args.only or list(PART_NAMES)
-    if "siglip" in names and "lm" not in names and not (args.out / "lm" / "config.json").is_file():
-        raise UserError(f"--only siglip: the SigLIP's region probe builds a GranViT with the LM part, and {args.out} "
-                        "has none; train both parts first")
     start = time.time()
     print(f"granvit-parts: {', '.join(names)} from {args.config} -> {args.out} (work: {args.work})", flush=True)
     reports = train_parts(parts, names, args.out, args.work)
-    if "siglip" in reports:
-        print("  region probe of the SigLIP part", flush=True)
-        reports["siglip"].update(siglip_probe(args.out / "siglip", args.out / "lm", parts))
+    # The SigLIP's region probe reads it through a GranViT built with the LM part: once both exist.
+    siglip = reports.get("siglip") or read_report(args.out / "siglip")
+    if siglip is not None and "probe_shape_acc" not in siglip:
+        if (args.out / "lm" / "config.json").is_file():
+            print("  region probe of the SigLIP part", flush=True)
+            siglip.update(siglip_probe(args.out / "siglip", args.out / "lm", parts))
+            write_report(args.out / "siglip", siglip)
+            reports["siglip"] = siglip
+        else:
+            print(f"  region probe of the SigLIP part: after the LM part ({args.out / 'lm'} missing)", flush=True)
     command = " ".join(["granvit-parts"] + [a for a in (argv if argv is not None else sys.argv[1:])])
-    manifest = write_manifest(args.out, parts, reports, command, args.config)
+    manifest = write_manifest(args.out, parts, reports, command, args.config, names)
     shutil.rmtree(args.work, ignore_errors=True)  # finished: nothing left to resume
     total = sum(folder_bytes(args.out / entry["folder"]) for entry in manifest["parts"].values())
     print(f"done in {(time.time() - start) / 60:.1f} min; {total / 2**20:.1f} MB of parts in {args.out}"

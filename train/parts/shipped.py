@@ -39,16 +39,26 @@ def read_manifest(root: Path = SHIPPED_DIR) -> dict:
     return json.loads(path.read_text())
 
 
-def write_manifest(root: Path, recipe: PartsRecipe, reports: dict, command: str, recipe_path: Path) -> dict:
-    """parts.json beside the part folders: what each part is, how good, how long it took, and how to remake it."""
+def write_manifest(root: Path, recipe: PartsRecipe, reports: dict, command: str, recipe_path: Path,
+                   trained: list[str]) -> dict:
+    """parts.json beside the part folders: what each part is, how good, how long it took, and how to remake it.
+    `reports` may update a part not `trained` now (the SigLIP's probe, made once the LM part exists): it keeps the
+    command that trained it."""
     manifest = read_manifest(root) if (Path(root) / MANIFEST).is_file() else {"parts": {}}
     for name, report in reports.items():
         figures = {k: v for k, v in report.items() if k not in CURVES + ("recipe", "part", "seconds")}
+        entry = manifest["parts"].get(name, {}) if name not in trained else {}
         manifest["parts"][name] = {"folder": name, "hash": part_hash(name, recipe), "figures": figures,
                                    "seconds": round(report["seconds"], 1), "bytes": folder_bytes(Path(root) / name),
-                                   "command": command, "recipe": str(recipe_path)}
+                                   "command": entry.get("command", command), "recipe": _relative(recipe_path)}
     (Path(root) / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _relative(path: Path) -> str:
+    """A recipe path as the repository names it (train/configs/parts.yaml), else as given."""
+    path, package = Path(path).resolve(), SHIPPED_DIR.parent
+    return str(path.relative_to(package)) if path.is_relative_to(package) else str(path)
 
 
 def shipped_part(name: str, root: Path = SHIPPED_DIR, recipe_path: Path = PARTS_CONFIG) -> tuple[Path, dict]:

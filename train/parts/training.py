@@ -46,9 +46,13 @@ def read_report(folder: Path) -> dict | None:
     return json.loads(report.read_text()) if report.is_file() else None
 
 
+def write_report(folder: Path, report: dict) -> None:
+    (Path(folder) / REPORT).write_text(json.dumps(report, indent=2))
+
+
 def publish(tmp: Path, folder: Path, report: dict) -> dict:
     """Move a finished part into place; atomic from the reader's side (a folder with its report is complete)."""
-    (tmp / REPORT).write_text(json.dumps(report, indent=2))
+    write_report(tmp, report)
     if folder.exists():
         shutil.rmtree(folder)
     tmp.rename(folder)
