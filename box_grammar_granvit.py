@@ -202,8 +202,8 @@ class TextBoxConstraintLogitsProcessor(LogitsProcessor):
 
     CHARS = frozenset("[], 0123456789")
 
-    def __init__(self, token_texts: dict[int, str], eos_token_ids: list[int], assistant_token_id: int | None, num_bins: int,
-                 not_found_ids: list[int] | None = None):
+    def __init__(self, token_texts: dict[int, str], eos_token_ids: list[int], assistant_token_id: int | None,
+                 num_bins: int, not_found_ids: list[int] | None = None):
         self.token_texts = token_texts  # candidate token id -> its text
         self.candidate_ids = sorted(token_texts)
         self.eos = [int(e) for e in eos_token_ids]
@@ -218,7 +218,7 @@ class TextBoxConstraintLogitsProcessor(LogitsProcessor):
         return {i: t for i, t in enumerate(texts) if t and set(t) <= cls.CHARS}
 
     @classmethod
-    def from_processor(cls, processor, force_box: bool = False, not_found: bool = False) -> "TextBoxConstraintLogitsProcessor":
+    def from_processor(cls, processor, force_box: bool = False, not_found: bool = False) -> LogitsProcessor:
         tokenizer = processor.tokenizer
         cache = getattr(processor, "_text_box_candidates", None)
         if cache is None:

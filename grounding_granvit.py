@@ -64,7 +64,8 @@ def grounding_settings(processor, not_found: bool) -> dict | None:
         settings.update(box_start_token_id=processor.box_start_token_id, box_end_token_id=processor.box_end_token_id,
                         coord_token_start_id=processor.coord_token_start_id)
     else:
-        settings["text_box_tokens"] = {str(i): t for i, t in TextBoxConstraintLogitsProcessor.token_table(tokenizer).items()}
+        table = TextBoxConstraintLogitsProcessor.token_table(tokenizer)
+        settings["text_box_tokens"] = {str(i): text for i, text in table.items()}
     return settings
 
 
@@ -107,7 +108,8 @@ class GroundingRequestGrammar(LogitsProcessor):
         images = [k for k in range(start, len(turn)) if turn[k] == self.image]
         text = [t for t in turn[images[-1] + 1 if images else start :] if t not in self.skip]
         caption = len(text) - len(self.prefix) - len(self.suffix)
-        return caption >= 1 and text[: len(self.prefix)] == self.prefix and text[len(text) - len(self.suffix) :] == self.suffix
+        ends = text[: len(self.prefix)], text[len(text) - len(self.suffix) :]
+        return caption >= 1 and ends == (self.prefix, self.suffix)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         # input_ids: (batch, seq) prompt + generated so far; scores: (batch, vocab) next-token logits.

@@ -13,9 +13,10 @@ Images are PIL images, paths or URLs; boxes are ``[x1, y1, x2, y2]`` in pixels o
 answers come from the model's dense region APIs, ``describe_regions`` and ``ground`` (region_decoding_granvit.py:
 one image encode, one shared prefill, one decode batch per kind of query; grounding under the box grammar, so every
 answer holds a box, or is "not found" for a checkpoint trained with negatives). Each box has a score in [0, 1]
-(grounding_granvit.py); ``threshold`` keeps the boxes scoring at least that, so a phrase can come back with none. A checkpoint names this class in ``config.custom_pipelines`` and ships this file (the modeling
-file imports it); with the granvit package imported, ``pipeline("granvit-regions", model=model, processor=processor)``
-also works on objects in memory.
+(grounding_granvit.py); ``threshold`` keeps the boxes scoring at least that, so a phrase can come back with none. A
+checkpoint names this class in ``config.custom_pipelines`` and ships this file (the modeling file imports it); with the
+granvit package imported, ``pipeline("granvit-regions", model=model, processor=processor)`` also works on objects in
+memory.
 """
 
 from transformers import Pipeline
@@ -32,8 +33,8 @@ class GranViTRegionsPipeline(Pipeline):
                              **kwargs):
         if kwargs:
             raise TypeError(
-                f"granvit-regions got unexpected argument(s) {sorted(kwargs)}; it takes boxes, phrases, max_new_tokens, "
-                "threshold and timeout"
+                f"granvit-regions got unexpected argument(s) {sorted(kwargs)}; it takes boxes, phrases, "
+                "max_new_tokens, threshold and timeout"
             )
         preprocess = {"boxes": boxes, "phrases": phrases, "timeout": timeout}
         forward = {k: v for k, v in {"max_new_tokens": max_new_tokens, "threshold": threshold}.items() if v is not None}

@@ -305,19 +305,23 @@ class GranViTProcessor(ProcessorMixin):
         return self.plain_text(value)
 
     def _trusted_special_tokens(self, text: str) -> list[int]:
-        """Special-token ids the trusted (unmarked) parts of a prompt string would produce (box tokens are not special)."""
+        """Special-token ids the trusted (unmarked) parts of a prompt string would produce (box tokens are not
+        special)."""
         roles = self.tokenizer.convert_tokens_to_ids([USER_TOKEN, ASSISTANT_TOKEN])
         special = set(self.tokenizer.all_special_ids) | {self.image_token_id, *roles}
         trusted = "".join(re.split(f"{UNTRUSTED_START}.*?{UNTRUSTED_END}", text, flags=re.DOTALL))
-        return [i for i in self.tokenizer(self.strip_markers(trusted), add_special_tokens=False)["input_ids"] if i in special]
+        ids = self.tokenizer(self.strip_markers(trusted), add_special_tokens=False)["input_ids"]
+        return [i for i in ids if i in special]
 
     def _read_requests(self, chat: str) -> str:
         """Chat text (a rendered chat template) with each delimited user message replaced by ``user_message``'s."""
-        return re.sub(f"{REQUEST_START}(.*?){REQUEST_END}", lambda m: self.user_message(m.group(1)), chat, flags=re.DOTALL)
+        return re.sub(f"{REQUEST_START}(.*?){REQUEST_END}", lambda m: self.user_message(m.group(1)), chat,
+                      flags=re.DOTALL)
 
     def format_user_turn(self, prompt: str, num_images: int = 1) -> str:
         """A user message -> chat text up to the assistant's turn, with ``<image>`` placeholders in front."""
-        return USER_TOKEN + IMAGE_TOKEN * num_images + self.user_message(prompt) + self.tokenizer.eos_token + ASSISTANT_TOKEN
+        message = self.user_message(prompt)
+        return USER_TOKEN + IMAGE_TOKEN * num_images + message + self.tokenizer.eos_token + ASSISTANT_TOKEN
 
     def _chat(self, text: str, num_images: int) -> str:
         return self._read_requests(text) if text.startswith(USER_TOKEN) else self.format_user_turn(text, num_images)

@@ -302,7 +302,8 @@ class GranViTRegionDecodingMixin:
         """The grammar ``generate`` adds for grounding requests (None: the checkpoint has no grounding settings).
         A ``generation_config`` without the field falls back to the model's, as ``generate`` does for custom fields."""
         settings = getattr(self.generation_config, "granvit_grounding", None)
-        settings = getattr(generation_config, "granvit_grounding", settings) if generation_config is not None else settings
+        if generation_config is not None:
+            settings = getattr(generation_config, "granvit_grounding", settings)
         return GroundingRequestGrammar(settings) if settings else None
 
     @torch.no_grad()

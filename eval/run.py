@@ -334,8 +334,9 @@ def evaluate_synthetic(model, processor, dataset_or_path, limit: int | None = No
     a Parquet file. Every region of every image is one query (up to `limit` regions).
     Grounding (`grounding_acc50`, `grounding_miou`, `grounding_invalid`) decodes as `model.ground` does, under the box
     grammar, with the box score's AUROC for correct vs wrong boxes (`grounding_score_auroc`, None without both kinds)
-    and the share of "not found" answers (`grounding_not_found`); with `unconstrained` the plain greedy answers are scored too (`grounding_*_unconstrained`: what the
-    model writes on its own; a validation loop may skip them to save a third of the decoding).
+    and the share of "not found" answers (`grounding_not_found`); with `unconstrained` the plain greedy answers are
+    scored too (`grounding_*_unconstrained`: what the model writes on its own; a validation loop may skip them to save
+    a third of the decoding).
     Baselines (`baselines=False` skips them): the mean training box (`baseline_box`, normalised [0, 1] xyxy, scaled to
     each image) and the most common training caption (`baseline_caption`); missing ones are computed from `train` (a
     Gran Dataset, or the "train" split of the same folder). `caption_metrics` adds BLEU / ROUGE-L / CIDEr-D of the

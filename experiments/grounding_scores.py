@@ -1,10 +1,11 @@
 """Box scores and "not found": does a box's score tell right boxes from wrong ones, and does training on negatives
 teach the model to refuse a phrase that names nothing in the image without costing grounding? (issue 23)
 
-    python -m granvit.experiments.grounding_scores                      # both arms of the main job's recipe, trained here
-    python -m granvit.experiments.grounding_scores --without outputs/quickstart/checkpoint   # reuse the main job as arm 1
-    python -m granvit.experiments.grounding_scores --without A --with B --data DIR          # two trained checkpoints
-    python -m granvit.experiments.grounding_scores --smoke --out /tmp/gs                    # a few steps: the pipeline
+    python -m granvit.experiments.grounding_scores                           # both arms of the main job's recipe
+    python -m granvit.experiments.grounding_scores --without outputs/quickstart/checkpoint \
+        --data outputs/quickstart/data                                       # the main job's checkpoint as arm 1
+    python -m granvit.experiments.grounding_scores --without A --with B --data DIR   # two trained checkpoints
+    python -m granvit.experiments.grounding_scores --smoke --out /tmp/gs             # a few steps: the pipeline
 
 Arms (same recipe, data, pretrained parts and seed): ``without``, the recipe as it is (the paper's Caption2Bbox, no
 negatives), and ``with``, the same recipe with ``caption2bbox_negative: --negative-share`` added to every phase that

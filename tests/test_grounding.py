@@ -13,7 +13,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, pipeline
 from granvit.box_grammar_granvit import BoxConstraintLogitsProcessor
 from granvit.eval import metrics as M
 from granvit.eval.run import evaluate_synthetic, predict
-from granvit.grounding_granvit import NEGATIVE_TASK, GroundingRequestGrammar, box_scores, chosen_logprobs
+from granvit.grounding_granvit import NEGATIVE_TASK, box_scores, chosen_logprobs
 from conftest import every_box_format, load_tiny
 from test_region_decoding import _check_boxes
 
@@ -87,7 +87,8 @@ def test_answers_are_boxes_or_exactly_not_found_on_random_logits(tiny_model_and_
 def test_without_negatives_the_grammar_never_says_not_found(tiny_model_and_processor):
     model, processor = tiny_model_and_processor
     assert not model.grounds_not_found
-    boost = BoostFirstAnswerToken(processor.not_found_ids[0], processor.tokenizer.convert_tokens_to_ids("<|assistant|>"))
+    assistant = processor.tokenizer.convert_tokens_to_ids("<|assistant|>")
+    boost = BoostFirstAnswerToken(processor.not_found_ids[0], assistant)
     [found] = model.ground(processor, _scene(), ["a dog"], logits_processor=LogitsProcessorList([boost]),
                            return_scores=True)
     assert len(found["boxes"]) >= 1  # the paper's grammar: always a box
@@ -181,7 +182,8 @@ def test_box_scores_known_answer(tiny_model_and_processor):
     assert box_scores(processor, ids, logprobs) == pytest.approx(
         [expected(logprobs[: first_end + 1]), expected(logprobs[first_end + 1: second_end + 1])])
     assert box_scores(processor, ids, [0.0] * len(ids)) == [1.0, 1.0]  # certain tokens: score 1
-    assert box_scores(processor, tok(processor.not_found_answer, add_special_tokens=False)["input_ids"], [0.0] * 9) == []
+    not_found = tok(processor.not_found_answer, add_special_tokens=False)["input_ids"]
+    assert box_scores(processor, not_found, [0.0] * len(not_found)) == []
 
 
 def test_ground_scores_equal_generate_scores(tiny_model_and_processor):

@@ -32,7 +32,8 @@ FRESH_PROCESS = textwrap.dedent(
         report["ground"] += [g["boxes"] for g in model.ground(processor, image, phrases, return_scores=True)]
         for phrase in phrases:
             typed = template.replace("{caption}", phrase)
-            messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": typed}]}]
+            messages = [{"role": "user",
+                         "content": [{"type": "image", "image": image}, {"type": "text", "text": typed}]}]
             [chat] = pipe(text=messages, max_new_tokens=budget)
             answer = chat["generated_text"][-1]["content"]
             boxes = processor.post_process_grounding([answer], [image.size])[0]

@@ -271,7 +271,8 @@ class ImageQueries:
     def __init__(self, dataset, builder: TaskBuilder):
         self.dataset = dataset.cast_column("image", ImageFeature(decode=False)) if hasattr(dataset, "cast_column") else dataset
         self.builder = builder
-        if builder.wants_captions and not builder.caption_pool and "regions" in getattr(dataset, "column_names", ["regions"]):
+        has_regions = "regions" in getattr(dataset, "column_names", ["regions"])
+        if builder.wants_captions and not builder.caption_pool and has_regions:
             first = range(min(len(self.dataset), CAPTION_POOL_RECORDS))
             records = self.dataset.select(first).select_columns(["regions"]) if hasattr(self.dataset, "select") else \
                 (self.dataset[i] for i in first)
