@@ -7,6 +7,9 @@
 - ``"text"`` (``TextBoxConstraintLogitsProcessor``): with ``force_box`` the answer is ``[a, b, c, d]`` boxes joined by
   ``", "``, then eos, with valid bins and c > a, d > b; without it text boxes are ordinary text and nothing is masked.
 
+With ``force_box`` and ``not_found_ids`` (a checkpoint trained with negatives, grounding_granvit.py) the answer is
+either boxes or exactly the "not found" answer, then eos.
+
 Both read their state back from each row's tokens, so they need no per-call set-up and work in ``generate``
 (``logits_processor=LogitsProcessorList([...])``, or ``model.box_constraint(processor)`` for ``trust_remote_code`` users)
 and in the dense region APIs (region_decoding_granvit.py).
@@ -29,6 +32,8 @@ class BoxConstraintLogitsProcessor(LogitsProcessor):
         num_coord_bins: number of coordinate tokens.
         force_box_after_token_id: if set (the id of ``<|assistant|>``), the token after it must be ``<box>``: a
             grounding answer then always contains a box.
+        not_found_ids, eos_token_id: with ``force_box_after_token_id``, the answer may instead be exactly these tokens
+            (the "not found" answer), then eos.
     """
 
     def __init__(
@@ -38,28 +43,38 @@ class BoxConstraintLogitsProcessor(LogitsProcessor):
         coord_token_start_id: int,
         num_coord_bins: int,
         force_box_after_token_id: int | None = None,
+        not_found_ids: list[int] | None = None,
+        eos_token_id: int | None = None,
     ):
         self.box_start = int(box_start_token_id)
         self.box_end = int(box_end_token_id)
         self.coord_start = int(coord_token_start_id)
         self.num_bins = int(num_coord_bins)
         self.force_after = None if force_box_after_token_id is None else int(force_box_after_token_id)
+        self.not_found = [int(t) for t in not_found_ids or []] if self.force_after is not None else []
+        if self.not_found and eos_token_id is None:
+            raise ValueError("not_found_ids need eos_token_id: the 'not found' answer ends with eos")
+        self.eos = None if eos_token_id is None else int(eos_token_id)
 
     @classmethod
-    def from_processor(cls, processor, force_box: bool = False) -> LogitsProcessor:
-        """The box grammar for a ``GranViTProcessor``'s box format; ``force_box=True`` makes the answer a box.
+    def from_processor(cls, processor, force_box: bool = False, not_found: bool = False) -> LogitsProcessor:
+        """The box grammar for a ``GranViTProcessor``'s box format; ``force_box=True`` makes the answer a box, or with
+        ``not_found=True`` either boxes or the processor's "not found" answer.
 
         ``box_format="text"`` gets a ``TextBoxConstraintLogitsProcessor``.
         """
         assistant_id = processor.tokenizer.convert_tokens_to_ids("<|assistant|>") if force_box else None
+        not_found_ids = processor.not_found_ids if force_box and not_found else None
         if getattr(processor, "box_format", "tokens") == "text":
-            return TextBoxConstraintLogitsProcessor.from_processor(processor, force_box)
+            return TextBoxConstraintLogitsProcessor.from_processor(processor, force_box, not_found)
         return cls(
             processor.box_start_token_id,
             processor.box_end_token_id,
             processor.coord_token_start_id,
             processor.num_coord_bins,
             force_box_after_token_id=assistant_id,
+            not_found_ids=not_found_ids,
+            eos_token_id=processor.tokenizer.eos_token_id,
         )
 
     def _bin(self, token_id: int) -> int | None:
@@ -83,17 +98,27 @@ class BoxConstraintLogitsProcessor(LogitsProcessor):
             return self.coord_start + bins[k - 2] + 1, self.coord_start + self.num_bins
         return None
 
+    def not_found_progress(self, tail: list[int]) -> int | None:
+        """How many tokens of the "not found" answer the answer ending ``tail`` has written (None: it is not that)."""
+        for k in range(1, len(self.not_found) + 1):
+            if len(tail) > k and tail[-k - 1] == self.force_after and tail[-k:] == self.not_found[:k]:
+                return k
+        return None
+
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         # input_ids: (batch, seq) prompt + generated so far; scores: (batch, vocab) next-token logits.
         vocab = torch.arange(scores.shape[-1], device=scores.device)
         is_coord = (vocab >= self.coord_start) & (vocab < self.coord_start + self.num_bins)
         allowed = torch.ones_like(scores, dtype=torch.bool)
-        for row, tail in enumerate(input_ids[:, -5:].tolist()):
-            span = self.allowed_range(tail)
+        for row, tail in enumerate(input_ids[:, -max(5, len(self.not_found) + 1) :].tolist()):
+            span = self.allowed_range(tail[-5:])
+            written = self.not_found_progress(tail) if self.not_found else None
             if span is not None:
                 allowed[row] = (vocab >= span[0]) & (vocab < span[1])
+            elif written is not None:
+                allowed[row] = vocab == (self.not_found[written] if written < len(self.not_found) else self.eos)
             elif self.force_after is not None and tail[-1] == self.force_after:
-                allowed[row] = vocab == self.box_start
+                allowed[row] = (vocab == self.box_start) | (vocab == (self.not_found[0] if self.not_found else -1))
             else:
                 allowed[row] = ~is_coord & (vocab != self.box_end)
         return scores.masked_fill(~allowed, float("-inf"))
@@ -172,35 +197,48 @@ class TextBoxConstraintLogitsProcessor(LogitsProcessor):
     grammar, it needs no per-call state and works in ``generate`` and the dense APIs. Only tokens whose text is made of
     ``[]``, ``,``, space and digits can be part of a box; they are found once per tokenizer. Rows without
     ``<|assistant|>`` (and every row when ``force_box`` is off: text boxes are then ordinary text) are not constrained.
+    With ``not_found_ids`` the answer may instead be exactly those tokens (the "not found" answer), then eos.
     """
 
     CHARS = frozenset("[], 0123456789")
 
-    def __init__(self, token_texts: dict[int, str], eos_token_ids: list[int], assistant_token_id: int | None, num_bins: int):
+    def __init__(self, token_texts: dict[int, str], eos_token_ids: list[int], assistant_token_id: int | None,
+                 num_bins: int, not_found_ids: list[int] | None = None):
         self.token_texts = token_texts  # candidate token id -> its text
         self.candidate_ids = sorted(token_texts)
         self.eos = [int(e) for e in eos_token_ids]
         self.assistant = assistant_token_id
         self.grammar = _TextBoxGrammar(int(num_bins))
+        self.not_found = [int(t) for t in not_found_ids or []] if assistant_token_id is not None else []
 
     @classmethod
-    def from_processor(cls, processor, force_box: bool = False) -> "TextBoxConstraintLogitsProcessor":
+    def token_table(cls, tokenizer) -> dict[int, str]:
+        """Every token whose text could be part of a text box (made of ``[``, ``]``, ``,``, space and digits)."""
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        return {i: t for i, t in enumerate(texts) if t and set(t) <= cls.CHARS}
+
+    @classmethod
+    def from_processor(cls, processor, force_box: bool = False, not_found: bool = False) -> LogitsProcessor:
         tokenizer = processor.tokenizer
         cache = getattr(processor, "_text_box_candidates", None)
         if cache is None:
-            texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-            cache = {i: t for i, t in enumerate(texts) if t and set(t) <= cls.CHARS}
-            processor._text_box_candidates = cache
+            cache = processor._text_box_candidates = cls.token_table(tokenizer)
         assistant = tokenizer.convert_tokens_to_ids("<|assistant|>") if force_box else None
-        return cls(cache, [tokenizer.eos_token_id], assistant, processor.num_coord_bins)
+        not_found_ids = processor.not_found_ids if force_box and not_found else None
+        return cls(cache, [tokenizer.eos_token_id], assistant, processor.num_coord_bins, not_found_ids)
 
     def answer_state(self, row: list[int]):
-        """Grammar state after the answer tokens of ``row`` (``None``: off the grammar; ``False``: unconstrained)."""
+        """Grammar state after the answer tokens of ``row`` (``None``: off the grammar; ``False``: unconstrained;
+        ``("not found", k)``: k tokens of the "not found" answer written)."""
         if self.assistant is None or self.assistant not in row:
             return False
         start = len(row) - row[::-1].index(self.assistant)
+        answer = row[start:]
+        if self.not_found and answer[:1] == self.not_found[:1]:
+            written = len(answer)
+            return ("not found", written) if answer == self.not_found[:written] else None
         state = _TextBoxGrammar.START
-        for token in row[start:]:
+        for token in answer:
             text = self.token_texts.get(token)
             if text is None:
                 return None
@@ -217,10 +255,15 @@ class TextBoxConstraintLogitsProcessor(LogitsProcessor):
             if state is False or state is None:
                 allowed[row] = True  # unconstrained row, or a row that already left the grammar (finished)
                 continue
+            if state[0] == "not found":
+                allowed[row, self.not_found[state[1]] if state[1] < len(self.not_found) else self.eos] = True
+                continue
             ok = [t for t in self.candidate_ids if self.grammar.walk(state, self.token_texts[t]) is not None]
             allowed[row, ok] = True
             if state[0] == "after":
                 allowed[row, self.eos] = True
+            if self.not_found and ids[-1] == self.assistant:  # the first answer token: a box or "not found"
+                allowed[row, self.not_found[0]] = True
         return scores.masked_fill(~allowed, float("-inf"))
 
 

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 from torchvision.ops import roi_align
-from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, GenerationMixin, LogitsProcessorList, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import (
     BaseModelOutputWithPooling,
@@ -314,6 +314,20 @@ class GranViTForConditionalGeneration(GranViTPreTrainedModel, GenerationMixin, G
             attentions=outputs.attentions,
             image_outputs=outputs.image_outputs,
         )
+
+    def generate(self, *args, constrain_boxes: bool = True, **kwargs):
+        """``GenerationMixin.generate``, with grounding requests decoded under the box grammar.
+
+        A row whose prompt is a grounding request (the checkpoint's Caption2Bbox template around a caption, whether
+        written by ``caption2bbox_prompt``, as plain text or as chat messages: processing_granvit.py) gets the box
+        grammar of the checkpoint's box format, so its answer always holds a well-formed box, or "not found" for a
+        checkpoint trained with negatives; every other row decodes as usual. This is how
+        ``pipeline("image-text-to-text")`` grounds. It needs ``generation_config.granvit_grounding``
+        (``configure_grounding``, written when a checkpoint is saved). ``constrain_boxes=False`` turns it off."""
+        grammar = self.request_grammar(kwargs.get("generation_config")) if constrain_boxes else None
+        if grammar is not None:
+            kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []), grammar])
+        return super().generate(*args, **kwargs)
 
     @torch.no_grad()
     def initialize_coordinate_embeddings(self) -> None:

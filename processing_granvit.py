@@ -19,6 +19,15 @@ Text from users (captions, questions) is marked untrusted with two private-use c
 it (``<image>``, ``<box>``, ``<coord_17>``, role tokens, ...) are tokenized as plain text, never as those tokens. The
 markers never reach the model and never appear in decoded text (``decode``, ``batch_decode`` and the pipeline's
 ``post_process_image_text_to_text`` drop them).
+
+One prompt whatever the entry point: a user message that is not a prompt builder's string (plain ``text=``, chat
+messages through ``apply_chat_template``, ``pipeline("image-text-to-text")``) is read as a task request against this
+checkpoint's templates (``parse_request``): ``caption2bbox_template`` with any caption becomes
+``caption2bbox_prompt(caption)`` (only the caption untrusted), ``bbox2caption_template`` around a well-formed box of the
+box format becomes the Bbox2Caption prompt (the box stays a box), anything else is plain untrusted text, as
+``vqa_prompt`` writes it. So the token ids equal the prompt builders' for the same request (tests/test_prompts.py).
+The chat template marks nothing as untrusted itself: it delimits each user text part with a second pair of private-use
+characters, and the processor reads what is inside.
 """
 
 import itertools
@@ -36,8 +45,14 @@ from .tiling_granvit import view_markers
 
 IMAGE_TOKEN = "<image>"
 USER_TOKEN, ASSISTANT_TOKEN = "<|user|>", "<|assistant|>"
-# Private-use code points delimiting untrusted text inside a prompt string.
+# Private-use code points delimiting untrusted text inside a prompt string, and (written by the chat template) a user
+# message for the processor to read as a task request (`user_message`).
 UNTRUSTED_START, UNTRUSTED_END = "\ue000", "\ue001"
+REQUEST_START, REQUEST_END = "\ue002", "\ue003"
+MARKERS = (UNTRUSTED_START, UNTRUSTED_END, REQUEST_START, REQUEST_END)
+# The Caption2Bbox answer for a phrase that names nothing in the image (checkpoints trained with negatives:
+# grounding_granvit.py); plain text in the LLM's own tokens.
+NOT_FOUND_ANSWER = "not found"
 
 BBOX2CAPTION_TEMPLATE = (
     "Describe the content contained within the normalized bounding box coordinates {box} in no more than 10 words."
@@ -45,7 +60,8 @@ BBOX2CAPTION_TEMPLATE = (
 CAPTION2BBOX_TEMPLATE = "Please provide the bounding box coordinate of the region this sentence describes: {caption}"
 VQA_TEMPLATE = "{question}"
 
-# User text parts are wrapped as untrusted unless a prompt builder already marked them (then they contain U+E000).
+# Each user text part is delimited as a user message (its own delimiters removed first); the processor decides what in
+# it is untrusted (`user_message`). Other roles' text (assistant answers, system prompts) is taken as written.
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{{- '<|' + message['role'] + '|>' -}}"
@@ -53,10 +69,9 @@ CHAT_TEMPLATE = (
     "{%- else -%}{%- set parts = message['content'] -%}{%- endif -%}"
     "{%- for part in parts -%}"
     "{%- if part['type'] == 'image' -%}{{- '<image>' -}}"
-    "{%- elif part['type'] == 'text' -%}"
-    "{%- if message['role'] == 'user' and '\ue000' not in part['text'] -%}"
-    "{{- '\ue000' + part['text'] + '\ue001' -}}"
-    "{%- else -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- elif part['type'] == 'text' and message['role'] == 'user' -%}"
+    "{{- '\ue002' + part['text'] | replace('\ue002', '') | replace('\ue003', '') + '\ue003' -}}"
+    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}"
     "{%- endif -%}"
     "{%- endfor -%}"
     "{{- eos_token -}}"
@@ -99,6 +114,7 @@ class GranViTProcessor(ProcessorMixin):
         caption2bbox_template: str = CAPTION2BBOX_TEMPLATE,
         vqa_template: str = VQA_TEMPLATE,
         box_format: str = "tokens",
+        not_found_answer: str = NOT_FOUND_ANSWER,
         **kwargs,
     ):
         if box_format not in BOX_FORMATS:
@@ -110,6 +126,7 @@ class GranViTProcessor(ProcessorMixin):
         self.bbox2caption_template = bbox2caption_template
         self.caption2bbox_template = caption2bbox_template
         self.vqa_template = vqa_template
+        self.not_found_answer = not_found_answer
         super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE, **kwargs)
         missing = [t for t in self.control_tokens() if t not in tokenizer.get_vocab()]
         if missing:
@@ -212,13 +229,15 @@ class GranViTProcessor(ProcessorMixin):
     @staticmethod
     def plain_text(text: str) -> str:
         """Mark user text as untrusted: control strings inside it are tokenized as plain text."""
-        text = str(text).replace(UNTRUSTED_START, "").replace(UNTRUSTED_END, "")
-        return UNTRUSTED_START + text + UNTRUSTED_END
+        return UNTRUSTED_START + GranViTProcessor.strip_markers(str(text)) + UNTRUSTED_END
 
     def bbox2caption_prompt(self, box, image_size: tuple[int, int]) -> str:
         """Bbox2Caption user message (stage 1): describe the region in the box."""
-        # The empty untrusted pair tells the chat template this text is already marked (its box tokens are real).
-        return self.bbox2caption_template.replace("{box}", self.encode_box(box, image_size)) + self.plain_text("")
+        return self._bbox2caption_prompt(self.box_to_bins(box, image_size))
+
+    def _bbox2caption_prompt(self, bins: list[int]) -> str:
+        # The empty untrusted pair marks the string as a prompt builder's (`user_message`): its box tokens are real.
+        return self.bbox2caption_template.replace("{box}", self.format_bins(bins)) + self.plain_text("")
 
     def caption2bbox_prompt(self, caption: str) -> str:
         """Caption2Bbox user message (stage 2): find the region a caption describes."""
@@ -227,11 +246,77 @@ class GranViTProcessor(ProcessorMixin):
     def vqa_prompt(self, question: str) -> str:
         return self.vqa_template.replace("{question}", self.plain_text(question))
 
+    def parse_request(self, text: str) -> tuple[str, str | list[int]]:
+        """What a user message asks, read against this checkpoint's templates: ``("caption2bbox", caption)``,
+        ``("bbox2caption", bins)`` (a well-formed box of the box format where the template has ``{box}``),
+        ``("vqa", question)`` or, matching none, ``("text", text)``. A template matches the whole message exactly."""
+        caption = _template_match(self.caption2bbox_template, "{caption}", text, r"(.+)")
+        if caption:
+            return "caption2bbox", caption.group(1)
+        box = _template_match(self.bbox2caption_template, "{box}", text, self.box_pattern.pattern)
+        if box:
+            bins = [int(g) for g in box.groups()]
+            if max(bins) < self.num_coord_bins and bins[2] >= bins[0] and bins[3] >= bins[1]:
+                return "bbox2caption", bins
+        question = _template_match(self.vqa_template, "{question}", text, r"(.+)")
+        if question:
+            return "vqa", question.group(1)
+        return "text", text
+
+    def user_message(self, text: str) -> str:
+        """A user message -> the prompt string a prompt builder writes for the same request.
+
+        A prompt builder's string (it holds untrusted-text markers) is kept, unless its trusted part would put a
+        special token (``<image>``, a role token, eos, ...) into the user turn: then, like any other text, it is read
+        by ``parse_request`` and rewritten by the builder of what it asks; text that is no task request becomes plain
+        untrusted text."""
+        if UNTRUSTED_START in text and not self._trusted_special_tokens(text):
+            return text
+        task, value = self.parse_request(self.strip_markers(text))
+        if task == "caption2bbox":
+            return self.caption2bbox_prompt(value)
+        if task == "bbox2caption":
+            return self._bbox2caption_prompt(value)
+        if task == "vqa":
+            return self.vqa_prompt(value)
+        return self.plain_text(value)
+
+    def _trusted_special_tokens(self, text: str) -> list[int]:
+        """Special-token ids the trusted (unmarked) parts of a prompt string would produce (box tokens are not
+        special)."""
+        roles = self.tokenizer.convert_tokens_to_ids([USER_TOKEN, ASSISTANT_TOKEN])
+        special = set(self.tokenizer.all_special_ids) | {self.image_token_id, *roles}
+        trusted = "".join(re.split(f"{UNTRUSTED_START}.*?{UNTRUSTED_END}", text, flags=re.DOTALL))
+        ids = self.tokenizer(self.strip_markers(trusted), add_special_tokens=False)["input_ids"]
+        return [i for i in ids if i in special]
+
+    def _read_requests(self, chat: str) -> str:
+        """Chat text (a rendered chat template) with each delimited user message replaced by ``user_message``'s."""
+        return re.sub(f"{REQUEST_START}(.*?){REQUEST_END}", lambda m: self.user_message(m.group(1)), chat,
+                      flags=re.DOTALL)
+
     def format_user_turn(self, prompt: str, num_images: int = 1) -> str:
         """A user message -> chat text up to the assistant's turn, with ``<image>`` placeholders in front."""
-        if UNTRUSTED_START not in prompt:
-            prompt = self.plain_text(prompt)
-        return USER_TOKEN + IMAGE_TOKEN * num_images + prompt + self.tokenizer.eos_token + ASSISTANT_TOKEN
+        message = self.user_message(prompt)
+        return USER_TOKEN + IMAGE_TOKEN * num_images + message + self.tokenizer.eos_token + ASSISTANT_TOKEN
+
+    def _chat(self, text: str, num_images: int) -> str:
+        return self._read_requests(text) if text.startswith(USER_TOKEN) else self.format_user_turn(text, num_images)
+
+    # ---- "not found" -------------------------------------------------------------------------------------------
+    @property
+    def not_found_target(self) -> str:
+        """The training target of a Caption2Bbox query whose caption names nothing in the image."""
+        return self.plain_text(self.not_found_answer)
+
+    @property
+    def not_found_ids(self) -> list[int]:
+        """Token ids of the "not found" answer, exactly as the training target has them (without the eos)."""
+        return self._encode(self.not_found_target)
+
+    def is_not_found(self, text) -> bool:
+        """Whether a decoded grounding answer is the "not found" answer."""
+        return isinstance(text, str) and text.strip() == self.not_found_answer
 
     # ---- tokenization -------------------------------------------------------------------------------------------
     def _plain_ids(self, text: str) -> list[int]:
@@ -275,7 +360,7 @@ class GranViTProcessor(ProcessorMixin):
         grids = iter([None] * text.count(IMAGE_TOKEN) if image_grids is None else [tuple(g) for g in image_grids])
         ids = []
         for i, segment in enumerate(re.split(f"{UNTRUSTED_START}(.*?){UNTRUSTED_END}", text, flags=re.DOTALL)):
-            segment = segment.replace(UNTRUSTED_START, "").replace(UNTRUSTED_END, "")
+            segment = self.strip_markers(segment)
             if not segment:
                 continue
             if i % 2:
@@ -316,10 +401,7 @@ class GranViTProcessor(ProcessorMixin):
             raise ValueError("add_special_tokens=True: GranViT prompts carry their own chat tokens; the tokenizer adds none")
         texts = [text] if isinstance(text, str) else list(text)
         per_sample_images = self._group_images(images, len(texts))
-        chats = [
-            t if t.startswith(USER_TOKEN) else self.format_user_turn(t, len(imgs))
-            for t, imgs in zip(texts, per_sample_images)
-        ]
+        chats = [self._chat(t, len(imgs)) for t, imgs in zip(texts, per_sample_images)]
         for chat, imgs in zip(chats, per_sample_images):
             n_placeholders = chat.count(IMAGE_TOKEN) - sum(
                 seg.count(IMAGE_TOKEN) for seg in re.findall(f"{UNTRUSTED_START}(.*?){UNTRUSTED_END}", chat, flags=re.DOTALL)
@@ -442,7 +524,7 @@ class GranViTProcessor(ProcessorMixin):
     def strip_markers(text):
         """Text (or a list of texts) without the untrusted-text markers: what a person should read."""
         if isinstance(text, str):
-            return text.replace(UNTRUSTED_START, "").replace(UNTRUSTED_END, "")
+            return re.sub(f"[{''.join(MARKERS)}]", "", text)
         return [GranViTProcessor.strip_markers(t) for t in text]
 
     def decode(self, *args, **kwargs):
@@ -465,8 +547,7 @@ class GranViTProcessor(ProcessorMixin):
             raise ValueError("prompt_ids: this processor tiles images (max_tiles="
                              f"{self.image_processor.max_tiles}); pass the image_grids its image processor returned")
         grids = None if image_grids is None else [tuple(g) for g in torch.as_tensor(image_grids).tolist()]
-        return [self._encode(p if p.startswith(USER_TOKEN) else self.format_user_turn(p, num_images), grids)
-                for p in prompts]
+        return [self._encode(self._chat(p, num_images), grids) for p in prompts]
 
     @property
     def model_input_names(self) -> list[str]:
@@ -486,6 +567,14 @@ class GranViTProcessor(ProcessorMixin):
             image_processor, tokenizer, num_image_tokens=num_image_tokens, num_coord_bins=num_coord_bins,
             box_format=box_format, **kwargs,
         )
+
+
+def _template_match(template: str, placeholder: str, text: str, pattern: str) -> re.Match | None:
+    """``text`` matched against ``template`` with its one ``placeholder`` as the regex ``pattern`` (None: no match)."""
+    if template.count(placeholder) != 1:
+        return None
+    prefix, suffix = template.split(placeholder)
+    return re.fullmatch(re.escape(prefix) + pattern + re.escape(suffix), text, flags=re.DOTALL)
 
 
 __all__ = ["GranViTProcessor"]

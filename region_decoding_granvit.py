@@ -22,6 +22,7 @@ import transformers
 from transformers import Cache, DynamicCache, LogitsProcessorList
 
 from .box_grammar_granvit import BoxConstraintLogitsProcessor
+from .grounding_granvit import NEGATIVE_TASK, GroundingRequestGrammar, box_scores, grounding_settings
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +160,8 @@ def dense_greedy_generate(
     pad_token_id: int,
     logits_processor: LogitsProcessorList | None = None,
     image_grids: torch.Tensor | None = None,
-) -> list[list[int]]:
+    return_logprobs: bool = False,
+) -> list[list[int]] | tuple[list[list[int]], list[list[float]]]:
     """Greedy continuations of N prompts that share one image (and usually a long prefix), as one batch.
 
     Args:
@@ -169,11 +171,12 @@ def dense_greedy_generate(
         image_grids: (1, 2) its tile grid (tiling checkpoints only).
         eos_token_ids: a row stops after emitting any of them (the eos is kept in its output, as ``generate`` does).
     Returns:
-        N lists of generated token ids (at most ``max_new_tokens`` each).
+        N lists of generated token ids (at most ``max_new_tokens`` each); with ``return_logprobs`` also, per row, the
+        log-probability of each generated token under the processed scores it was picked from (grammar included).
     """
     n = len(sequences)
     if n == 0:
-        return []
+        return ([], []) if return_logprobs else []
     image_token_id = model.config.image_token_id
     shared = shared_prefix_length(sequences)
     suffixes = [s[shared:] for s in sequences]
@@ -217,6 +220,7 @@ def dense_greedy_generate(
     # 3. Greedy decoding; finished rows leave the batch (and the cache), so late steps run only on live rows.
     eos = torch.tensor(eos_token_ids, device=device)
     generated: list[list[int]] = [[] for _ in range(n)]
+    logprobs: list[list[float]] = [[] for _ in range(n)]
     rows = torch.arange(n, device=device)  # original index of each live row
     logits = out.logits[:, -1]
     for step in range(max_new_tokens):
@@ -226,6 +230,10 @@ def dense_greedy_generate(
         next_tokens = scores.argmax(dim=-1)  # (live,)
         for row, token in zip(rows.tolist(), next_tokens.tolist()):
             generated[row].append(token)
+        if return_logprobs:
+            chosen = torch.log_softmax(scores, dim=-1).gather(1, next_tokens.unsqueeze(1)).squeeze(1)
+            for row, value in zip(rows.tolist(), chosen.tolist()):
+                logprobs[row].append(value)
         live = ~torch.isin(next_tokens, eos)
         if step == max_new_tokens - 1 or not live.any():
             break
@@ -245,7 +253,7 @@ def dense_greedy_generate(
         )
         next_position = next_position + 1
         logits = out.logits[:, -1]
-    return generated
+    return (generated, logprobs) if return_logprobs else generated
 
 
 class GranViTRegionDecodingMixin:
@@ -264,18 +272,39 @@ class GranViTRegionDecodingMixin:
         pad = self.generation_config.pad_token_id
         return eos, eos[0] if pad is None else pad
 
-    def _dense_ids(self, processor, inputs, prompts, max_new_tokens, logits_processor) -> list[list[int]]:
+    def _dense_ids(self, processor, inputs, prompts, max_new_tokens, logits_processor, return_logprobs=False):
         pixel_values, _, grids = inputs
         eos, pad = self._eos_and_pad(processor)
         return dense_greedy_generate(
             self, processor.prompt_ids(prompts, image_grids=grids), pixel_values, max_new_tokens, eos, pad,
             logits_processor, image_grids=None if grids is None else grids.to(self.device),
+            return_logprobs=return_logprobs,
         )
+
+    @property
+    def grounds_not_found(self) -> bool:
+        """Whether this checkpoint learned the "not found" answer (trained with the caption2bbox_negative task)."""
+        return NEGATIVE_TASK in (self.config.trained_tasks or [])
 
     def box_constraint(self, processor, force_box: bool = False) -> BoxConstraintLogitsProcessor:
         """The box-grammar ``LogitsProcessor`` for this model's tokens, for ``generate(logits_processor=[...])``
-        (a handle for ``trust_remote_code`` users, who cannot import this module by name)."""
-        return BoxConstraintLogitsProcessor.from_processor(processor, force_box=force_box)
+        (a handle for ``trust_remote_code`` users, who cannot import this module by name); with ``force_box`` the
+        answer may also be "not found" when the checkpoint learned it."""
+        return BoxConstraintLogitsProcessor.from_processor(processor, force_box=force_box,
+                                                           not_found=self.grounds_not_found)
+
+    def configure_grounding(self, processor) -> None:
+        """Write what ``generate`` needs to decode grounding requests under the box grammar on its own into
+        ``generation_config.granvit_grounding`` (grounding_granvit.py); the checkpoint builder calls it on save."""
+        self.generation_config.granvit_grounding = grounding_settings(processor, not_found=self.grounds_not_found)
+
+    def request_grammar(self, generation_config=None) -> GroundingRequestGrammar | None:
+        """The grammar ``generate`` adds for grounding requests (None: the checkpoint has no grounding settings).
+        A ``generation_config`` without the field falls back to the model's, as ``generate`` does for custom fields."""
+        settings = getattr(self.generation_config, "granvit_grounding", None)
+        if generation_config is not None:
+            settings = getattr(generation_config, "granvit_grounding", settings)
+        return GroundingRequestGrammar(settings) if settings else None
 
     @torch.no_grad()
     def dense_generate(
@@ -285,13 +314,19 @@ class GranViTRegionDecodingMixin:
         prompts: list[str],
         max_new_tokens: int = 20,
         logits_processor: LogitsProcessorList | None = None,
+        constrain_boxes: bool = True,
     ) -> list[list[int]]:
         """Greedy answers (token ids) to N user prompts about one image: one image encode, one shared prefill.
 
         Token-identical (fp32) to ``model.generate(**processor(images=[image], text=[p]), do_sample=False)`` per
-        prompt, with the same ``logits_processor``. Rows include their eos when they stop before ``max_new_tokens``.
+        prompt, with the same ``logits_processor`` and ``constrain_boxes`` (grounding requests under the box grammar,
+        as ``generate`` decodes them). Rows include their eos when they stop before ``max_new_tokens``.
         """
-        return self._dense_ids(processor, self._dense_inputs(processor, image), prompts, max_new_tokens, logits_processor)
+        processors = LogitsProcessorList(logits_processor or [])
+        grammar = self.request_grammar() if constrain_boxes else None
+        if grammar is not None:
+            processors.append(grammar)
+        return self._dense_ids(processor, self._dense_inputs(processor, image), prompts, max_new_tokens, processors)
 
     @torch.no_grad()
     def describe_regions(
@@ -317,18 +352,30 @@ class GranViTRegionDecodingMixin:
         max_new_tokens: int | None = None,
         constrain_boxes: bool = True,
         logits_processor: LogitsProcessorList | None = None,
-    ) -> list[list[list[float]]]:
-        """Boxes (original pixels) for each phrase. ``constrain_boxes`` adds the box grammar of the processor's box
-        format with the answer forced to be a box, so every answer holds at least one well-formed box (given
-        ``max_new_tokens >= processor.max_box_tokens``; the default leaves room for two boxes)."""
+        return_scores: bool = False,
+        threshold: float | None = None,
+    ) -> list[list[list[float]]] | list[dict]:
+        """Boxes (original pixels) for each phrase.
+
+        ``constrain_boxes`` adds the box grammar of the processor's box format with the answer forced to be boxes, so
+        every answer holds at least one well-formed box (given ``max_new_tokens >= processor.max_box_tokens``; the
+        default leaves room for two boxes), or, for a checkpoint trained with negatives, is "not found" (no boxes).
+        Each box gets a score in [0, 1] (grounding_granvit.py ``box_scores``); ``threshold`` drops boxes scoring below
+        it, so a phrase whose boxes all fall below is answered "not found" too. ``return_scores``: per phrase
+        ``{"boxes": [...], "scores": [...]}`` (the detection post-processors' shape) instead of the list of boxes."""
         max_new_tokens = max_new_tokens or 2 * processor.max_box_tokens + 4
         inputs = self._dense_inputs(processor, image)
         processors = LogitsProcessorList(logits_processor or [])
         if constrain_boxes:
-            processors.append(BoxConstraintLogitsProcessor.from_processor(processor, force_box=True))
+            processors.append(self.box_constraint(processor, force_box=True))
         prompts = [processor.caption2bbox_prompt(phrase) for phrase in phrases]
-        ids = self._dense_ids(processor, inputs, prompts, max_new_tokens, processors)
-        return processor.post_process_grounding(ids, [inputs[1]] * len(ids))
+        ids, logprobs = self._dense_ids(processor, inputs, prompts, max_new_tokens, processors, return_logprobs=True)
+        results = []
+        for boxes, scores in zip(processor.post_process_grounding(ids, [inputs[1]] * len(ids)),
+                                 (box_scores(processor, i, lp) for i, lp in zip(ids, logprobs))):
+            kept = [k for k, score in enumerate(scores) if threshold is None or score >= threshold]
+            results.append({"boxes": [boxes[k] for k in kept], "scores": [scores[k] for k in kept]})
+        return results if return_scores else [r["boxes"] for r in results]
 
 
 __all__ = [

@@ -33,7 +33,7 @@ def predict_rows(model, processor, rows: list[dict], batch_size: int = 16) -> li
     """Greedy answers to rows of one benchmark: per row {"text"} and, for grounding, {"box"} (first box or None)."""
     grounding = rows[0]["metric"] == "grounding_acc50"
     if grounding:
-        budget, logits_processor = processor.max_box_tokens + 1, box_grammar(processor)
+        budget, logits_processor = processor.max_box_tokens + 1, box_grammar(model, processor)
     else:
         lengths = processor.tokenizer([r["answer"] for r in rows], add_special_tokens=False)["input_ids"]
         budget, logits_processor = max(len(ids) for ids in lengths) + 2, None

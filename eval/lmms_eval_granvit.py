@@ -85,7 +85,7 @@ class GranViTLmms(lmms):
             for start in range(0, len(items), self.batch_size):
                 batch = items[start:start + self.batch_size]
                 images = [im for _, _, im in batch]
-                grammar = box_grammar(self.processor) if kind == "grounding" else None
+                grammar = box_grammar(self.model, self.processor) if kind == "grounding" else None
                 ids = generate(self.model, self.processor, images, [p for _, p, _ in batch], max_new_tokens, grammar)
                 texts = self.processor.batch_decode(ids, skip_special_tokens=True)
                 if kind == "grounding":

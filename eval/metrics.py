@@ -47,6 +47,29 @@ def grounding_scores(predictions, references, thresholds=(0.5,)):
     return out
 
 
+def auroc(scores, labels):
+    """Area under the ROC curve of ``scores`` for telling positives (``labels`` true) from negatives: the probability
+    that a random positive scores above a random negative, ties counting half (the Mann-Whitney U statistic, as
+    sklearn's ``roc_auc_score``). None unless both classes occur."""
+    if len(scores) != len(labels):
+        raise ValueError(f"{len(scores)} scores for {len(labels)} labels")
+    positives = sum(bool(label) for label in labels)
+    negatives = len(labels) - positives
+    if not positives or not negatives:
+        return None
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    ranks, start = [0.0] * len(scores), 0
+    while start < len(order):  # 1-based ranks, tied scores sharing their mean rank
+        end = start
+        while end + 1 < len(order) and scores[order[end + 1]] == scores[order[start]]:
+            end += 1
+        for k in range(start, end + 1):
+            ranks[order[k]] = (start + end) / 2 + 1
+        start = end + 1
+    rank_sum = sum(rank for rank, label in zip(ranks, labels) if label)
+    return (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
+
+
 # ----------------------------------------------------------------------------- text normalisation
 
 _PUNCT_TABLE = str.maketrans({c: " " for c in string.punctuation})

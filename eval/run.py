@@ -12,7 +12,9 @@ benchmark scored into this folder) and report.md (a table per benchmark and the 
 the experiments call it, and `--benchmark gran` runs it on any local Gran folder or Parquet file.
 
 Grounding decodes the way users decode, through `model.ground`'s box grammar (`BoxConstraintLogitsProcessor` with
-the answer forced to start with a box) inside batched `generate`; the unconstrained answers are scored too, under
+the answer forced to start with a box, or "not found" for a checkpoint trained with negatives) inside batched
+`generate`; each prediction keeps its box's score (grounding_granvit.py `box_scores`), and the score's AUROC for
+correct (IoU >= 0.5) against wrong boxes is reported; the unconstrained answers are scored too, under
 `*_unconstrained` keys. GranViT checkpoints load natively (importing this module imports `granvit`, which registers
 the Auto classes), so no code from the checkpoint runs; other checkpoints that ship code need `--trust-remote-code`.
 """
@@ -29,8 +31,8 @@ from granvit.console import UserError, check_model_source, console_main
 from granvit.eval import metrics as M
 from granvit.eval.benchmarks import BENCHMARKS, TASK_TYPES, get_benchmark, iter_samples, load_rows, to_pil
 from granvit.eval.report import draw_boxes, update_scores
+from granvit.grounding_granvit import box_scores, chosen_logprobs
 from granvit.modeling_granvit import GranViTPreTrainedModel
-from granvit.box_grammar_granvit import BoxConstraintLogitsProcessor
 
 VQA_SUFFIX = "\nAnswer the question using a single word or phrase."
 CHOICE_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
@@ -67,19 +69,24 @@ def grounding_budget(processor) -> int:
     return processor.max_box_tokens + 1
 
 
-def box_grammar(processor) -> LogitsProcessorList:
-    """What `model.ground` decodes with: the box grammar, the answer starting with a box."""
-    return LogitsProcessorList([BoxConstraintLogitsProcessor.from_processor(processor, force_box=True)])
+def box_grammar(model, processor) -> LogitsProcessorList:
+    """What `model.ground` decodes with: the box grammar, the answer starting with a box (or "not found" where the
+    checkpoint learned it)."""
+    return LogitsProcessorList([model.box_constraint(processor, force_box=True)])
 
 
 @torch.inference_mode()
-def generate(model, processor, images, prompts, max_new_tokens: int, logits_processor=None):
-    """Greedy generation for a batch of (image, user prompt); returns the new token ids (batch, new_len)."""
+def generate(model, processor, images, prompts, max_new_tokens: int, logits_processor=None, return_logprobs=False,
+             **generate_kwargs):
+    """Greedy generation for a batch of (image, user prompt); returns the new token ids (batch, new_len) and, with
+    `return_logprobs`, the log-probability of each under the scores it was picked from (batch, new_len)."""
     inputs = processor(images=images, text=prompts, return_tensors="pt").to(model.device)
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=logits_processor)
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=logits_processor,
+                         output_scores=return_logprobs, return_dict_in_generate=True, **generate_kwargs)
     # Left padding: every prompt ends at the same column, so the answers start there.
-    return out[:, inputs["input_ids"].shape[1]:]
+    new = out.sequences[:, inputs["input_ids"].shape[1]:]
+    return (new, chosen_logprobs(out.scores, new)) if return_logprobs else new
 
 
 # The instruction appended to a benchmark question per task type (lmms-eval's conventions for these benchmarks).
@@ -104,31 +111,41 @@ def predict(model, processor, samples: list, task_type: str, max_new_tokens: int
             unconstrained: bool = True) -> list:
     """Prediction records (JSON-ready) for one batch of canonical samples.
 
-    Grounding: ``text`` / ``box`` decoded under the box grammar (as ``model.ground``), and with ``unconstrained``
-    also ``text_unconstrained`` / ``box_unconstrained`` from plain greedy decoding."""
+    Grounding: ``text`` / ``box`` / ``score`` (of that box) decoded under the box grammar (as ``model.ground``;
+    ``box`` None for "not found"), and with ``unconstrained`` also ``text_unconstrained`` / ``box_unconstrained`` from
+    plain greedy decoding."""
     images = [s["image"] for s in samples]
     prompts = [build_prompt(processor, s, task_type) for s in samples]
     if task_type == "grounding":
         max_new_tokens = max_new_tokens or grounding_budget(processor)
     max_new_tokens = max_new_tokens or MAX_NEW_TOKENS[task_type]
 
+    grounding = task_type == "grounding"
+    # Grounding passes its grammar explicitly (the plain answers must stay plain): generate adds none of its own.
+    own = {"constrain_boxes": False} if grounding else {}
+
     def texts(logits_processor=None):
-        new_ids = generate(model, processor, images, prompts, max_new_tokens, logits_processor)
+        new_ids = generate(model, processor, images, prompts, max_new_tokens, logits_processor, **own)
         return [t.strip() for t in processor.batch_decode(new_ids, skip_special_tokens=True)]
 
     def first_box(text, image):
         boxes = processor.post_process_grounding([text], [image.size])[0]
         return boxes[0] if boxes else None   # no box -> a miss, counted by grounding_scores
 
-    grounding = task_type == "grounding"
-    answers = texts(box_grammar(processor) if grounding else None)
+    if grounding:
+        new_ids, logprobs = generate(model, processor, images, prompts, max_new_tokens, box_grammar(model, processor),
+                                     return_logprobs=True, **own)
+        answers = [t.strip() for t in processor.batch_decode(new_ids, skip_special_tokens=True)]
+        scores = [(box_scores(processor, ids, lp) or [None])[0] for ids, lp in zip(new_ids.tolist(), logprobs.tolist())]
+    else:
+        answers, scores = texts(), [None] * len(samples)
     free = texts() if grounding and unconstrained else [None] * len(samples)
     records = []
-    for s, text, free_text in zip(samples, answers, free):
+    for s, text, score, free_text in zip(samples, answers, scores, free):
         rec = {"id": s["id"], "text": text, "target": {key: v for key, v in s.items() if key not in ("id", "image")}}
         rec["target"]["image_size"] = list(s["image"].size)
         if grounding:
-            rec["box"] = first_box(text, s["image"])
+            rec["box"], rec["score"] = first_box(text, s["image"]), score
             if free_text is not None:
                 rec["text_unconstrained"], rec["box_unconstrained"] = free_text, first_box(free_text, s["image"])
         records.append(rec)
@@ -140,11 +157,21 @@ def predict(model, processor, samples: list, task_type: str, max_new_tokens: int
 def _score_grounding(recs):
     refs = [r["target"]["box"] for r in recs]
     out = M.grounding_scores([r["box"] for r in recs], refs, thresholds=(0.5, 0.75))
+    out.update(score_stats(recs, refs))
     # Records written before unconstrained decoding was scored (a resumed run) have no unconstrained answer.
     if all("box_unconstrained" in r for r in recs):
         free = M.grounding_scores([r["box_unconstrained"] for r in recs], refs, thresholds=(0.5, 0.75))
         out.update({f"{k}_unconstrained": v for k, v in free.items() if k != "count"})
     return {"main": out["acc@0.5"], **out}
+
+
+def score_stats(recs, refs) -> dict:
+    """The box score's AUROC for correct (IoU >= 0.5) against wrong boxes (None without both kinds, or on records
+    written before scores were kept), and the share of "not found" answers (no box)."""
+    scored = [(r["score"], M.box_iou(r["box"], ref) >= 0.5) for r, ref in zip(recs, refs)
+              if r.get("box") is not None and r.get("score") is not None and M.valid_box(r["box"])]
+    auroc = M.auroc([s for s, _ in scored], [c for _, c in scored]) if scored else None
+    return {"score_auroc": auroc, "not_found": sum(r.get("box") is None for r in recs) / len(recs)}
 
 
 def _score_caption(recs):
@@ -306,8 +333,10 @@ def evaluate_synthetic(model, processor, dataset_or_path, limit: int | None = No
     dataset_or_path: a `datasets.Dataset` in the Gran schema, a Gran dataset folder (its `split` is read) or
     a Parquet file. Every region of every image is one query (up to `limit` regions).
     Grounding (`grounding_acc50`, `grounding_miou`, `grounding_invalid`) decodes as `model.ground` does, under the box
-    grammar; with `unconstrained` the plain greedy answers are scored too (`grounding_*_unconstrained`: what the
-    model writes on its own; a validation loop may skip them to save a third of the decoding).
+    grammar, with the box score's AUROC for correct vs wrong boxes (`grounding_score_auroc`, None without both kinds)
+    and the share of "not found" answers (`grounding_not_found`); with `unconstrained` the plain greedy answers are
+    scored too (`grounding_*_unconstrained`: what the model writes on its own; a validation loop may skip them to save
+    a third of the decoding).
     Baselines (`baselines=False` skips them): the mean training box (`baseline_box`, normalised [0, 1] xyxy, scaled to
     each image) and the most common training caption (`baseline_caption`); missing ones are computed from `train` (a
     Gran Dataset, or the "train" split of the same folder). `caption_metrics` adds BLEU / ROUGE-L / CIDEr-D of the
@@ -347,10 +376,13 @@ def evaluate_synthetic(model, processor, dataset_or_path, limit: int | None = No
     pred_boxes = [r["box"] for r in grounded]
     grounding = M.grounding_scores(pred_boxes, refs)
     captions = [q["expression"] for q in queries]
+    stats = score_stats(grounded, refs)
     out = {
         "grounding_acc50": grounding["acc@0.5"],
         "grounding_miou": grounding["miou"],
         "grounding_invalid": grounding["invalid"],
+        "grounding_score_auroc": stats["score_auroc"],
+        "grounding_not_found": stats["not_found"],
         "caption_exact": M.exact_match(pred_caps, captions),
     }
     if unconstrained:

@@ -11,6 +11,10 @@ type that the installed transformers, or an installed granvit package, provides 
 fallback below: with the default model missing, an untrained tiny checkpoint is built with the package (if
 installed) so the UI can be tried, and the page says so.
 
+Find shows each box's score (grounding_granvit.py: from the probabilities of its tokens, not calibrated) and answers
+"not found" when the model says so (a checkpoint trained with negatives) or when no box reaches the score threshold
+(a slider; its default is ``GRANVIT_FIND_THRESHOLD``, else 0: only the model's own "not found").
+
 The page opens with clickable examples (held-out images with their true boxes and phrases, ``demo_examples.py``):
 those shipped in this folder (``examples/``, by ``granvit-push``), else those next to the checkpoint. A tab whose task
 the checkpoint was not trained on (``config.trained_tasks``) says so instead of answering.
@@ -59,6 +63,7 @@ UNTRAINED_DIR = Path(tempfile.gettempdir()) / "granvit-space-untrained-tiny"
 MAX_IMAGE_PIXELS = int(os.environ.get("GRANVIT_MAX_IMAGE_PIXELS", str(4096 * 4096)))
 MAX_BOXES = 16  # boxes per Describe call: they are decoded as one batch
 MAX_FOUND_BOXES = 4  # boxes per Find answer
+FIND_THRESHOLD = float(os.environ.get("GRANVIT_FIND_THRESHOLD", "0"))  # the slider's default (module docstring)
 MAX_TEXT_CHARS = 300
 CAPTION_TOKENS = 24  # the Bbox2Caption prompt asks for at most 10 words
 ANSWER_TOKENS = 48
@@ -68,6 +73,7 @@ TRUST_REMOTE_CODE = os.environ.get("GRANVIT_TRUST_REMOTE_CODE", "1") != "0"  # s
 
 # What each tab asks of the model, by the task names of `config.trained_tasks` (train/data/tasks.py).
 TASKS = {"bbox2caption": "describe a region (box -> caption)", "caption2bbox": "find a phrase (caption -> box)",
+         "caption2bbox_negative": 'answer "not found" for a phrase naming nothing in the image',
          "vqa": "answer questions about an image"}
 # Pieces of the 6-token box format (processing_granvit.py) left outside a well-formed box.
 STRAY_BOX_TOKENS = re.compile(r"</?box>|<coord_\d+>")
@@ -125,16 +131,18 @@ class GranViTDemo:
             captions = self.model.describe_regions(self.processor, image, boxes, max_new_tokens=CAPTION_TOKENS)
         return [self.readable(caption, image.size) for caption in captions]
 
-    def find(self, image: Image.Image, phrase: str) -> list[list[float]]:
-        """Boxes (original pixels) of the region(s) a phrase describes, at most MAX_FOUND_BOXES.
+    def find(self, image: Image.Image, phrase: str, threshold: float = 0.0) -> dict:
+        """``{"boxes": [...], "scores": [...]}``: the region(s) a phrase describes (original pixels), at most
+        MAX_FOUND_BOXES, each with its score; boxes scoring below ``threshold`` are dropped. No box: "not found".
 
-        ``ground`` decodes under the model's box grammar (the answer starts with a well-formed box), so an answer
-        always parses, even from an undertrained checkpoint.
+        ``ground`` decodes under the model's box grammar (the answer starts with a well-formed box, or is "not found"
+        for a checkpoint trained with negatives), so an answer always parses, even from an undertrained checkpoint.
         """
         with torch.inference_mode():
             budget = (self.processor.max_box_tokens + 2) * MAX_FOUND_BOXES + 1
-            [boxes] = self.model.ground(self.processor, image, [phrase], max_new_tokens=budget)
-        return boxes[:MAX_FOUND_BOXES]
+            [found] = self.model.ground(self.processor, image, [phrase], max_new_tokens=budget, return_scores=True,
+                                        threshold=threshold)
+        return {key: values[:MAX_FOUND_BOXES] for key, values in found.items()}
 
     def ask(self, image: Image.Image, question: str) -> str:
         inputs = self.processor(images=[image], text=[self.processor.vqa_prompt(question)]).to(self.device)
@@ -312,15 +320,20 @@ def build_demo(demo_model: GranViTDemo, untrained: bool = False, examples: list[
         annotations = [(pixel_box(b), f"{i}: {c}") for i, (b, c) in enumerate(zip(boxes, captions), 1)]
         return (image, annotations), [{"box": b, "caption": c} for b, c in zip(boxes, captions)]
 
-    def find(image, phrase):
+    def find(image, phrase, threshold=FIND_THRESHOLD):
         require("caption2bbox")
         image, phrase = check_image(image), check_text(phrase, "phrase")
-        boxes = demo_model.find(image, phrase)
+        found = demo_model.find(image, phrase, threshold)
+        boxes, scores = found["boxes"], found["scores"]
         flat = [i for i, (x1, y1, x2, y2) in enumerate(boxes, 1) if x2 <= x1 or y2 <= y1]
         if flat:
             gr.Warning(f"Predicted box(es) {flat} have zero width or height (both corners in one coordinate bin).")
-        annotations = [(pixel_box(b), f"{i}: {phrase}") for i, b in enumerate(boxes, 1)]
-        return (image, annotations), {"phrase": phrase, "boxes": boxes}
+        annotations = [(pixel_box(b), f"{i}: {phrase} ({s:.2f})") for i, (b, s) in enumerate(zip(boxes, scores), 1)]
+        if boxes:
+            answer = f"**Found** {len(boxes)} box(es), score " + ", ".join(f"{s:.2f}" for s in scores) + "."
+        else:
+            answer = f"**Not found**: no region matches \"{phrase}\" (score threshold {threshold:.2f})."
+        return (image, annotations), {"phrase": phrase, "boxes": boxes, "scores": scores, "found": bool(boxes)}, answer
 
     def ask(image, question):
         require("vqa")
@@ -383,26 +396,32 @@ def build_demo(demo_model: GranViTDemo, untrained: bool = False, examples: list[
             )
         with gr.Tab("Find"):
             find_on = notice("caption2bbox", "find_untrained")
-            find_img = gr.AnnotatedImage(label="Predicted boxes", height=420, elem_id="find_img", render=False)
-            find_json = gr.JSON(label="Boxes", elem_id="find_json", render=False)
+            find_img = gr.AnnotatedImage(label="Predicted boxes (score)", height=420, elem_id="find_img", render=False)
+            find_json = gr.JSON(label="Boxes and scores", elem_id="find_json", render=False)
+            find_answer = gr.Markdown(elem_id="find_answer", render=False)
             with gr.Row():
                 with gr.Column():
                     find_img_in = gr.Image(type="pil", label="Image", elem_id="find_in")
                     find_text = gr.Textbox(label="Phrase", placeholder="the red car on the left", elem_id="find_text")
+                    find_threshold = gr.Slider(
+                        0, 1, value=FIND_THRESHOLD, step=0.01, elem_id="find_threshold",
+                        label="Score threshold: boxes scoring below it are dropped (none left: not found)",
+                    )
                     find_btn = gr.Button("Find", variant="primary", elem_id="find_btn", interactive=find_on)
                     if examples and find_on:
                         gr.Examples(
                             [[e["image"], e["regions"][0]["caption"]] for e in examples], [find_img_in, find_text],
-                            [find_img, find_json], find, run_on_click=True, cache_examples=False,
+                            [find_img, find_json, find_answer], find, run_on_click=True, cache_examples=False,
                             api_name="find_example", label="Held-out images with a true phrase: click one",
                             elem_id="find_examples",
                         )
                 with gr.Column():
+                    find_answer.render()
                     find_img.render()
                     find_json.render()
             gr.on(
-                [find_btn.click, find_text.submit], find, [find_img_in, find_text], [find_img, find_json],
-                api_name="find",
+                [find_btn.click, find_text.submit], find, [find_img_in, find_text, find_threshold],
+                [find_img, find_json, find_answer], api_name="find",
             )
         with gr.Tab("Ask"):
             ask_on = notice("vqa", "ask_untrained")

@@ -11,7 +11,8 @@ from PIL import Image
 
 from granvit.train.data.schema import shard_relpath, write_dataset_card, write_shard, Manifest
 from granvit.train.data.synth import SynthConfig, generate_record, write_synth
-from granvit.train.data.tasks import SkipCounter, TaskBuilder, TaskCollator, skip_counter_callback
+from granvit.train.data.tasks import ImageQueries, SkipCounter, StreamedImageQueries, TaskBuilder, TaskCollator
+from granvit.train.data.tasks import skip_counter_callback
 
 CFG = SynthConfig(image_size=96, min_objects=2, max_objects=4, ocr_fraction=0.25, duplicate_prob=0.5)
 
@@ -102,6 +103,45 @@ def test_stage1_model_boxes_and_crops(processor):
     batch = TaskCollator(processor)(examples)
     assert batch["crop_pixel_values"].shape[0] == len(examples)
     assert [b.shape for b in batch["region_boxes"]] == [(1, 4)] * len(examples)
+
+
+def test_negatives_ask_for_an_absent_caption_and_answer_not_found(synth_dir, processor):
+    """caption2bbox_negative: a caption of the dataset that no region of the image has -> "not found" (+ eos)."""
+    split = load_dataset(synth_dir, split="train")
+    builder = TaskBuilder(processor, tasks={"caption2bbox": 1.0, "caption2bbox_negative": 1.0}, regions_per_image=2)
+    items = ImageQueries(split, builder)
+    assert set(builder.caption_pool) == {r["caption"] for row in split for r in row["regions"]}
+    negatives = [e for i in range(len(items)) for e in items[i] if e["task"] == "caption2bbox_negative"]
+    assert len(negatives) == len(split)  # share 1.0: one per image
+    captions = {row["image_id"]: {r["caption"] for r in row["regions"]} for row in split}
+    for example in negatives:
+        asked = example["prompt"][example["prompt"].index("\ue000") + 1 : example["prompt"].index("\ue001")]
+        assert asked in builder.caption_pool and asked not in captions[example["image_id"]]
+        assert example["prompt"] == processor.caption2bbox_prompt(asked) and example["boxes"] == []
+    batch = TaskCollator(processor)(negatives[:3])
+    labels = batch["labels"][0][batch["labels"][0] != -100].tolist()
+    assert labels == processor.not_found_ids + [processor.tokenizer.eos_token_id]
+    # seeded by the image: the same negatives again, and a small share gives a few
+    again = ImageQueries(split, TaskBuilder(processor, tasks={"caption2bbox": 1.0, "caption2bbox_negative": 1.0},
+                                            regions_per_image=2))
+    assert [e["prompt"] for i in range(len(again)) for e in again[i] if e["task"] == "caption2bbox_negative"] == [
+        e["prompt"] for e in negatives]
+    few = ImageQueries(split, TaskBuilder(processor, tasks={"caption2bbox": 1.0, "caption2bbox_negative": 0.25}))
+    assert 0 < sum(e["task"] == "caption2bbox_negative" for i in range(len(few)) for e in few[i]) < len(split)
+
+
+def test_negatives_while_streaming_and_their_limits(synth_dir, processor):
+    builder = TaskBuilder(processor, tasks={"caption2bbox_negative": 1.0})
+    stream = load_dataset(synth_dir, split="train", streaming=True)
+    items = list(StreamedImageQueries(stream, builder))
+    assert items and all(e["task"] == "caption2bbox_negative" for item in items for e in item)
+    counter = SkipCounter()
+    counter.absorb([e for item in items for e in item])
+    assert counter.as_dict().get("no_absent_caption", 0) <= 1  # only the first image has nothing absent to ask
+    del stream, items
+    gc.collect()
+    with pytest.raises(ValueError, match="stage 1"):
+        TaskBuilder(processor, tasks={"bbox2caption": 1.0, "caption2bbox_negative": 0.1}, stage1=True)
 
 
 def test_streaming_split_by_node(synth_dir, processor):

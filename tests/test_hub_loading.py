@@ -81,8 +81,8 @@ def test_fresh_process_remote_code_load(tmp_path, tiny_checkpoint, transformers_
     image = Image.new("RGB", (50, 30), "red")
     expected_regions = [{"box": [float(v) for v in b], "caption": c}
                         for b, c in zip(query["boxes"], model.describe_regions(processor, image, query["boxes"]))]
-    expected_regions += [{"phrase": p, "boxes": b}
-                         for p, b in zip(query["phrases"], model.ground(processor, image, query["phrases"]))]
+    expected_regions += [{"phrase": p, **g} for p, g in
+                         zip(query["phrases"], model.ground(processor, image, query["phrases"], return_scores=True))]
     torch.save(reference, tmp_path / "reference.pt")
     script = tmp_path / "load.py"
     script.write_text(FRESH_PROCESS)

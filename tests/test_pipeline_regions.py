@@ -29,9 +29,9 @@ def test_answers_are_the_models_dense_apis(regions, tiny_model_and_processor, tm
     model, processor = tiny_model_and_processor
     image = _scene()
     captions = model.describe_regions(processor, image, BOXES, max_new_tokens=8)
-    grounded = model.ground(processor, image, PHRASES, max_new_tokens=8)
+    grounded = model.ground(processor, image, PHRASES, max_new_tokens=8, return_scores=True)
     expected = [{"box": [float(v) for v in b], "caption": c} for b, c in zip(BOXES, captions)]
-    expected += [{"phrase": p, "boxes": b} for p, b in zip(PHRASES, grounded)]
+    expected += [{"phrase": p, "boxes": g["boxes"], "scores": g["scores"]} for p, g in zip(PHRASES, grounded)]
     assert regions(image, boxes=BOXES, phrases=PHRASES, max_new_tokens=8) == expected
     image.save(tmp_path / "scene.png")
     assert regions(str(tmp_path / "scene.png"), boxes=BOXES, phrases=PHRASES, max_new_tokens=8) == expected
@@ -43,6 +43,16 @@ def test_answers_are_the_models_dense_apis(regions, tiny_model_and_processor, tm
 def test_grounding_always_gives_a_box_with_default_budgets(regions):
     out = regions(_scene(), phrases=PHRASES)
     assert [len(answer["boxes"]) >= 1 for answer in out] == [True, True]
+    assert all(len(a["scores"]) == len(a["boxes"]) and all(0 < s <= 1 for s in a["scores"]) for a in out)
+
+
+def test_threshold_drops_low_scoring_boxes(regions):
+    scores = [s for answer in regions(_scene(), phrases=PHRASES) for s in answer["scores"]]
+    cut = sorted(scores)[0] + 1e-9  # just above the lowest score: that box goes, the others stay
+    kept = regions(_scene(), phrases=PHRASES, threshold=cut)
+    assert [s for answer in kept for s in answer["scores"]] == [s for s in scores if s >= cut]
+    assert all(answer["boxes"] == [] and answer["scores"] == [] for answer in regions(_scene(), phrases=PHRASES,
+                                                                                        threshold=1.01))
 
 
 def test_bad_calls_are_clear_errors(regions):

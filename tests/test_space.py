@@ -82,17 +82,27 @@ def test_describe_regions_one_batched_call_equals_independent_generate(served, i
     assert [a["label"] for a in annotated["annotations"]] == [f"{i}: {c}" for i, c in enumerate(expected, 1)]
 
 
-def test_find_draws_the_models_boxes(served, image_path):
+def test_find_draws_the_models_boxes_with_their_scores(served, image_path):
     demo_model, client = served
-    annotated, found = client.predict(handle_file(str(image_path)), "the red square", api_name="/find")
-    assert found["phrase"] == "the red square"
+    annotated, found, answer = client.predict(handle_file(str(image_path)), "the red square", api_name="/find")
+    assert found["phrase"] == "the red square" and found["found"] is True
     # The checkpoint's own answer, as model.ground gives it directly (the Space adds nothing but the budget and cap).
     budget = (demo_model.processor.max_box_tokens + 2) * space_app.MAX_FOUND_BOXES + 1
     [direct] = demo_model.model.ground(demo_model.processor, Image.open(image_path).convert("RGB"), ["the red square"],
-                                       max_new_tokens=budget)
-    assert found["boxes"] == direct[: space_app.MAX_FOUND_BOXES]
+                                       max_new_tokens=budget, return_scores=True)
+    assert found["boxes"] == direct["boxes"][: space_app.MAX_FOUND_BOXES]
+    assert found["scores"] == direct["scores"][: space_app.MAX_FOUND_BOXES]
     assert 1 <= len(found["boxes"])  # the box grammar: an answer always has a box
-    assert len(annotated["annotations"]) == len(found["boxes"])
+    labels = [a["label"] for a in annotated["annotations"]]
+    assert labels == [f"{i}: the red square ({s:.2f})" for i, s in enumerate(found["scores"], 1)]
+    assert answer.startswith("**Found**") and f"{found['scores'][0]:.2f}" in answer
+
+
+def test_find_answers_not_found_below_the_threshold(served, image_path):
+    _, client = served
+    annotated, found, answer = client.predict(handle_file(str(image_path)), "a dog", 1.0, api_name="/find")
+    assert found == {"phrase": "a dog", "boxes": [], "scores": [], "found": False}
+    assert annotated["annotations"] == [] and answer.startswith("**Not found**")
 
 
 def test_ask_matches_direct_call(served, image_path):
@@ -260,7 +270,7 @@ def test_a_tab_the_checkpoint_was_not_trained_for_says_so(served_trained, image_
     assert buttons == {"describe_btn": True, "find_btn": True, "ask_btn": False}
     with pytest.raises(AppError, match="not trained to answer questions"):
         client.predict(handle_file(str(image_path)), "what colour?", api_name="/ask")
-    _, found = client.predict(handle_file(str(image_path)), "the red square", api_name="/find")  # trained: answers
+    _, found, _ = client.predict(handle_file(str(image_path)), "the red square", api_name="/find")  # trained: answers
     assert len(found["boxes"]) >= 1
 
 

@@ -16,13 +16,15 @@ from granvit.train.data.synth import SynthConfig, write_synth
 from granvit.train.data.tasks import TaskBuilder, TaskCollator
 from granvit.train.freezing import component_of
 from granvit.train.rewards import BoxFormatReward, BoxIoUReward, grounding_rewards
-from transformers import TrainerCallback
+from PIL import Image
+from transformers import LogitsProcessorList, TrainerCallback
 from granvit.train.trl_stages import (
     ConversationCollator,
     GranViTGRPOConfig,
     GranViTGRPOTrainer,
     GranViTSFTConfig,
     GranViTSFTTrainer,
+    logits_processor_in_generate,
 )
 
 # trl's GRPOTrainer reads the deprecated `model.is_gradient_checkpointing` (transformers 5.24 warns)
@@ -243,6 +245,22 @@ def test_trl_reference_and_prompt_ids_without_the_adapters(tiny_checkpoints, gra
     padded = GRPOTrainer._tokenize_prompts(ours, messages)[0]
     assert [list(map(int, row)) for row in padded] != expected
     assert ours._tokenize_prompts(messages)[0] == expected
+
+
+@pytest.mark.parametrize("box_format", ["text", "tokens"])
+def test_grpo_samples_only_under_the_grammar_it_is_given(tiny_checkpoints, box_format):
+    """box_grammar: false samples freely, so generate's own grammar for grounding requests stays off inside trl."""
+    model, processor = load(tiny_checkpoints, box_format)
+    batch = processor(images=[Image.new("RGB", (64, 48), "red")], text=[processor.caption2bbox_prompt("red")])
+    kwargs = dict(max_new_tokens=processor.max_box_tokens + 2, do_sample=False)
+    plain = model.generate(**batch, constrain_boxes=False, **kwargs)
+    assert not torch.equal(model.generate(**batch, **kwargs), plain)  # generate alone grounds under the grammar
+    with logits_processor_in_generate(model, None):
+        assert torch.equal(model.generate(**batch, **kwargs), plain)
+    grammar = model.box_constraint(processor, force_box=True)
+    with logits_processor_in_generate(model, grammar):
+        constrained = model.generate(**batch, **kwargs)
+    assert torch.equal(constrained, model.generate(**batch, logits_processor=LogitsProcessorList([grammar]), **kwargs))
 
 
 def test_grpo_with_lora_uses_the_adapter_free_model_as_reference(tiny_checkpoints, gran, tmp_path):

@@ -127,6 +127,7 @@ def build_granvit(
         box_format=box_format,
         **processor_kwargs,
     )
+    model.configure_grounding(processor)  # generate decodes grounding requests under the box grammar on its own
     return model, processor
 
 
@@ -137,6 +138,7 @@ def save_granvit(model: GranViTForConditionalGeneration, processor: GranViTProce
     model.config.auto_map = {**dict(AUTO_MAP), **(getattr(model.config, "auto_map", None) or {})}
     pipelines = getattr(model.config, "custom_pipelines", None) or {}
     model.config.custom_pipelines = {**copy.deepcopy(CUSTOM_PIPELINES), **pipelines}
+    model.configure_grounding(processor)  # after training: "not found" in the grammar if the model learned it
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out

@@ -24,7 +24,8 @@ Where trl's behaviour does not fit GranViT there is one small adapter each, pinn
         (with LoRA: the model with the adapter switched off, as in trl).
         (b) trl's `generate` call takes no LogitsProcessor: the box grammar (region_decoding_granvit.py) is added to it.
         Sampling then draws from the policy renormalized over the tokens the grammar allows, while the loss scores the
-        samples under the policy itself, as trl does with vLLM's structured outputs; every sample holds a box.
+        samples under the policy itself, as trl does with vLLM's structured outputs; every sample holds a box. With
+        `box_grammar: false` the samples are free: `generate`'s own grammar for grounding requests is turned off too.
         (c) GranViTProcessor pads every batch; trl wants unpadded prompt ids: the left pads are stripped.
         vLLM has no GranViT model implementation, so `use_vllm` is refused.
 """
@@ -171,8 +172,6 @@ class GranViTGRPOTrainer(GranViTTrainer, GRPOTrainer):
         self.data_collator = CountingIdentity(skip_counter if skip_counter is not None else SkipCounter())
 
     def _generate_single_turn(self, *args, **kwargs):
-        if self.grammar is None:
-            return super()._generate_single_turn(*args, **kwargs)
         with logits_processor_in_generate(self.base_model(), self.grammar):  # (b)
             return super()._generate_single_turn(*args, **kwargs)
 
@@ -184,9 +183,11 @@ class GranViTGRPOTrainer(GranViTTrainer, GRPOTrainer):
 
 @contextlib.contextmanager
 def logits_processor_in_generate(model, logits_processor):
-    """`model.generate` with `logits_processor` added, inside the block (an instance attribute, removed after)."""
-    processors = LogitsProcessorList([logits_processor])
-    model.generate = functools.partial(type(model).generate, model, logits_processor=processors)
+    """`model.generate` with `logits_processor` (None: none) and nothing else, inside the block (an instance
+    attribute, removed after): `constrain_boxes=False` keeps generate from adding its own grammar for grounding
+    requests."""
+    processors = LogitsProcessorList([] if logits_processor is None else [logits_processor])
+    model.generate = functools.partial(type(model).generate, model, logits_processor=processors, constrain_boxes=False)
     try:
         yield model
     finally:

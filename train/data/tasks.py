@@ -17,7 +17,16 @@ x2, y2], ...] original pixels, "skipped": {reason: n}} and, with `stage1=True`, 
 the padded square the model sees, for `get_region_features`) and "crops" (PIL crops of the regions from the original
 image: the self-distillation teacher sees the crop, the student the region inside the whole image).
 
-Bad rows and regions are skipped and counted by reason (schema.REASONS + "ambiguous_caption", "not_a_task").
+Bad rows and regions are skipped and counted by reason (schema.REASONS + "ambiguous_caption", "not_a_task",
+"no_absent_caption").
+
+Negatives (`caption2bbox_negative`, our deviation: the paper trains Caption2Bbox on present phrases only): with share s,
+an image is also asked, with probability s, for a caption that names nothing in it (no region of the image has that
+caption), and the target is `processor.not_found_answer` ("not found"), so the model can refuse a phrase instead of
+boxing the nearest object (grounding_granvit.py). The absent caption comes from the captions of the dataset (the
+first 10,000 records of a map-style dataset, collected once; a stream collects them as it goes, so its first images
+have few to choose from and a resumed stream may pick different ones). On a closed vocabulary (the synthetic set)
+"no region has that caption" means absent; on open data a synonym of a present object can slip in as a false negative.
 
 Question rows of `granvit-data downstream` (data/downstream.py: a `benchmark` column instead of `regions`) give one
 example each under the task "downstream": the row's prompt and answer, its `{boxN}` filled in the processor's format.
@@ -37,12 +46,15 @@ from collections import Counter
 
 from datasets import Image as ImageFeature
 
+from ...grounding_granvit import NEGATIVE_TASK
 from .schema import MAX_CAPTION_CHARS, BadRecord, check_header, check_region, decode_image
 
-TASKS = ("bbox2caption", "caption2bbox", "vqa", "downstream")  # downstream: question rows of data/downstream.py
+# downstream: question rows of data/downstream.py; caption2bbox_negative: the "not found" answer (module docstring)
+TASKS = ("bbox2caption", "caption2bbox", NEGATIVE_TASK, "vqa", "downstream")
 REGION_TASKS = ("bbox2caption", "caption2bbox")
 # The question a Gran record answers without VQA annotations of its own (the "vqa" task on region data).
 COUNT_QUESTION = "How many objects are in the image?"
+CAPTION_POOL_RECORDS = 10_000  # records read for the absent captions of a map-style dataset
 
 
 class SkipCounter:
@@ -98,6 +110,8 @@ class TaskBuilder:
         bad = {t: v for t, v in shares.items() if not 0 <= v <= 1}
         if bad:
             raise ValueError(f"task shares must be in [0, 1], got {bad}")
+        if stage1 and shares.get(NEGATIVE_TASK):
+            raise ValueError(f"{NEGATIVE_TASK} has no region for stage 1's distillation; use it in a stage-2 phase")
         self.processor = processor
         self.shares = {t: float(v) for t, v in shares.items() if v > 0}
         self.tasks = tuple(self.shares)
@@ -107,6 +121,19 @@ class TaskBuilder:
         self.seed = seed
         self.max_caption_chars = max_caption_chars
         self.pending: Counter = Counter()  # skips not yet attached to an example (per process / worker)
+        self.caption_pool: dict[str, None] = {}  # captions seen in the dataset, in first-seen order (negatives)
+
+    @property
+    def wants_captions(self) -> bool:
+        return NEGATIVE_TASK in self.tasks
+
+    def add_captions(self, records) -> None:
+        """Add the captions of Gran records (dicts with "regions") to the pool absent captions are drawn from."""
+        for record in records:
+            for region in record.get("regions") or []:
+                caption = region.get("caption") if isinstance(region, dict) else None
+                if isinstance(caption, str) and caption.strip():
+                    self.caption_pool.setdefault(caption.strip())
 
     # ---- one record ----------------------------------------------------------------------------------------------
     def _skip(self, reason: str) -> list[dict]:
@@ -157,6 +184,14 @@ class TaskBuilder:
                     continue
                 target = self.processor.encode_boxes(boxes, size)
                 out.append(self._example(record, image, "caption2bbox", self.processor.caption2bbox_prompt(region["caption"]), target, boxes))
+        if NEGATIVE_TASK in self.tasks and self._coin(rng, NEGATIVE_TASK):
+            present = {r["caption"] for r in regions}
+            absent = [c for c in self.caption_pool if c not in present]
+            if absent:
+                prompt = self.processor.caption2bbox_prompt(rng.choice(absent))
+                out.append(self._example(record, image, NEGATIVE_TASK, prompt, self.processor.not_found_target, []))
+            else:
+                self.pending["no_absent_caption"] += 1
         if "vqa" in self.tasks and self._coin(rng, "vqa"):
             question, answer = record.get("question") or COUNT_QUESTION, record.get("answer") or str(len(regions))
             out.append(self._example(record, image, "vqa", self.processor.vqa_prompt(question),
@@ -236,6 +271,12 @@ class ImageQueries:
     def __init__(self, dataset, builder: TaskBuilder):
         self.dataset = dataset.cast_column("image", ImageFeature(decode=False)) if hasattr(dataset, "cast_column") else dataset
         self.builder = builder
+        has_regions = "regions" in getattr(dataset, "column_names", ["regions"])
+        if builder.wants_captions and not builder.caption_pool and has_regions:
+            first = range(min(len(self.dataset), CAPTION_POOL_RECORDS))
+            records = self.dataset.select(first).select_columns(["regions"]) if hasattr(self.dataset, "select") else \
+                (self.dataset[i] for i in first)
+            builder.add_captions(records)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -258,6 +299,8 @@ class StreamedImageQueries:
 
     def __iter__(self):
         for record in self.records:
+            if self.builder.wants_captions and isinstance(record, dict):
+                self.builder.add_captions([record])
             examples = self.builder.examples(record)
             if examples:
                 examples[0]["skipped"], self.builder.pending = dict(self.builder.pending), Counter()
