@@ -54,6 +54,26 @@ def test_overrides_and_unknown_keys(tmp_path):
         load_recipe(CONFIGS / "cli_tiny_cpu.yaml", ["phases.stage1.stage=3"])
     with pytest.raises(UserError, match="box_format"):
         load_recipe(CONFIGS / "cli_tiny_cpu.yaml", ["model.box_format=digits"])
+    # YAML 1.1 reads 1e-3 as text; an override means the number
+    assert phase_training(load_recipe(CONFIGS / "cli_tiny_cpu.yaml", ["training.learning_rate=1e-4"]), "stage2")[
+        "learning_rate"] == 1e-4
+    with pytest.raises(UserError, match="a parts section is for model.vision / model.llm: pretrain"):
+        load_recipe(CONFIGS / "quickstart.yaml", ["parts.lm.steps=3"])
+
+
+def test_every_core_splits_the_batch_not_the_recipe(monkeypatch):
+    from granvit.train import launch
+
+    recipe = load_recipe(CONFIGS / "quickstart.yaml")
+    monkeypatch.setattr(launch, "available_cores", lambda: 2)
+    assert launch.planned_processes(recipe) == 2 and launch.planned_processes({**recipe, "processes": 1}) == 1
+    assert launch.planned_processes(load_recipe(CONFIGS / "cli_tiny_cpu.yaml")) == 1  # the smoke recipes: one
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert launch.split_batch(8) == 8  # a launch made elsewhere (torchrun, accelerate): per device, as HF means it
+    monkeypatch.setenv(launch.SPLIT_ENV, "1")
+    assert launch.split_batch(8) == 4  # a launch made here: the recipe's batch is the global one
+    with pytest.raises(UserError, match="does not split over 3 processes"):
+        launch.check_batches(recipe, 3)
 
 
 @pytest.mark.parametrize("name", ["ddp.yaml", "fsdp.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml"])

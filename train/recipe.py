@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from pathlib import Path
 
 import yaml
@@ -56,7 +57,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> dict:
         key, sep, value = item.partition("=")
         if not sep:
             raise UserError(f"override {item!r} is not key=value (e.g. phases.stage1.training.max_steps=10)")
-        set_dotted(raw, key, yaml.safe_load(value))
+        set_dotted(raw, key, override_value(value))
     recipe = _format(raw, output_dir=raw.get("output_dir", "runs/granvit"))
     check_recipe(recipe, str(path))
     return recipe
@@ -124,6 +125,15 @@ def splits(recipe: dict) -> dict:
 
 def dump_recipe(recipe: dict, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(recipe, sort_keys=False))
+
+
+def override_value(text: str):
+    """A ``key=value`` override's value as YAML, except that ``1e-3`` is a number (YAML 1.1, which PyYAML follows,
+    reads exponents without a dot as strings; a learning rate given that way must not become text)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value.strip()):
+        return float(value)
+    return value
 
 
 def set_dotted(config: dict, dotted: str, value) -> None:

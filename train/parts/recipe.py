@@ -100,16 +100,14 @@ def parts_recipe(values: dict | None, source: str = "parts") -> PartsRecipe:
 
 def load_parts_recipe(path: str | Path = PARTS_CONFIG, overrides: list[str] = ()) -> PartsRecipe:
     """The parts recipe of a YAML file with ``key=value`` overrides (``lm.steps=100``)."""
-    import yaml
-
-    from ..recipe import set_dotted
+    from ..recipe import override_value, set_dotted
 
     raw = load_yaml(path) or {}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise UserError(f"override {item!r} is not key=value (e.g. lm.steps=100)")
-        set_dotted(raw, key, yaml.safe_load(value))
+        set_dotted(raw, key, override_value(value))
     return parts_recipe(raw, str(path))
 
 
