@@ -61,6 +61,16 @@ def test_overrides_and_unknown_keys(tmp_path):
         load_recipe(CONFIGS / "quickstart.yaml", ["parts.lm.steps=3"])
 
 
+def test_text_box_format_override_carries_its_dependent_settings():
+    """The README's `--set model.box_format=text` on the main job's recipe: token-only settings follow the switch."""
+    recipe = load_recipe(CONFIGS / "quickstart.yaml", ["model.box_format=text"])
+    for phase in recipe["phases"]:
+        training = phase_training(recipe, phase)
+        assert training.get("soft_coord_sigma", 0) == 0 and not training.get("train_new_token_rows", False)
+    tokens = load_recipe(CONFIGS / "quickstart.yaml")
+    assert phase_training(tokens, "stage2")["soft_coord_sigma"] > 0  # untouched in the tokens format
+
+
 def test_every_core_splits_the_batch_not_the_recipe(monkeypatch):
     from granvit.train import launch
 

@@ -59,8 +59,25 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> dict:
             raise UserError(f"override {item!r} is not key=value (e.g. phases.stage1.training.max_steps=10)")
         set_dotted(raw, key, override_value(value))
     recipe = _format(raw, output_dir=raw.get("output_dir", "runs/granvit"))
+    carry_box_format(recipe)
     check_recipe(recipe, str(path))
     return recipe
+
+
+# Settings that only mean something for the 6-token box format, and their value for the text format: a recipe written
+# for tokens (the main job's) switched to text with one override keeps working.
+TOKENS_ONLY = {"soft_coord_sigma": 0.0, "train_new_token_rows": False}
+
+
+def carry_box_format(recipe: dict) -> None:
+    """With ``model.box_format: text``, the settings that need box tokens take their text-format values."""
+    if (recipe.get("model") or {}).get("box_format") != "text":
+        return
+    sections = [recipe.get("training")] + [phase.get("training") for phase in (recipe.get("phases") or {}).values()]
+    for training in sections:
+        for key, value in TOKENS_ONLY.items():
+            if isinstance(training, dict) and key in training:
+                training[key] = value
 
 
 def check_recipe(recipe: dict, source: str = "recipe") -> None:
