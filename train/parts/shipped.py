@@ -20,6 +20,8 @@ from ...console import UserError
 from .recipe import PARTS_CONFIG, PartsRecipe, load_parts_recipe, part_hash
 
 SHIPPED_DIR = Path(__file__).resolve().parents[2] / "pretrained_parts"
+# Parts from elsewhere (a set retrained with another recipe): the folder and the recipe its parts.json must match.
+PARTS_DIR_ENV, PARTS_CONFIG_ENV = "GRANVIT_PARTS_DIR", "GRANVIT_PARTS_CONFIG"
 MANIFEST = "parts.json"
 PART_NAMES = ("siglip", "lm")
 MAX_SHIPPED_BYTES = 64 * 2**20  # what the repository may hold of parts, all together
@@ -61,8 +63,13 @@ def _relative(path: Path) -> str:
     return str(path.relative_to(package)) if path.is_relative_to(package) else str(path)
 
 
-def shipped_part(name: str, root: Path = SHIPPED_DIR, recipe_path: Path = PARTS_CONFIG) -> tuple[Path, dict]:
-    """(folder, parts.json entry) of a shipped part, after checking that it was trained from today's recipe."""
+def shipped_part(name: str, root: Path | None = None, recipe_path: Path | None = None) -> tuple[Path, dict]:
+    """(folder, parts.json entry) of a shipped part, after checking that it was trained from today's recipe.
+    Defaults: pretrained_parts/ and train/configs/parts.yaml, or $GRANVIT_PARTS_DIR and $GRANVIT_PARTS_CONFIG."""
+    import os
+
+    root = Path(root or os.environ.get(PARTS_DIR_ENV) or SHIPPED_DIR)
+    recipe_path = Path(recipe_path or os.environ.get(PARTS_CONFIG_ENV) or PARTS_CONFIG)
     entry = read_manifest(root)["parts"].get(name)
     if entry is None:
         raise UserError(f"{Path(root) / MANIFEST} has no {name!r} part; train it with `{RETRAIN_COMMAND} --only {name}`")
