@@ -57,8 +57,9 @@ def question(task: str, box: str, caption: str, templates: dict) -> tuple[str, s
 
 
 def scene_document(record: dict, codec: BoxCodec, templates: dict, rng: random.Random,
-                   random_captions: bool = False) -> list[tuple[str, bool]]:
-    """The scene written out, then every object asked both ways in a random order, as chat turns."""
+                   random_captions: bool = False, shuffled_words: bool = False) -> list[tuple[str, bool]]:
+    """The scene written out, then every object asked both ways in a random order, as chat turns. `shuffled_words`:
+    the scene writes each caption's words in a random order (the questions and answers keep the caption)."""
     entries = scene_entries(record, codec)
     if random_captions:
         names: set[str] = set()
@@ -69,6 +70,8 @@ def scene_document(record: dict, codec: BoxCodec, templates: dict, rng: random.R
     turns = [question(task, box, caption, templates) for box, caption in entries
              for task in ("bbox2caption", "caption2bbox")]
     rng.shuffle(turns)
+    if shuffled_words:
+        entries = [(box, " ".join(rng.sample(caption.split(), len(caption.split())))) for box, caption in entries]
     segments = []
     for k, (text, answer) in enumerate(turns):
         scene = written_scene(entries) if k == 0 else ""

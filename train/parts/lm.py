@@ -43,8 +43,12 @@ class Documents(torch.utils.data.Dataset):
         """The scene written and asked (half of them with random captions, `random_caption_share`); `box_format`
         None: drawn by the recipe's shares."""
         box_format = box_format or rng.choices(self.formats, self.weights)[0]
+        random_captions = rng.random() < self.recipe.random_caption_share
+        # (drawn only when the recipe has such documents: a recipe without keeps its documents as they were)
+        shuffled = (self.recipe.shuffled_words_share > 0 and not random_captions
+                    and rng.random() < self.recipe.shuffled_words_share)
         return scene_document(record, BoxCodec(self.recipe.num_coord_bins, box_format), self.recipe.templates, rng,
-                              random_captions=rng.random() < self.recipe.random_caption_share)
+                              random_captions=random_captions, shuffled_words=shuffled)
 
     def segments(self, i: int) -> list[tuple[str, bool]]:
         rng = random.Random(f"{self.seed}:{i}")

@@ -58,6 +58,9 @@ class LMRecipe:
     num_coord_bins: int = 32  # the box quantization GranViT builds on this LM will use
     box_formats: dict = field(default_factory=lambda: {"tokens": 1.0})  # share of documents in each box format
     random_caption_share: float = 0.0  # documents whose objects get random word strings: only copying answers them
+    # documents whose scene writes each caption's words in a random order ("pink hexagon small"; questions and answers
+    # keep the caption's order): the LM learns to read an object's attributes by kind, not by their place in the text
+    shuffled_words_share: float = 0.0
     answers_only: bool = False  # loss on the answers of the region questions only (else on every token)
     templates: dict = field(default_factory=lambda: {"bbox2caption": "describe {box}", "caption2bbox": "find {caption}"})
 
