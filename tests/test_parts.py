@@ -27,33 +27,58 @@ def scene(i=0):
 def test_scene_document_asks_every_object_both_ways_and_its_answers_are_in_the_scene(box_format):
     record, codec = scene(3), BoxCodec(32, box_format)
     segments = scene_document(record, codec, TEMPLATES, random.Random(0))
-    prompts, answers = segments[0::2], segments[1::2]
-    assert all(not is_answer for _, is_answer in prompts) and all(is_answer for _, is_answer in answers)
+    assert [role for _, role in segments[:2]] == ["text", "scene"]  # <|user|>, then the written scene
+    written = segments[1][0]
+    assert written.startswith("scene: ") and written.endswith(".")
+    questions, answers = segments[2::2], segments[3::2]
+    assert {role for _, role in questions} == {"text"} and {role for _, role in answers} == {"answer"}
     assert len(answers) == 2 * len(record["regions"])  # every object, both ways
-    written = prompts[0][0]  # the scene is written once, in the first turn
-    assert written.startswith("<|user|>scene: ") and all(not p.startswith("<|user|>scene") for p, _ in prompts[1:])
     size = (record["width"], record["height"])
     truth = {codec.encode(r["bbox"], size): r["caption"] for r in record["regions"]}
-    for (prompt, _), (answer, _) in zip(prompts, answers):
+    for (asked, _), (answer, _) in zip(questions, answers):
         answer = answer.removesuffix("<|endoftext|>")
-        question = prompt.split(". ")[-1] if prompt.startswith("<|user|>scene") else prompt.removeprefix("<|user|>")
-        question = question.removesuffix("<|endoftext|><|assistant|>")
-        if question.startswith("describe "):
-            box = question.removeprefix("describe ")
+        asked = asked.removeprefix(" ").removeprefix("<|user|>").removesuffix("<|endoftext|><|assistant|>")
+        if asked.startswith("describe "):
+            box = asked.removeprefix("describe ")
             assert truth[box] == answer and f"{box} {answer}" in written  # the caption written after that box
         else:
-            caption = question.removeprefix("find ")
+            caption = asked.removeprefix("find ")
             assert truth[answer] == caption and f"{answer} {caption}" in written
 
 
 def test_random_captions_are_distinct_word_strings_that_only_the_context_answers():
     record = scene(5)
     segments = scene_document(record, BoxCodec(32, "tokens"), TEMPLATES, random.Random(1), random_captions=True)
-    written = segments[0][0].split("scene: ", 1)[1].split(". ", 1)[0]
+    written = segments[1][0].removeprefix("scene: ").removesuffix(".")
     captions = [entry.split("</box> ", 1)[1] for entry in written.split("; ")]
     assert len(set(captions)) == len(captions) == len(record["regions"])
     assert all(set(c.split()) <= set(CAPTION_WORDS) for c in captions)
     assert sorted(captions) != sorted(r["caption"] for r in record["regions"])
+
+
+def test_shuffled_words_keep_each_caption_s_words_and_the_questions_keep_their_order():
+    record = scene(6)
+    plain = scene_document(record, BoxCodec(32, "tokens"), TEMPLATES, random.Random(2))
+    shuffled = scene_document(record, BoxCodec(32, "tokens"), TEMPLATES, random.Random(2), shuffled_words=True)
+    assert plain[2:] == shuffled[2:]  # the same questions and answers
+    entries = [e.split("</box> ", 1)[1] for e in shuffled[1][0].removeprefix("scene: ").removesuffix(".").split("; ")]
+    assert sorted(sorted(e.split()) for e in entries) == sorted(sorted(r["caption"].split()) for r in record["regions"])
+
+
+def test_segments_tokenize_as_the_whole_document_does():
+    """The scene is its own segment (for the noise mask) without changing a token: BPE splits at its ends anyway."""
+    from granvit.train.parts.training import train_part_tokenizer
+
+    recipe = load_parts_recipe(PARTS_CONFIG).lm
+    records = [scene(i) for i in range(40)]
+    documents = Documents(records, recipe, None, 40, seed=0)
+    texts = ["".join(text for text, _ in documents.segments(i)) for i in range(40)]
+    documents.tokenizer = train_part_tokenizer([BoxCodec().strip_box_tokens(t) for t in texts], 300,
+                                               BoxCodec(32, "tokens").added_tokens())
+    for i in range(40):
+        ids, labels, scene_mask = documents[i]
+        assert ids == documents.tokenizer(texts[i], add_special_tokens=False)["input_ids"]
+        assert len(scene_mask) == len(ids) and (sum(scene_mask) > 0) == (len(documents.segments(i)) > 1)
 
 
 def test_held_out_question_is_one_turn_right_after_the_scene():

@@ -9,7 +9,8 @@ GranViT's, with the written scene where a GranViT prompt puts the image tokens:
     <|user|>scene: <box>..</box> small pink hexagon; <box>..</box> large red star. describe <box>..</box><|endoftext|>
     <|assistant|>small pink hexagon<|endoftext|><|user|>find large red star<|endoftext|><|assistant|><box>..</box>...
 
-A document is a list of (text, is_answer) segments, so the loss can be put on the answers alone.
+A document is a list of (text, role) segments, role "text", "scene" (the written scene: where a GranViT prompt has
+image tokens) or "answer", so the loss can be put on the answers alone and the scene's embeddings can be perturbed.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def question(task: str, box: str, caption: str, templates: dict) -> tuple[str, s
 
 
 def scene_document(record: dict, codec: BoxCodec, templates: dict, rng: random.Random,
-                   random_captions: bool = False, shuffled_words: bool = False) -> list[tuple[str, bool]]:
+                   random_captions: bool = False, shuffled_words: bool = False) -> list[tuple[str, str]]:
     """The scene written out, then every object asked both ways in a random order, as chat turns. `shuffled_words`:
     the scene writes each caption's words in a random order (the questions and answers keep the caption)."""
     entries = scene_entries(record, codec)
@@ -72,15 +73,17 @@ def scene_document(record: dict, codec: BoxCodec, templates: dict, rng: random.R
     rng.shuffle(turns)
     if shuffled_words:
         entries = [(box, " ".join(rng.sample(caption.split(), len(caption.split())))) for box, caption in entries]
-    segments = []
+    # The scene's segment ends before the space of the first question: byte-level BPE splits there anyway, so the
+    # ids equal those of the whole prompt tokenized at once (as the held-out questions are).
+    segments = [(USER_TOKEN, "text"), (written_scene(entries).rstrip(" "), "scene")]
     for k, (text, answer) in enumerate(turns):
-        scene = written_scene(entries) if k == 0 else ""
-        segments += [(f"{USER_TOKEN}{scene}{text}{EOS}{ASSISTANT_TOKEN}", False), (f"{answer}{EOS}", True)]
+        asked = f" {text}" if k == 0 else f"{USER_TOKEN}{text}"
+        segments += [(f"{asked}{EOS}{ASSISTANT_TOKEN}", "text"), (f"{answer}{EOS}", "answer")]
     return segments
 
 
-def caption_document(record: dict, rng: random.Random) -> list[tuple[str, bool]]:
-    return [(f"{whole_image_caption(record['regions'], rng)}.{EOS}", False)]
+def caption_document(record: dict, rng: random.Random) -> list[tuple[str, str]]:
+    return [(f"{whole_image_caption(record['regions'], rng)}.{EOS}", "text")]
 
 
 def single_question(record: dict, codec: BoxCodec, templates: dict, task: str, rng: random.Random) -> tuple[str, str]:

@@ -39,7 +39,7 @@ class Documents(torch.utils.data.Dataset):
     def __len__(self):
         return self.items
 
-    def document(self, record: dict, rng: random.Random, box_format: str | None = None) -> list[tuple[str, bool]]:
+    def document(self, record: dict, rng: random.Random, box_format: str | None = None) -> list[tuple[str, str]]:
         """The scene written and asked (half of them with random captions, `random_caption_share`); `box_format`
         None: drawn by the recipe's shares."""
         box_format = box_format or rng.choices(self.formats, self.weights)[0]
@@ -50,39 +50,44 @@ class Documents(torch.utils.data.Dataset):
         return scene_document(record, BoxCodec(self.recipe.num_coord_bins, box_format), self.recipe.templates, rng,
                               random_captions=random_captions, shuffled_words=shuffled)
 
-    def segments(self, i: int) -> list[tuple[str, bool]]:
+    def segments(self, i: int) -> list[tuple[str, str]]:
         rng = random.Random(f"{self.seed}:{i}")
         record = self.records[i % len(self.records)]
         if rng.random() < CAPTION_DOCUMENT_SHARE:
             return caption_document(record, rng)
         return self.document(record, rng)
 
-    def encode(self, documents: list[list[tuple[str, bool]]]) -> list[tuple[list[int], list[int]]]:
-        """(input ids, labels) of each document; one tokenizer call for all their segments."""
+    def encode(self, documents: list[list[tuple[str, str]]]) -> list[tuple[list[int], list[int], list[int]]]:
+        """(input ids, labels, scene mask) of each document; one tokenizer call for all their segments."""
         pieces = iter(self.tokenizer([text for doc in documents for text, _ in doc], add_special_tokens=False)["input_ids"])
         encoded = []
         for doc in documents:
-            ids, labels = [], []
-            for _, is_answer in doc:
+            ids, labels, scene = [], [], []
+            for _, role in doc:
                 piece = next(pieces)
                 ids += piece
-                labels += piece if is_answer or not self.recipe.answers_only else [-100] * len(piece)
-            encoded.append((ids, labels))
+                labels += piece if role == "answer" or not self.recipe.answers_only else [-100] * len(piece)
+                scene += [int(role == "scene")] * len(piece)
+            encoded.append((ids, labels, scene))
         return encoded
 
     def __getitem__(self, i):
         return self.encode([self.segments(i)])[0]
 
     def collate(self, items):
-        length = max(len(ids) for ids, _ in items)
+        length = max(len(ids) for ids, _, _ in items)
         pad = self.tokenizer.pad_token_id
         batch = {"input_ids": torch.full((len(items), length), pad, dtype=torch.long),
                  "labels": torch.full((len(items), length), -100, dtype=torch.long),
                  "attention_mask": torch.zeros((len(items), length), dtype=torch.long)}
-        for k, (ids, labels) in enumerate(items):
+        scene = torch.zeros((len(items), length), dtype=torch.bool)
+        for k, (ids, labels, mask) in enumerate(items):
             batch["input_ids"][k, : len(ids)] = torch.tensor(ids)
             batch["labels"][k, : len(labels)] = torch.tensor(labels)
             batch["attention_mask"][k, : len(ids)] = 1
+            scene[k, : len(mask)] = torch.tensor(mask, dtype=torch.bool)
+        if self.recipe.scene_noise:
+            batch["scene_mask"] = scene
         return batch
 
 
@@ -232,7 +237,7 @@ def pretrain_lm(parts: PartsRecipe, out: Path, work_dir: Path, progress: bool = 
     skill = SkillCurve(tokenizer, test[:50], recipe, seed, log)
     history = train_loop(model, dataset, dataset.collate, name="LM", steps=recipe.steps, batch_size=1,
                          lr=recipe.learning_rate, seed=seed, bf16=parts.bf16, work_dir=work_dir, progress=progress,
-                         save_every=max(50, recipe.steps // 10), log=log, callbacks=[skill])
+                         save_every=max(50, recipe.steps // 10), log=log, callbacks=[skill], scene_noise=recipe.scene_noise)
     model.set_attn_implementation("sdpa")
     scores = lm_scores(model, tokenizer, test, recipe, seed)
     report = {"part": "lm", **scores, "train_scenes": len(train), "final_loss": history[-1] if history else None,

@@ -61,6 +61,10 @@ class LMRecipe:
     # documents whose scene writes each caption's words in a random order ("pink hexagon small"; questions and answers
     # keep the caption's order): the LM learns to read an object's attributes by kind, not by their place in the text
     shuffled_words_share: float = 0.0
+    # Gaussian noise on the written scene's input embeddings while training (std as a fraction of the embeddings' RMS
+    # norm): the LM learns to read a scene from embeddings near its words', as image tokens will be, not only from
+    # the words' own rows (EXPERIMENTS.md, section 2: a sharper LM was harder for stage 1 to steer)
+    scene_noise: float = 0.0
     answers_only: bool = False  # loss on the answers of the region questions only (else on every token)
     templates: dict = field(default_factory=lambda: {"bbox2caption": "describe {box}", "caption2bbox": "find {caption}"})
 

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 from ..data.synth import SynthConfig, generate_record
 from .recipe import PARTS_SEED_OFFSET
@@ -92,12 +92,31 @@ class Progress(TrainerCallback):
             self.tqdm.close()
 
 
+class PartTrainer(Trainer):
+    """The Trainer, with `scene_noise`: Gaussian noise added to the input embeddings where the batch's ``scene_mask``
+    is set (std = scene_noise x the RMS norm of the embedding rows), while training only."""
+
+    def __init__(self, *args, scene_noise: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scene_noise = scene_noise
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        mask = inputs.pop("scene_mask", None)
+        if mask is not None and self.scene_noise and model.training:
+            table = model.get_input_embeddings()
+            embeds = table(inputs.pop("input_ids"))  # (batch, length, hidden)
+            scale = self.scene_noise * table.weight.detach().pow(2).mean().sqrt()
+            inputs["inputs_embeds"] = embeds + torch.randn_like(embeds) * scale * mask.unsqueeze(-1)
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+
 def train_loop(model, dataset, collate, *, name: str, steps: int, batch_size: int, lr: float, seed: int, bf16: bool,
-               work_dir: Path, progress: bool, save_every: int = 0, log=print, callbacks=()) -> list:
+               work_dir: Path, progress: bool, save_every: int = 0, log=print, callbacks=(), scene_noise: float = 0.0) -> list:
     """AdamW + cosine through the Hugging Face Trainer; returns the logged losses. With `save_every`, checkpoints go
     to `work_dir` and a rerun resumes from the newest one (the documents and images are functions of their index, so
     a resumed run sees what the uninterrupted one would)."""
-    from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
+    from transformers import PrinterCallback, ProgressCallback, TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
 
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -108,8 +127,8 @@ def train_loop(model, dataset, collate, *, name: str, steps: int, batch_size: in
         save_total_limit=1, report_to="none", use_cpu=not torch.cuda.is_available(), seed=seed, bf16=bf16,
         disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate,
-                      callbacks=[Progress(name, progress, log), *callbacks])
+    trainer = PartTrainer(model=model, args=args, train_dataset=dataset, data_collator=collate,
+                          callbacks=[Progress(name, progress, log), *callbacks], scene_noise=scene_noise)
     for quiet in (PrinterCallback, ProgressCallback):  # the loss curve goes into the part's report
         trainer.remove_callback(quiet)
     resume = get_last_checkpoint(str(work_dir)) if save_every else None
