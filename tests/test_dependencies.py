@@ -95,4 +95,4 @@ def test_parts_cover_the_package_and_extras_exist():
     used = {e for extras in [*PART_EXTRAS.values(), *FILE_EXTRAS.values()] for e in extras}
     assert used <= set(EXTRAS)
     # the test can fail: an undeclared import is found
-    assert third_party_imports(ROOT / "experiments" / "probe.py") >= {"sklearn", "threadpoolctl"}
+    assert third_party_imports(ROOT / "eval" / "probe.py") >= {"sklearn", "threadpoolctl"}

@@ -237,7 +237,8 @@ def pretrain_lm(parts: PartsRecipe, out: Path, work_dir: Path, progress: bool = 
     skill = SkillCurve(tokenizer, test[:50], recipe, seed, log)
     history = train_loop(model, dataset, dataset.collate, name="LM", steps=recipe.steps, batch_size=1,
                          lr=recipe.learning_rate, seed=seed, bf16=parts.bf16, work_dir=work_dir, progress=progress,
-                         save_every=max(50, recipe.steps // 10), log=log, callbacks=[skill], scene_noise=recipe.scene_noise)
+                         save_every=max(50, recipe.steps // 10), log=log, callbacks=[skill], scene_noise=recipe.scene_noise,
+                         stop_at=round(recipe.steps * recipe.trained_share))
     model.set_attn_implementation("sdpa")
     scores = lm_scores(model, tokenizer, test, recipe, seed)
     report = {"part": "lm", **scores, "train_scenes": len(train), "final_loss": history[-1] if history else None,

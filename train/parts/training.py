@@ -111,9 +111,22 @@ class PartTrainer(Trainer):
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
 
+class StopAt(TrainerCallback):
+    """Ends training at a step of a longer schedule (the learning rate follows the full schedule up to there)."""
+
+    def __init__(self, step: int | None):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.step is not None and state.global_step >= self.step:
+            control.should_training_stop = True
+
+
 def train_loop(model, dataset, collate, *, name: str, steps: int, batch_size: int, lr: float, seed: int, bf16: bool,
-               work_dir: Path, progress: bool, save_every: int = 0, log=print, callbacks=(), scene_noise: float = 0.0) -> list:
-    """AdamW + cosine through the Hugging Face Trainer; returns the logged losses. With `save_every`, checkpoints go
+               work_dir: Path, progress: bool, save_every: int = 0, log=print, callbacks=(), scene_noise: float = 0.0,
+               stop_at: int | None = None) -> list:
+    """AdamW + cosine through the Hugging Face Trainer (over `steps`, stopping at `stop_at` when given); returns the
+    logged losses. With `save_every`, checkpoints go
     to `work_dir` and a rerun resumes from the newest one (the documents and images are functions of their index, so
     a resumed run sees what the uninterrupted one would)."""
     from transformers import PrinterCallback, ProgressCallback, TrainingArguments
@@ -128,7 +141,8 @@ def train_loop(model, dataset, collate, *, name: str, steps: int, batch_size: in
         disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
     )
     trainer = PartTrainer(model=model, args=args, train_dataset=dataset, data_collator=collate,
-                          callbacks=[Progress(name, progress, log), *callbacks], scene_noise=scene_noise)
+                          callbacks=[Progress(name, progress, log), *callbacks, StopAt(stop_at)],
+                          scene_noise=scene_noise)
     for quiet in (PrinterCallback, ProgressCallback):  # the loss curve goes into the part's report
         trainer.remove_callback(quiet)
     resume = get_last_checkpoint(str(work_dir)) if save_every else None
