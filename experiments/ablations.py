@@ -168,12 +168,12 @@ def write_once(folder: Path, write) -> Path:
     return folder
 
 
-def ablation_run(recipe: dict, data_dir: Path, smoke: bool, threads: int) -> dict:
+def ablation_run(claim: str, name: str, recipe: dict, data_dir: Path, smoke: bool, threads: int) -> dict:
     """One computed run's JSON (a job of experiments/schedule.py): trained and scored in a folder of its own."""
     with tempfile.TemporaryDirectory(prefix="granvit-ablation-") as work:
         result = run_one(recipe, data_dir, Path(work))
     return {**result, "smoke": smoke, "threads": threads, "recipe": recipe, "train_images": train_images(recipe),
-            "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "claim": claim, "condition": name, "seed": recipe["seed"]}
 
 
 def reuse(source: Path, path: Path, out: Path, claim: str, name: str, seed: int) -> None:
@@ -242,7 +242,8 @@ def main(argv=None) -> list[Path]:
                 planned.setdefault(key, path)
             # The shared set is written here, before any run starts: the workers only read it.
             data = data_dir_for(recipe, max_train, data_root) if to_run else None
-            jobs.append(Job(f"{claim}/{name} seed {seed}", path, ablation_run, (recipe, data, args.smoke, args.threads)))
+            jobs.append(Job(f"{claim}/{name} seed {seed}", path, ablation_run,
+                            (claim, name, recipe, data, args.smoke, args.threads)))
     failed = run_jobs(jobs, args.jobs or default_jobs(args.threads), args.threads, args.force, line=figures)
     for source, path, claim, name, seed in copies:
         if source.exists():
