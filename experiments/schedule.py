@@ -103,7 +103,6 @@ def execute(job: Job, threads: int) -> bool:
         print(text, file=sys.stderr, flush=True)
         return False
     write_json(job.path, result)
-    traceback_path(job).unlink(missing_ok=True)
     return True
 
 
@@ -165,6 +164,7 @@ def run_jobs(jobs: list[Job], workers: int, threads: int = 1, force: bool = Fals
 
     try:
         while todo or running:
+            waiting = len(todo)
             for job in list(todo):
                 if len(running) >= workers:
                     break
@@ -172,6 +172,7 @@ def run_jobs(jobs: list[Job], workers: int, threads: int = 1, force: bool = Fals
                 if state is False:
                     continue
                 todo.remove(job)
+                traceback_path(job).unlink(missing_ok=True)  # a previous call's, never to be read as this one's
                 if state is None:
                     finished(job, False, time.time(), f" (not run: it needs {', '.join(map(str, job.after))})")
                     continue
@@ -184,6 +185,8 @@ def run_jobs(jobs: list[Job], workers: int, threads: int = 1, force: bool = Fals
                     job.path.parent.mkdir(parents=True, exist_ok=True)
                     process = _spawn(context, job, threads)
                     running[process.sentinel] = (job, process, time.time())
+            if not running and len(todo) == waiting:
+                raise ValueError(f"these jobs wait for each other's JSON: {', '.join(j.name for j in todo)}")
             for sentinel in wait(list(running)) if running else []:
                 job, process, start = running.pop(sentinel)
                 process.join()
