@@ -38,7 +38,7 @@ from ..train.quickstart import CONFIG, SMOKE
 from ..train.recipe import set_dotted, load_recipe
 from ..train.runner import RunState, build_model, load_split, run
 from ..eval.probe import linear_probe
-from .schedule import Job, add_arguments, check, default_jobs, run_jobs
+from .schedule import Job, add_arguments, check, run_jobs
 
 HERE = Path(__file__).parent
 REPO = HERE.parent
@@ -244,7 +244,7 @@ def main(argv=None) -> list[Path]:
             data = data_dir_for(recipe, max_train, data_root) if to_run else None
             jobs.append(Job(f"{claim}/{name} seed {seed}", path, ablation_run,
                             (claim, name, recipe, data, args.smoke, args.threads)))
-    failed = run_jobs(jobs, args.jobs or default_jobs(args.threads), args.threads, args.force, line=figures)
+    failed = run_jobs(jobs, args.jobs, args.threads, args.force, line=figures)
     for source, path, claim, name, seed in copies:
         if source.exists():
             reuse(source, path, out, claim, name, seed)

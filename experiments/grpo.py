@@ -36,7 +36,7 @@ from ..eval.run import evaluate_synthetic
 from ..train.quickstart import CONFIG as QUICKSTART
 from ..train.recipe import CONFIGS, load_recipe
 from ..train.runner import RunState, load_checkpoint, load_split, make_trainer
-from .schedule import Job, add_arguments, check, default_jobs, run_jobs
+from .schedule import Job, add_arguments, check, run_jobs
 
 HERE = Path(__file__).parent
 DEFAULT_OUT = HERE / "results" / "grpo"
@@ -218,7 +218,7 @@ def main(argv=None) -> str:
         done = f"{result['steps']} steps in {result['train_s']:.0f} s, " if "steps" in result else ""
         return done + ", ".join(f"{k} {result[k] if k in result else result['scores'][k]:.3f}" for k in SCORES)
 
-    failed = run_jobs(jobs, args.jobs or default_jobs(args.threads), args.threads, args.force, line=line)
+    failed = run_jobs(jobs, args.jobs, args.threads, args.force, line=line)
     summary = ""
     paired = [seed for seed in args.seeds if all((out / "runs" / f"{arm}_seed{seed}.json").exists() for arm in ARMS)]
     if (out / "start.json").exists() and paired:

@@ -76,10 +76,6 @@ def positive(text: str) -> int:
     return int(text)
 
 
-def default_jobs(threads: int = 1) -> int:
-    return max(1, available_cores() // threads)
-
-
 # ============================================================================================ one run
 def write_json(path: Path, value) -> None:
     """Through a sibling temporary file: a JSON on disk is always whole (a killed run leaves none)."""
@@ -130,11 +126,11 @@ def _spawn(context, job: Job, threads: int):
 
 
 # ============================================================================================ many runs
-def run_jobs(jobs: list[Job], workers: int, threads: int = 1, force: bool = False,
+def run_jobs(jobs: list[Job], workers: int | None = None, threads: int = 1, force: bool = False,
              line: Callable[[dict], str] | None = None) -> list[Job]:
-    """Run every job whose JSON is missing (all of them with `force`), `workers` at a time, in list order as far as
-    `after` allows; returns the jobs that failed or could not run. `line(result)`: the figures printed when a run
-    ends. Spawned workers rather than a ProcessPoolExecutor: a worker killed from outside (out of memory) would break
+    """Run every job whose JSON is missing (all of them with `force`), `workers` at a time (None: one per core over
+    `threads`), in list order as far as `after` allows; returns the jobs that failed or could not run. `line(result)`:
+    the figures printed when a run ends. Spawned workers rather than a ProcessPoolExecutor: a worker killed from outside (out of memory) would break
     the executor and fail every run still queued; here it fails that run only."""
     todo = []
     for job in jobs:
@@ -142,6 +138,7 @@ def run_jobs(jobs: list[Job], workers: int, threads: int = 1, force: bool = Fals
             print(f"skip {job.name}: {job.path} exists (--force reruns it)", flush=True)
         else:
             todo.append(job)
+    workers = workers or max(1, available_cores() // threads)
     total, failed, running = len(todo), [], {}  # running: sentinel -> (job, process, start time)
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no state forked from this one
 

@@ -39,7 +39,7 @@ from ..train.recipe import load_recipe
 from ..train.runner import RunState, build_model, load_split, run
 from ..eval.probe import linear_probe
 from .ablations import write_once
-from .schedule import Job, add_arguments, check, default_jobs, run_jobs
+from .schedule import Job, add_arguments, check, run_jobs
 
 HERE = Path(__file__).parent
 DEFAULT_OUT = HERE / "results" / "tiling"
@@ -195,7 +195,7 @@ def main(argv=None) -> None:
     # seed-major: a cut-short session still has paired arms
     jobs = [Job(f"{arm} seed {seed}", out / "runs" / f"{arm}_seed{seed}.json", run_arm, (arm, seed, args, data))
             for seed in args.seeds for arm in args.arms]
-    failed = run_jobs(jobs, args.jobs or default_jobs(args.threads), args.threads, args.force, line=figures)
+    failed = run_jobs(jobs, args.jobs, args.threads, args.force, line=figures)
     if any(job.path.exists() for job in jobs):
         print(summarize(out))
     check(failed)

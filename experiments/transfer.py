@@ -42,7 +42,7 @@ from ..train.recipe import set_dotted
 from .ablations import PROBE_TRAIN_IMAGES, REPO, RESULTS, data_dir_for, jointly, make_recipe, write_once
 from .aggregate import mean_std
 from ..eval.probe import linear_probe
-from .schedule import Job, add_arguments, check, default_jobs, run_jobs
+from .schedule import Job, add_arguments, check, run_jobs
 
 HERE = Path(__file__).parent
 PLAN = HERE / "configs" / "transfer.yaml"
@@ -279,17 +279,17 @@ def main(argv=None) -> list[Path]:
         for row in args.rows or rows:
             path = out / "runs" / f"{row}_seed{seed}.json"
             recipe = encoder_recipe(scale, rows[row], seed, args.smoke, [f"threads={args.threads}", *args.set])
-            sets = ()
-            if args.force or not path.exists():  # the shared sets, written here before any run starts
-                sets = (data_dir_for(recipe, int(recipe["data"]["sizes"]["train"]), data_root),
-                        downstream_dir(scale, data_root))
-            jobs.append(Job(f"{row} seed {seed}", path, run_row, (row, recipe, scale, args.smoke, *sets)))
+            to_run = args.force or not path.exists()
+            # The shared sets are written here, before any run starts: the workers only read them.
+            synth = data_dir_for(recipe, int(recipe["data"]["sizes"]["train"]), data_root) if to_run else None
+            downstream = downstream_dir(scale, data_root) if to_run else None
+            jobs.append(Job(f"{row} seed {seed}", path, run_row, (row, recipe, scale, args.smoke, synth, downstream)))
 
     def line(result: dict) -> str:
         return (json.dumps({k: round(100 * v, 1) for k, v in figures(result).items()})
                 + f" encoder unchanged {result['encoder_unchanged']}")
 
-    failed = run_jobs(jobs, args.jobs or default_jobs(args.threads), args.threads, args.force, line=line)
+    failed = run_jobs(jobs, args.jobs, args.threads, args.force, line=line)
     if any(job.path.exists() for job in jobs):
         summarize(out, list(rows))
     check(failed)
