@@ -8,7 +8,8 @@ them to `run_jobs`, which runs `--jobs` of them at a time (default: one per core
 torch threads each run takes). A job returns its run's JSON; the JSON is written when the run ends, so a run either
 exists whole or not at all, and an existing JSON is skipped on the next call (unless --force).
 
-    --jobs 1   the runs one after another in this process, their output on the terminal (as before this file)
+    --jobs 1   the runs one after another in this process, their output on the terminal (as before this file; no
+               worker start-up, which costs a few seconds of CPU for the imports: nothing beside a run of minutes)
     --jobs N   N spawned worker processes, a fresh one per run (nothing carries over from one run to the next), with
                OMP_NUM_THREADS and torch threads = --threads; a run's output goes to <its JSON>.log beside it and this
                process prints one line when a run starts and one when it ends, with its wall time
@@ -19,9 +20,10 @@ reported as not run if that job failed. Shared data folders are written by the e
 Why one run per core and not each run on both cores (the runner's data parallelism, train/launch.py): runs of one
 experiment share nothing, so side by side they need no gradient exchange between processes, and the scoring and probes
 that follow each run's training are single-process work that data parallelism would run on one core while the other
-idles. `--measure` times both ways on the main job's stage 2 (two runs of `--steps` steps, started from one build):
-side by side, one process x one thread each, against one after the other, each on `processes` = the cores
-(`granvit-train`, gloo); it prints RESULT lines. Run it on a quiet machine (load average < 1) with the shipped parts.
+idles. `--measure` times both ways on the main job's stage 2 (one run per core, two on 2 cores, each `--steps` steps
+from one build, each a whole `granvit-train` command): side by side, one process x one thread each, against one after
+the other, each on `processes` = the cores (data parallel, gloo); it prints RESULT lines. Run it on a quiet machine
+(load average < 1) with the shipped parts (the smoke stand-in parts time start-up, not training).
 """
 
 from __future__ import annotations
