@@ -1,7 +1,6 @@
 """The paper's three ablations at tiny scale on the synthetic set, seeded: one JSON per run, then a summary.
 
-    python -m granvit.experiments.ablations --claim stages distill --seeds 0 1 2
-    python -m granvit.experiments.ablations --claim data --seeds 0 1 2
+    python -m granvit.experiments.ablations --claim stages distill data --seeds 0 1 2   # every run, one per core
     python -m granvit.experiments.ablations --claim stages distill data --seeds 0 --smoke --out /tmp/abl  # < 2 min
     python -m granvit.experiments.aggregate                                           # table + plots only
 
@@ -12,6 +11,7 @@ Claims (conditions in experiments/configs/ablations.yaml):
 
 Each run is the main job's recipe (train/configs/quickstart.yaml) + the preset's scale overrides + the condition's
 overrides, trained by the one runner (train/runner.py); this file only chooses the overrides, probes and scores.
+The runs go `--jobs` at a time, one per core by default (experiments/schedule.py: a run's output in <its JSON>.log).
 Results (default <out>: experiments/results/claims_pipeline): <out>/runs/<claim>/<condition>_seed<N>.json (a finished
 run is skipped unless --force), then `aggregate` writes <out>/summary.md and one PNG per claim. Seeds change the
 GranViT initialisation (projector, new rows) and the batch order; the shipped pretrained parts and the
@@ -31,7 +31,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 import yaml
 
 from ..eval.run import evaluate_synthetic
@@ -39,6 +38,7 @@ from ..train.quickstart import CONFIG, SMOKE
 from ..train.recipe import set_dotted, load_recipe
 from ..train.runner import RunState, build_model, load_split, run
 from ..eval.probe import linear_probe
+from .schedule import Job, add_arguments, check, run_jobs
 
 HERE = Path(__file__).parent
 REPO = HERE.parent
@@ -168,6 +168,30 @@ def write_once(folder: Path, write) -> Path:
     return folder
 
 
+def ablation_run(claim: str, name: str, recipe: dict, data_dir: Path, smoke: bool, threads: int) -> dict:
+    """One computed run's JSON (a job of experiments/schedule.py): trained and scored in a folder of its own."""
+    with tempfile.TemporaryDirectory(prefix="granvit-ablation-") as work:
+        result = run_one(recipe, data_dir, Path(work))
+    return {**result, "smoke": smoke, "threads": threads, "recipe": recipe, "train_images": train_images(recipe),
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "claim": claim, "condition": name, "seed": recipe["seed"]}
+
+
+def reuse(source: Path, path: Path, out: Path, claim: str, name: str, seed: int) -> None:
+    """`path` as a copy of the finished run `source` of the same recipe (e.g. distill/lambda1 and data/n1000 are the
+    staged recipe itself: the same seeded run, not trained twice)."""
+    result = json.loads(source.read_text())
+    result.update(reused_from=str(source.relative_to(out)), claim=claim, condition=name, seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    print(f"{claim}/{name} seed {seed}: same recipe as {result['reused_from']}, reused", flush=True)
+
+
+def figures(result: dict) -> str:
+    return json.dumps({**{k: result["scores"][k] for k in ("grounding_acc50", "caption_exact")},
+                       **{k: result["probe"][k] for k in ("probe_shape_acc", "probe_colour_acc")},
+                       "total_s": round(result["timings"]["total_s"], 1)})
+
+
 # ============================================================================================ main
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -177,9 +201,7 @@ def parse_args(argv=None):
     parser.add_argument("--scale", default="full", choices=("full", "long"), help="scale preset (ablations.yaml)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="results folder (runs/, summary.md, PNGs)")
     parser.add_argument("--data-root", help="where the synthetic set is cached (default: <out>/data)")
-    # 1 thread: on the shared 2 cores, 2 OpenMP threads per process were up to 8x slower (BENCHMARKS.md, "Training");
-    # use the second core for a second invocation (another claim or --conditions) instead.
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    add_arguments(parser)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra recipe override for every run (recorded in each JSON)")
     parser.add_argument("--conditions", nargs="+", help="run only these conditions of the claims (default: all)")
@@ -189,7 +211,6 @@ def parse_args(argv=None):
 
 def main(argv=None) -> list[Path]:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
     out = Path(args.out)
     scale, claims = load_plan(args.smoke, args.scale)
     # Default results folder -> data under outputs/ (git-ignored); any other --out keeps its data inside it.
@@ -205,40 +226,36 @@ def main(argv=None) -> list[Path]:
     # One synthetic set for every claim of the preset (sized for the largest), so separate invocations share it.
     max_train = max(train_images(make_recipe(scale, cond, 0, extra=args.set)) for conds in claims.values()
                     for cond in conds.values())
-    written = []
+    jobs, copies, planned = [], [], {}  # planned: recipe -> the JSON of the run of this call that trains it
     for (claim, name, _, seed), recipe in zip(plan, recipes):
         path = out / "runs" / claim / f"{name}_seed{seed}.json"
-        if path.exists() and not args.force:
-            print(f"skip {path} (exists; --force reruns it)", flush=True)
-            written.append(path)
-            continue
+        key = json.dumps(recipe, sort_keys=True)
+        to_run = args.force or not path.exists()
         # --force means "compute again": never substitute a stored run (the old JSON of this very path included)
-        source = None if args.force else find_same_run(out, recipe, args.smoke)
+        source = find_same_run(out, recipe, args.smoke) if to_run and not args.force else None
         if source is not None:
-            # e.g. distill/lambda1 and data/n1000 are the staged recipe itself: the same seeded run, not rerun.
-            result = json.loads(source.read_text())
-            result["reused_from"] = str(source.relative_to(out))
-            print(f"=== {claim}/{name} seed {seed}: same recipe as {result['reused_from']}, reused", flush=True)
+            reuse(source, path, out, claim, name, seed)
+        elif to_run and not args.force and key in planned:
+            copies.append((planned[key], path, claim, name, seed))  # copied once its source has trained
         else:
-            print(f"=== {claim}/{name} seed {seed}", flush=True)
-            data_dir = data_dir_for(recipe, max_train, data_root)
-            with tempfile.TemporaryDirectory(prefix="granvit-ablation-") as work:
-                result = run_one(recipe, data_dir, Path(work))
-            result.update(smoke=args.smoke, threads=args.threads, recipe=recipe, train_images=train_images(recipe),
-                          finished=time.strftime("%Y-%m-%d %H:%M:%S"))
-        result.update(claim=claim, condition=name, seed=seed)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1))
-        written.append(path)
-        print(f"--- {claim}/{name} seed {seed}: " + json.dumps(
-            {**{k: result["scores"][k] for k in ("grounding_acc50", "caption_exact")},
-             **{k: result["probe"][k] for k in ("probe_shape_acc", "probe_colour_acc")},
-             "total_s": round(result["timings"]["total_s"], 1)}), flush=True)
+            if to_run:
+                planned.setdefault(key, path)
+            # The shared set is written here, before any run starts: the workers only read it.
+            data = data_dir_for(recipe, max_train, data_root) if to_run else None
+            jobs.append(Job(f"{claim}/{name} seed {seed}", path, ablation_run,
+                            (claim, name, recipe, data, args.smoke, args.threads)))
+    failed = run_jobs(jobs, args.jobs, args.threads, args.force, line=figures)
+    for source, path, claim, name, seed in copies:
+        if source.exists():
+            reuse(source, path, out, claim, name, seed)
+        else:
+            print(f"{claim}/{name} seed {seed}: not written, its run {source} failed", flush=True)
 
     from .aggregate import aggregate
 
     aggregate(out)
-    return written
+    check(failed)
+    return [out / "runs" / claim / f"{name}_seed{seed}.json" for claim, name, _, seed in plan]
 
 
 if __name__ == "__main__":

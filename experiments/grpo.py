@@ -2,7 +2,7 @@
 checkpoint, seeded: one JSON per run, then a summary and a plot.
 
     granvit-quickstart --out outputs/quickstart                          # the starting checkpoint and its data
-    python -m granvit.experiments.grpo --start outputs/quickstart --seeds 0 1 2
+    python -m granvit.experiments.grpo --start outputs/quickstart --seeds 0 1 2 3 4     # two runs at a time on 2 cores
     python -m granvit.experiments.grpo --start /tmp/qs --smoke --out /tmp/grpo-smoke      # the test preset (slow test)
     python -m granvit.experiments.grpo --summary-only                                  # summary.md + grpo.png again
 
@@ -15,6 +15,9 @@ Both are scored on the held-out test split (`--eval-split`) as users decode (`mo
 grounding ACC@0.5, mIoU, and region-caption exact match (RL trains grounding only; does captioning suffer?). The start
 is scored once. Results: <out>/start.json, <out>/runs/<arm>_seed<N>.json (the reward curve, KL, time per step),
 <out>/summary.md, <out>/grpo.png. Both arms run through the one runner's `make_trainer` (train/runner.py).
+The runs go `--jobs` at a time, one per core by default (experiments/schedule.py: a run's output in <its JSON>.log); a
+seed's stage2 arm starts once its grpo arm has written its time. With two runs side by side each arm trains next to
+another run most of the time, so the two arms of a seed see about the same load (`--jobs 1`: none, as before).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from ..eval.run import evaluate_synthetic
 from ..train.quickstart import CONFIG as QUICKSTART
 from ..train.recipe import CONFIGS, load_recipe
 from ..train.runner import RunState, load_checkpoint, load_split, make_trainer
+from .schedule import Job, add_arguments, check, run_jobs
 
 HERE = Path(__file__).parent
 DEFAULT_OUT = HERE / "results" / "grpo"
@@ -60,8 +64,9 @@ class WallClock(TrainerCallback):
 # ============================================================================================ recipes
 def arm_recipe(arm: str, start: Path, seed: int, args) -> dict:
     """The recipe of one arm: the grpo phase of grpo_quickstart.yaml, or the quickstart's stage 2 at a constant lr."""
-    common = [f"model.checkpoint={start / 'checkpoint'}", f"data.path={start / 'data'}", f"seed={seed}", "threads=1",
-              "training.save_strategy=\"no\"", "training.logging_steps=1", "training.disable_tqdm=true"]
+    common = [f"model.checkpoint={start / 'checkpoint'}", f"data.path={start / 'data'}", f"seed={seed}",
+              f"threads={args.threads}", "training.save_strategy=\"no\"", "training.logging_steps=1",
+              "training.disable_tqdm=true"]
     if arm == "grpo":
         recipe = load_recipe(GRPO_RECIPE, common + [f"phases.grpo.training.max_steps={args.grpo_steps}",
                                                     f"phases.grpo.training.learning_rate={args.grpo_lr:.6e}", *args.grpo_set])
@@ -84,16 +89,17 @@ def score(model, processor, test, limit) -> dict:
     return {k: scores[k] for k in (*SCORES, "num_regions")}
 
 
-def run_arm(arm: str, recipe: dict, seconds: float | None, test, limit) -> dict:
-    """Train one arm from the checkpoint (stage2: for the `seconds` its grpo run's training loop took) and score it;
-    returns the run's JSON."""
+def run_arm(arm: str, recipe: dict, timed_by: Path | None, split: str, limit, smoke: bool) -> dict:
+    """Train one arm from the checkpoint and score it; returns the run's JSON (a job of experiments/schedule.py).
+    stage2 trains for as long as the training loop of the grpo run whose JSON is `timed_by`."""
+    seconds = json.loads(timed_by.read_text())["train_s"] if timed_by else None
+    data = Path(recipe["data"]["path"])
     with tempfile.TemporaryDirectory(prefix=f"granvit-grpo-{arm}-") as work:
         recipe = copy.deepcopy(recipe)
         recipe["output_dir"] = work
         torch.manual_seed(recipe["seed"])
         model, processor = load_checkpoint(recipe["model"]["checkpoint"])
-        train = load_split(Path(recipe["data"]["path"]), "train")
-        trainer = make_trainer(recipe, arm, model, processor, train, RunState())
+        trainer = make_trainer(recipe, arm, model, processor, load_split(data, "train"), RunState())
         clock = WallClock(seconds)
         trainer.add_callback(clock)
         trainer.train()
@@ -104,10 +110,16 @@ def run_arm(arm: str, recipe: dict, seconds: float | None, test, limit) -> dict:
     curve = [{k: e[k] for k in ("step", "loss", "reward", "reward_std", "kl", "step_time") if k in e}
              for e in history if "loss" in e]
     t0 = time.time()
-    scores = score(model, processor, test, limit)
+    scores = score(model, processor, load_split(data, split), limit)
     return {"arm": arm, "seed": recipe["seed"], "scores": scores, "steps": steps, "train_s": train_s,
             "s_per_step": train_s / max(steps, 1), "eval_s": time.time() - t0, "curve": curve, "recipe": recipe,
-            "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "smoke": smoke, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def score_start(checkpoint: Path, data: Path, split: str, limit) -> dict:
+    """The starting checkpoint's scores (a job, beside the first runs)."""
+    model, processor = load_checkpoint(checkpoint)
+    return {**score(model, processor, load_split(data, split), limit), "checkpoint": str(checkpoint)}
 
 
 # ============================================================================================ summary
@@ -179,6 +191,7 @@ def parse_args(argv=None):
     parser.add_argument("--smoke", action="store_true", help="2 GRPO steps, 16 regions scored: the test preset")
     parser.add_argument("--summary-only", action="store_true")
     parser.add_argument("--force", action="store_true", help="rerun runs whose JSON exists")
+    add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -190,29 +203,28 @@ def main(argv=None) -> str:
     if args.smoke:
         args.grpo_steps, args.eval_limit = 2, 16
         args.grpo_set += ["phases.grpo.training.per_device_train_batch_size=4", "phases.grpo.training.num_generations=4"]
-    torch.set_num_threads(1)
     start_dir = Path(args.start)
-    test = load_split(start_dir / "data", args.eval_split)
-    (out / "runs").mkdir(parents=True, exist_ok=True)
-    if not (out / "start.json").exists() or args.force:
-        model, processor = load_checkpoint(start_dir / "checkpoint")
-        (out / "start.json").write_text(json.dumps({**score(model, processor, test, args.eval_limit),
-                                                    "checkpoint": str(start_dir / "checkpoint")}, indent=1))
+    evaluation = (args.eval_split, args.eval_limit, args.smoke)
+    jobs = [Job("start", out / "start.json", score_start,
+                (start_dir / "checkpoint", start_dir / "data", args.eval_split, args.eval_limit))]
     for seed in args.seeds:  # seed-major: a cut-short session still has paired runs
-        for arm in ARMS:
-            path = out / "runs" / f"{arm}_seed{seed}.json"
-            if path.exists() and not args.force:
-                print(f"skip {path} (exists)", flush=True)
-            else:
-                seconds = None if arm == "grpo" else json.loads((out / "runs" / f"grpo_seed{seed}.json").read_text())["train_s"]
-                result = run_arm(arm, arm_recipe(arm, start_dir, seed, args), seconds, test, args.eval_limit)
-                result["smoke"] = args.smoke
-                path.write_text(json.dumps(result, indent=1))
-            result = json.loads(path.read_text())
-            print(f"--- {arm} seed {seed}: {result['steps']} steps in {result['train_s']:.0f} s, "
-                  + ", ".join(f"{k} {result['scores'][k]:.3f}" for k in SCORES), flush=True)
-    summary = summarize(out)
-    print(summary)
+        grpo = out / "runs" / f"grpo_seed{seed}.json"
+        jobs += [Job(f"grpo seed {seed}", grpo, run_arm,
+                     ("grpo", arm_recipe("grpo", start_dir, seed, args), None, *evaluation)),
+                 Job(f"stage2 seed {seed}", out / "runs" / f"stage2_seed{seed}.json", run_arm,
+                     ("stage2", arm_recipe("stage2", start_dir, seed, args), grpo, *evaluation), after=(grpo,))]
+
+    def line(result: dict) -> str:
+        done = f"{result['steps']} steps in {result['train_s']:.0f} s, " if "steps" in result else ""
+        return done + ", ".join(f"{k} {result[k] if k in result else result['scores'][k]:.3f}" for k in SCORES)
+
+    failed = run_jobs(jobs, args.jobs, args.threads, args.force, line=line)
+    summary = ""
+    paired = [seed for seed in args.seeds if all((out / "runs" / f"{arm}_seed{seed}.json").exists() for arm in ARMS)]
+    if (out / "start.json").exists() and paired:
+        summary = summarize(out)
+        print(summary)
+    check(failed)
     return summary
 
 

@@ -1,6 +1,6 @@
 """Does tiling help a small GranViT on small objects and small text? Tiled vs untiled at one base resolution, seeded.
 
-    python -m granvit.experiments.tiling --seeds 0 1                      # 2 arms x 2 seeds (18 min on one core)
+    python -m granvit.experiments.tiling --seeds 0 1                      # 2 arms x 2 seeds, one run per core
     python -m granvit.experiments.tiling --seeds 0 --smoke --out /tmp/t   # a few steps, to check the pipeline
 
 The model is the main job's (train/configs/quickstart.yaml: the embedded 128 px SigLIP with 32 px patches, 16 image
@@ -16,7 +16,9 @@ images, text pages (fonts 1/20-1/8 of the side: 12-32 px, 6-16 px after the resi
     probe            linear probe of shape and colour on ROI features of natural regions (eval/probe.py),
                      before training (the same weights, only the input differs) and after
 
-Results: <out>/runs/<arm>_seed<N>.json, then <out>/summary.md (mean and per-seed values).
+The runs go `--jobs` at a time, one per core by default (experiments/schedule.py: a run's output in <its JSON>.log).
+Results: <out>/runs/<arm>_seed<N>.json (a finished run is skipped unless --force), then <out>/summary.md (mean and
+per-seed values).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from ..train.quickstart import CONFIG, SMOKE
 from ..train.recipe import load_recipe
 from ..train.runner import RunState, build_model, load_split, run
 from ..eval.probe import linear_probe
+from .ablations import write_once
+from .schedule import Job, add_arguments, check, run_jobs
 
 HERE = Path(__file__).parent
 DEFAULT_OUT = HERE / "results" / "tiling"
@@ -50,12 +54,11 @@ PROBE_TRAIN_IMAGES = 400
 
 
 def write_data(folder: Path, smoke: bool) -> Path:
+    """The shared set, written once (whole or not at all) before any run starts."""
     from ..train.data.synth import SynthConfig, write_synth
 
-    if not (folder / "README.md").exists():
-        sizes = {"train": 24, "test": 8} if smoke else SIZES
-        write_synth(str(folder), sizes, SynthConfig(**SYNTH), seed=0)
-    return folder
+    sizes = {"train": 24, "test": 8} if smoke else SIZES
+    return write_once(folder, lambda tmp: write_synth(str(tmp), sizes, SynthConfig(**SYNTH), seed=0))
 
 
 def make_recipe(max_tiles: int, seed: int, args, work: Path, data: Path) -> dict:
@@ -96,7 +99,13 @@ def reading_anls(model, processor, dataset, limit: int) -> float:
     return statistics.mean(scores) if scores else float("nan")
 
 
-def run_arm(arm: str, seed: int, args, data: Path, work: Path) -> dict:
+def run_arm(arm: str, seed: int, args, data: Path) -> dict:
+    """One arm and seed, trained in a folder of its own and scored (a job of experiments/schedule.py)."""
+    with tempfile.TemporaryDirectory(prefix="granvit-tiling-") as work:
+        return train_and_score(arm, seed, args, data, Path(work))
+
+
+def train_and_score(arm: str, seed: int, args, data: Path, work: Path) -> dict:
     start = time.time()
     recipe = make_recipe(ARMS[arm], seed, args, work, data)
     train, test = load_split(data, "train"), load_split(data, "test")
@@ -159,6 +168,13 @@ def summarize(out: Path) -> str:
     return text
 
 
+def figures(result: dict) -> str:
+    return json.dumps({
+        "natural_acc50": result["natural"]["grounding_acc50"], "ocr_exact": result["ocr"]["caption_exact"],
+        "ocr_anls": result["ocr"]["reading_anls"], "probe_init_shape": result["probe_init"]["probe_shape_acc"],
+        "probe_shape": result["probe"]["probe_shape_acc"], "total_s": round(result["timings"]["total_s"])})
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
@@ -166,33 +182,23 @@ def main(argv=None) -> None:
     parser.add_argument("--stage1-steps", type=int, default=50)
     parser.add_argument("--stage2-steps", type=int, default=150)
     parser.add_argument("--eval-regions", type=int, default=100, help="regions scored per kind (natural, OCR)")
-    parser.add_argument("--threads", type=int, default=1)
+    add_arguments(parser)
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--force", action="store_true", help="rerun runs whose JSON exists")
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     parser.add_argument("--data", help=f"the synthetic set folder (default: {DEFAULT_DATA}, or <out>/data with --smoke)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.stage1_steps, args.stage2_steps, args.eval_regions = 2, 2, 8
-    torch.set_num_threads(args.threads)
     out = Path(args.out)
     data = write_data(Path(args.data) if args.data else out / "data" if args.smoke else DEFAULT_DATA, args.smoke)
-    for seed in args.seeds:  # seed-major: a cut-short session still has paired arms
-        for arm in args.arms:
-            path = out / "runs" / f"{arm}_seed{seed}.json"
-            if path.exists():
-                print(f"skip {path} (exists)", flush=True)
-                continue
-            print(f"=== {arm} seed {seed}", flush=True)
-            with tempfile.TemporaryDirectory(prefix="granvit-tiling-") as work:
-                result = run_arm(arm, seed, args, data, Path(work))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(result, indent=1))
-            print(f"--- {arm} seed {seed}: " + json.dumps({
-                "natural_acc50": result["natural"]["grounding_acc50"], "ocr_exact": result["ocr"]["caption_exact"],
-                "ocr_anls": result["ocr"]["reading_anls"], "probe_init_shape": result["probe_init"]["probe_shape_acc"],
-                "probe_shape": result["probe"]["probe_shape_acc"], "total_s": round(result["timings"]["total_s"])}),
-                flush=True)
-    print(summarize(out))
+    # seed-major: a cut-short session still has paired arms
+    jobs = [Job(f"{arm} seed {seed}", out / "runs" / f"{arm}_seed{seed}.json", run_arm, (arm, seed, args, data))
+            for seed in args.seeds for arm in args.arms]
+    failed = run_jobs(jobs, args.jobs, args.threads, args.force, line=figures)
+    if any(job.path.exists() for job in jobs):
+        print(summarize(out))
+    check(failed)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """The paper's headline comparison at small scale: does GranViT make a better *encoder* once transferred?
 
-    python -m granvit.experiments.transfer --seeds 0 1 2 --rows siglip stage1 &           # two processes side by side
-    python -m granvit.experiments.transfer --seeds 0 1 2 --rows stage1_nodistill joint
+    python -m granvit.experiments.transfer --seeds 0 1 2                     # every row and seed, one run per core
     python -m granvit.experiments.transfer --summary                                    # table + plot only
     python -m granvit.experiments.transfer --smoke --seeds 0 --rows siglip stage1 --out /tmp/transfer   # < 1 min
 
@@ -20,6 +19,7 @@ MLLM with one recipe and scores three benchmark families (fine-grained, VQA, OCR
 
 Sizes and rows: experiments/configs/transfer.yaml. A seed sets the encoder training's and the transfer's
 initialisation and batch order; the parts, the synthetic sets and the downstream set are the same for every seed.
+The runs go `--jobs` at a time, one per core by default (experiments/schedule.py: a run's output in <its JSON>.log).
 Results: <out>/runs/<row>_seed<N>.json (a finished run is skipped unless --force), <out>/summary.md, <out>/transfer.png.
 Each JSON records `encoder_unchanged`: the frozen encoder's weights compared bitwise before and after transfer.
 """
@@ -42,6 +42,7 @@ from ..train.recipe import set_dotted
 from .ablations import PROBE_TRAIN_IMAGES, REPO, RESULTS, data_dir_for, jointly, make_recipe, write_once
 from .aggregate import mean_std
 from ..eval.probe import linear_probe
+from .schedule import Job, add_arguments, check, run_jobs
 
 HERE = Path(__file__).parent
 PLAN = HERE / "configs" / "transfer.yaml"
@@ -159,16 +160,14 @@ def transfer(encoder: Path, llm: Path, recipe: dict, scale: dict, downstream: Pa
     return result
 
 
-def run_row(row: str, overrides, seed: int, scale: dict, smoke: bool, data_root: Path, extra: list[str]) -> dict:
+def run_row(row: str, recipe: dict, scale: dict, smoke: bool, synth_dir: Path, downstream: Path) -> dict:
+    """One row and seed, encoder then transfer (a job of experiments/schedule.py); the sets are already written."""
     start = time.time()
-    recipe = encoder_recipe(scale, overrides, seed, smoke, extra)
-    synth_dir = data_dir_for(recipe, int(recipe["data"]["sizes"]["train"]), data_root)
-    downstream = downstream_dir(scale, data_root)
     with tempfile.TemporaryDirectory(prefix="granvit-transfer-") as work:
         encoder, llm, info = make_encoder(row, recipe, synth_dir, Path(work))
         result = transfer(encoder, llm, recipe, scale, downstream, synth_dir, Path(work))
     result["timings"] = {**info.pop("timings"), **result["timings"], "total_s": time.time() - start}
-    result.update(info, row=row, seed=seed, smoke=smoke, encoder_recipe=recipe, transfer=scale["transfer"],
+    result.update(info, row=row, seed=recipe["seed"], smoke=smoke, encoder_recipe=recipe, transfer=scale["transfer"],
                   downstream_sizes=scale["downstream"], finished=time.strftime("%Y-%m-%d %H:%M:%S"))
     return result
 
@@ -256,8 +255,7 @@ def parse_args(argv=None):
     parser.add_argument("--summary", action="store_true", help="only write summary.md and the plot from the runs")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="results folder (runs/, summary.md, transfer.png)")
     parser.add_argument("--data-root", help="where the synthetic and downstream sets are cached (default: <out>/data)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per process (use the 2nd core for a "
-                        "second invocation with other --rows)")
+    add_arguments(parser)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra override of the encoder recipe (recorded in each JSON)")
     parser.add_argument("--force", action="store_true", help="rerun runs whose JSON exists")
@@ -274,26 +272,28 @@ def main(argv=None) -> list[Path]:
     unknown = set(args.rows or []) - set(rows)
     if unknown:
         raise SystemExit(f"unknown rows {sorted(unknown)}; transfer.yaml has {list(rows)}")
-    torch.set_num_threads(args.threads)
     default_root = REPO / "outputs" / "experiments-data" if out.resolve() == DEFAULT_OUT.resolve() else out / "data"
     data_root = Path(args.data_root) if args.data_root else default_root
-    written = []
+    jobs = []
     for seed in args.seeds:  # seed-major: a cut-short session still has every row of the first seeds
         for row in args.rows or rows:
             path = out / "runs" / f"{row}_seed{seed}.json"
-            if path.exists() and not args.force:
-                print(f"skip {path} (exists; --force reruns it)", flush=True)
-                written.append(path)
-                continue
-            print(f"=== {row} seed {seed}", flush=True)
-            result = run_row(row, rows[row], seed, scale, args.smoke, data_root, [f"threads={args.threads}", *args.set])
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(result, indent=1))
-            written.append(path)
-            print(f"--- {row} seed {seed}: " + json.dumps({k: round(100 * v, 1) for k, v in figures(result).items()})
-                  + f" encoder unchanged {result['encoder_unchanged']}, {result['timings']['total_s']:.0f} s", flush=True)
-    summarize(out, list(rows))
-    return written
+            recipe = encoder_recipe(scale, rows[row], seed, args.smoke, [f"threads={args.threads}", *args.set])
+            to_run = args.force or not path.exists()
+            # The shared sets are written here, before any run starts: the workers only read them.
+            synth = data_dir_for(recipe, int(recipe["data"]["sizes"]["train"]), data_root) if to_run else None
+            downstream = downstream_dir(scale, data_root) if to_run else None
+            jobs.append(Job(f"{row} seed {seed}", path, run_row, (row, recipe, scale, args.smoke, synth, downstream)))
+
+    def line(result: dict) -> str:
+        return (json.dumps({k: round(100 * v, 1) for k, v in figures(result).items()})
+                + f" encoder unchanged {result['encoder_unchanged']}")
+
+    failed = run_jobs(jobs, args.jobs, args.threads, args.force, line=line)
+    if any(job.path.exists() for job in jobs):
+        summarize(out, list(rows))
+    check(failed)
+    return [job.path for job in jobs]
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
-"""The ablation scripts end to end on their smoke preset (a few steps, one seed), and their recipe plumbing."""
+"""The ablation scripts end to end on their smoke preset (a few steps, one seed), their recipe plumbing, and the
+scheduler every experiment hands its runs to (experiments/schedule.py)."""
 
 import json
+import os
 
 import pytest
 
@@ -29,7 +31,7 @@ def test_joint_condition_keeps_the_total_steps_in_one_all_parts_phase():
 
 
 def test_smoke_runs_every_claim_and_aggregates(tmp_path):
-    main(["--claim", "stages", "distill", "data", "--seeds", "0", "--smoke", "--out", str(tmp_path), "--threads", "1"])
+    main(["--claim", "stages", "distill", "data", "--seeds", "0", "--smoke", "--out", str(tmp_path), "--jobs", "1"])
     runs = {p.relative_to(tmp_path / "runs").as_posix(): json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*/*.json")}
     assert set(runs) == {"stages/staged_seed0.json", "stages/joint_seed0.json", "distill/lambda1_seed0.json",
                          "distill/lambda0_seed0.json", "data/n4_seed0.json", "data/n8_seed0.json", "data/n16_seed0.json"}
@@ -59,3 +61,42 @@ def test_smoke_runs_every_claim_and_aggregates(tmp_path):
         assert (tmp_path / f"{claim}.png").read_bytes()[:4] == b"\x89PNG"
     assert "Effect `staged` − `joint`" in summary and "Effect `n16` − `n4`" in summary
     assert "Effect `n8` − `n4`" in summary and "Effect `n16` − `n8`" in summary  # each size vs the next smaller
+
+
+# ---- experiments/schedule.py: the jobs are stdlib callables, so a spawned worker imports nothing of the test's
+def test_scheduler_in_process_keeps_a_traceback_skips_what_needs_a_failed_run_and_finished_runs(tmp_path, capsys):
+    from granvit.experiments.schedule import Job, run_jobs, traceback_path
+
+    first, bad = tmp_path / "first.json", tmp_path / "bad.json"
+    jobs = [Job("first", first, dict, ({"x": 1},)), Job("bad", bad, int, ("not a number",)),
+            Job("needs bad", tmp_path / "needs_bad.json", dict, after=(bad,)),
+            Job("last", tmp_path / "last.json", dict, ({"y": 2},))]
+    failed = run_jobs(jobs, workers=1)
+    assert [job.name for job in failed] == ["bad", "needs bad"]  # the run after the failure still ran
+    assert json.loads(first.read_text()) == {"x": 1} and json.loads((tmp_path / "last.json").read_text()) == {"y": 2}
+    assert not bad.exists() and not (tmp_path / "needs_bad.json").exists()
+    assert "ValueError: invalid literal for int() with base 10: 'not a number'" in traceback_path(jobs[1]).read_text()
+    out = capsys.readouterr().out
+    assert "FAILED needs bad after 0 s (not run: it needs" in out and "2 run(s) done, 0 skipped, 2 failed" in out
+
+    first.write_text('{"x": "kept"}')
+    assert run_jobs(jobs[:1], workers=1) == [] and json.loads(first.read_text()) == {"x": "kept"}  # not rerun
+    assert "skip first" in capsys.readouterr().out
+    assert run_jobs(jobs[:1], workers=1, force=True) == [] and json.loads(first.read_text()) == {"x": 1}
+
+
+def test_scheduler_workers_wait_for_what_they_read_and_survive_a_killed_worker(tmp_path, capsys):
+    """Two spawned workers: a job reading another's JSON starts after it; a worker that dies without a word (as one
+    killed for memory does) fails its run only, and the run that needs it is not started."""
+    from granvit.experiments.schedule import Job, log_path, run_jobs
+
+    first, dies = tmp_path / "first.json", tmp_path / "dies.json"
+    jobs = [Job("first", first, dict, ({"x": 1},)), Job("dies", dies, os._exit, (3,)),
+            Job("reads first", tmp_path / "reads.json", first.read_text, after=(first,)),
+            Job("needs dies", tmp_path / "needs_dies.json", dict, after=(dies,))]
+    failed = run_jobs(jobs, workers=2)
+    assert [job.name for job in failed] == ["dies", "needs dies"]
+    assert json.loads(json.loads((tmp_path / "reads.json").read_text())) == {"x": 1}  # first was whole when read
+    assert log_path(jobs[0]).exists() and not dies.exists() and not (tmp_path / "needs_dies.json").exists()
+    out = capsys.readouterr().out
+    assert "FAILED dies after" in out and "(worker ended with code 3)" in out and "start first (log: " in out

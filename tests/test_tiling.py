@@ -267,3 +267,21 @@ def test_exported_encoder_documents_tiling(tmp_path, tiled_checkpoints):
     readme = (tmp_path / "vit" / "README.md").read_text()
     assert "trained with up to 4 tiles" in readme and "select_tile_grid" in readme
     assert (tmp_path / "vit" / "tiling_granvit.py").is_file()
+
+
+def test_experiment_smoke_runs_both_arms_side_by_side(tmp_path, capsys):
+    """experiments/tiling.py --smoke with two worker processes: each arm's JSON and log, the summary, then a rerun that
+    skips both."""
+    from granvit.experiments import tiling
+
+    tiling.main(["--smoke", "--seeds", "0", "--out", str(tmp_path), "--jobs", "2"])
+    runs = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json")}
+    assert set(runs) == {"untiled_seed0", "tiled4_seed0"}
+    assert runs["untiled_seed0"]["max_tiles"] == 0 and runs["tiled4_seed0"]["max_tiles"] == 4
+    assert all(r["steps"] == 4 and 0 <= r["ocr"]["reading_anls"] <= 1 for r in runs.values())
+    assert all((tmp_path / "runs" / f"{name}.log").stat().st_size > 0 for name in runs)  # each worker's own output
+    assert "tiled4 (seeds 0)" in (tmp_path / "summary.md").read_text()
+    out = capsys.readouterr().out
+    assert "done untiled seed 0 in" in out and "done tiled4 seed 0 in" in out
+    tiling.main(["--smoke", "--seeds", "0", "--out", str(tmp_path), "--jobs", "2"])
+    assert "2 skipped" in capsys.readouterr().out

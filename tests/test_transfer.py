@@ -26,7 +26,7 @@ def test_rows_train_stage1_or_everything_for_the_same_steps():
 
 
 def test_smoke_transfers_two_encoders_keeps_them_frozen_and_scores_every_benchmark(tmp_path):
-    written = main(["--smoke", "--seeds", "0", "--rows", "siglip", "stage1", "--out", str(tmp_path)])
+    written = main(["--smoke", "--seeds", "0", "--rows", "siglip", "stage1", "--out", str(tmp_path), "--jobs", "1"])
     runs = {p.name: json.loads(p.read_text()) for p in written}
     assert set(runs) == {"siglip_seed0.json", "stage1_seed0.json"}
     for run in runs.values():
@@ -39,7 +39,7 @@ def test_smoke_transfers_two_encoders_keeps_them_frozen_and_scores_every_benchma
     summary = (tmp_path / "summary.md").read_text()
     assert "| siglip | 1 |" in summary and "| stage1 | 1 |" in summary and (tmp_path / "transfer.png").stat().st_size > 0
     # a second call reuses the finished runs instead of training again
-    assert main(["--smoke", "--seeds", "0", "--rows", "siglip", "--out", str(tmp_path)]) == [tmp_path / "runs" / "siglip_seed0.json"]
+    assert main(["--smoke", "--seeds", "0", "--rows", "siglip", "--out", str(tmp_path), "--jobs", "1"]) == [tmp_path / "runs" / "siglip_seed0.json"]
 
 
 def test_the_exported_encoder_is_the_trained_tower(tmp_path):
