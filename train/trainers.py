@@ -1,11 +1,12 @@
-"""GranViT's training stages as ``transformers.Trainer`` subclasses (what each trains: freezing.TRAINED).
+"""GranViT's training stages as ``transformers.Trainer`` subclasses (what each trains, and which class trains it: the
+stage table, stages.py).
 
     stage 1 (Stage1Trainer): ViT + projector trained through the *frozen* LLM on Bbox2Caption, plus self-distillation
         from an EMA teacher (see ema.py).
     stage 2 (Stage2Trainer): ViT frozen, projector + LLM trained (full or LoRA) on Caption2Bbox (+ some Bbox2Caption).
-    sft (SFTStageTrainer): the stage-2 code path on VQA-style conversations.
     projector (ProjectorTrainer): LLaVA's alignment step, only the projector; joint (JointTrainer): every part (not the
         paper's method; the experiments compare against it).
+    sft and grpo: trl's SFTTrainer / GRPOTrainer with GranViTTrainer as a base (trl_stages.py).
 
 Every stage sets its ``requires_grad`` masks itself, keeps frozen components in eval mode (no dropout) even while
 training, logs a table of trainable / frozen parameters per component and refuses to run if a component that must be
@@ -27,17 +28,8 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint
 
 from .ema import EMATeacherCallback, load_teacher, make_teacher, student_tower
-from .freezing import (  # noqa: F401 (public here too)
-    COMPONENTS,
-    ROWS,
-    TRAINED,
-    apply_stage,
-    component_modules,
-    component_of,
-    format_table,
-    new_token_ids,
-    parameter_table,
-)
+from .freezing import ROWS, apply_stage, component_modules, component_of, format_table, new_token_ids, parameter_table
+from .stages import COMPONENTS, STAGES
 from .losses import soft_coordinate_loss
 
 logger = logging.getLogger(__name__)
@@ -78,7 +70,7 @@ class GranViTTrainer(Trainer):
 
     def __init__(self, model=None, args: GranViTTrainingArguments | None = None, **kwargs):
         if not self.stage:
-            raise TypeError("use a stage trainer (Stage1Trainer, Stage2Trainer, SFTStageTrainer), not GranViTTrainer")
+            raise TypeError("use a stage's trainer (stages.STAGES: Stage1Trainer, Stage2Trainer, ...), not GranViTTrainer")
         if not isinstance(args, GranViTTrainingArguments):
             raise TypeError(f"{type(self).__name__} needs GranViTTrainingArguments, got {type(args).__name__}")
         rows = new_token_ids(model.config) if args.train_new_token_rows else None
@@ -104,7 +96,7 @@ class GranViTTrainer(Trainer):
         return model.get_base_model() if hasattr(model, "get_base_model") else model
 
     def frozen_components(self) -> list[str]:
-        return [c for c in COMPONENTS if c not in TRAINED[self.stage]]
+        return [c for c in COMPONENTS if c not in STAGES[self.stage].trains]
 
     def check_frozen(self) -> None:
         """Refuse to train when a must-be-frozen component (or the teacher) has a trainable parameter."""
@@ -291,12 +283,6 @@ class Stage2Trainer(GranViTTrainer):
     stage = "2"
 
 
-class SFTStageTrainer(GranViTTrainer):
-    """The stage-2 code path (ViT frozen) on VQA-style (question, answer) examples."""
-
-    stage = "sft"
-
-
 class ProjectorTrainer(GranViTTrainer):
     """LLaVA's alignment step: only the projector trains, the pretrained ViT and LLM stay frozen."""
 
@@ -309,5 +295,8 @@ class JointTrainer(GranViTTrainer):
     stage = "joint"
 
 
-TRAINERS = {"1": Stage1Trainer, "2": Stage2Trainer, "sft": SFTStageTrainer, "projector": ProjectorTrainer,
-            "joint": JointTrainer}
+def __getattr__(name: str):
+    # TRAINERS, the old name of the stages trained here: a view of the stage table (train/runner.py reads it).
+    if name == "TRAINERS":
+        return {stage: spec.trainer_class() for stage, spec in STAGES.items() if not spec.uses_trl}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
