@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ...box_codec_granvit import BoxCodec
+
 # The paper's Bbox2Caption instruction asks for "no more than 10 words"; a captioner sees the crop, not coordinates.
 CROP_PROMPT = "Describe the content of this image region in no more than {max_words} words."
 CAPTION_REJECTIONS = ("caption_empty", "caption_not_text", "caption_repeated", "caption_too_long")
@@ -149,10 +151,9 @@ class Florence2Captioner(CropCaptioner):
 
 
 def florence2_location(box, size) -> str:
-    """`[x1, y1, x2, y2]` pixels -> `<loc_a><loc_b><loc_c><loc_d>`, Florence2PostProcessor.quantize's rule."""
-    width, height = size
-    scales = (width, height, width, height)
-    return "".join(f"<loc_{min(max(int(v / s * 1000), 0), 999)}>" for v, s in zip(box, scales))
+    """`[x1, y1, x2, y2]` pixels -> `<loc_a><loc_b><loc_c><loc_d>`: Florence-2's 1000 bins, whose rule
+    (Florence2PostProcessor.quantize: floor(v / size x 1000), at most 999) is GranViT's codec's."""
+    return "".join(f"<loc_{b}>" for b in BoxCodec(1000).quantize(box, size))
 
 
 class GranViTCaptioner:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from .annotate_models import CROP_PROMPT, SPACE_THRESHOLD, clean_caption
 from .filters import FilterConfig, box_filter_reason, image_filter_reason
-from .schema import BadRecord, bump, check_box, decode_image
+from .schema import BadRecord, bump, box_reason, decode_image
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class Annotator:
     def valid(self, box, width: int, height: int, kind: str, counts: dict) -> list[float] | None:
         """The box clipped to the image if it is valid and passes the box rules of its kind, else None (counted)."""
         box = [min(max(float(v), 0.0), float(lim)) for v, lim in zip(box, (width, height, width, height))]
-        reason = check_box(box, width, height)
+        reason = box_reason(box, width, height)
         if reason:
             bump(counts, "broken", reason)
             return None

@@ -90,7 +90,7 @@ def empty_output_message(counts: dict, out_dir: str, split: str) -> str:
 
 def _snap(bbox, width: int, height: int):
     """Clip coordinates that overshoot the image by at most 1 px: annotation tools round outward (COCO has many
-    x + w == width + 0.5). Anything further out stays out, and check_box calls it broken."""
+    x + w == width + 0.5). Anything further out stays out, and schema.box_reason calls it broken."""
     if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
         return bbox
     try:

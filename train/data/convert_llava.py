@@ -41,13 +41,14 @@ import re
 
 from datasets import Features, Image, List, Value
 
+from ...box_codec_granvit import BoxCodec
 from ...console import UserError
 from .schema import (
     DEFAULT_ROW_GROUP_SIZE,
     DEFAULT_SHARD_BYTES,
     BadRecord,
     bump,
-    check_box,
+    box_reason,
     decode_image,
     exif_rotated,
     write_dataset_card,
@@ -155,8 +156,8 @@ def to_pixels(values: list[float], convention: str, size: tuple[int, int]) -> li
     sizes = (width, height, width, height)
     if convention == "normalized":
         return [v * s for v, s in zip(values, sizes)]
-    if convention == "0-999":
-        return [(v + 0.5) / 1000 * s for v, s in zip(values, sizes)]
+    if convention == "0-999":  # the bin centres, as a 1000-bin GranViT checkpoint reads its own boxes back
+        return BoxCodec(1000).dequantize(values, size)
     return [min(v, s) if v <= s + 1 else v for v, s in zip(values, sizes)]  # annotators round outward by up to 1 px
 
 
@@ -212,7 +213,7 @@ class LlavaProducer:
                 out.append(plain(segment) if segment else "")
                 continue
             box = to_pixels(segment, self.convention, size)
-            reason = check_box(box, *size)
+            reason = box_reason(box, *size)
             if reason:
                 raise BadRecord(reason, str(segment))
             out.append(self.processor.encode_box(box, size))

@@ -67,7 +67,7 @@ from dataclasses import dataclass
 import numpy as np
 from datasets import Features, Image, List, Value
 
-from .schema import DEFAULT_ROW_GROUP_SIZE, DEFAULT_SHARD_BYTES, BadRecord, check_box, decode_image, write_dataset_card
+from .schema import DEFAULT_ROW_GROUP_SIZE, DEFAULT_SHARD_BYTES, BadRecord, box_reason, decode_image, write_dataset_card
 from .schema import write_split
 from .synth import RELATIONS, SPLITS, SynthConfig, _captions, _describe, _relation_holds, draw_page, draw_scene
 from .synth import draw_sign_scene
@@ -426,7 +426,7 @@ def check_row(row) -> str | None:
         return "unknown_metric"
     boxes, answer_boxes, choices = row.get("boxes") or [], row.get("answer_boxes") or [], row.get("choices") or []
     for box in [*boxes, *answer_boxes]:
-        reason = check_box(list(box), width, height)
+        reason = box_reason(list(box), width, height)
         if reason:
             return reason
     used = {int(k) for text in [row["question"], *choices] for k in PLACEHOLDER.findall(text)}

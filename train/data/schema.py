@@ -88,7 +88,7 @@ class BadRecord(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------- validation
-def check_box(bbox, width: int, height: int) -> str | None:
+def box_reason(bbox, width: int, height: int) -> str | None:
     """Reason why `bbox` is not a usable xyxy box inside a width x height image, or None (the rules:
     granvit's box_utils_granvit.py)."""
     problem = box_problem(bbox, (width, height))
@@ -99,7 +99,7 @@ def check_region(region, width: int, height: int, max_caption_chars: int = MAX_C
     """Reason why one region is broken, or None."""
     if not isinstance(region, dict) or not isinstance(region.get("caption"), str):
         return "wrong_type"
-    reason = check_box(region.get("bbox"), width, height)
+    reason = box_reason(region.get("bbox"), width, height)
     if reason:
         return reason
     caption = region["caption"].strip()
