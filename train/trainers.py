@@ -23,14 +23,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Trainer, TrainerState, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from .build import ship_pipeline
 from .ema import EMATeacherCallback, load_teacher, make_teacher, student_tower
 from .freezing import ROWS, apply_stage, component_modules, component_of, format_table, new_token_ids, parameter_table
-from .stages import COMPONENTS, STAGES
 from .losses import soft_coordinate_loss
+from .stages import COMPONENTS, STAGES
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,15 @@ class GranViTTrainingArguments(TrainingArguments):
     lora_dropout: float = 0.05
 
 
+class ShipPipelineCallback(TrainerCallback):
+    """Every checkpoint the Trainer writes ships pipeline_granvit.py, which its config's ``custom_pipelines`` names
+    (``build.ship_pipeline``: ``model.save_pretrained`` alone does not copy it)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            ship_pipeline(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+
+
 class GranViTTrainer(Trainer):
     """Base of the stages: freezing, eval mode for frozen parts, the parameter table and the frozen-part check."""
 
@@ -82,6 +92,7 @@ class GranViTTrainer(Trainer):
             kwargs["compute_loss_func"] = soft_coordinate_loss(config.coord_token_start_id, config.num_coord_bins,
                                                                args.soft_coord_sigma)
         super().__init__(model=model, args=args, **kwargs)
+        self.add_callback(ShipPipelineCallback())
         self.teacher = self.make_teacher()
         self.parameter_table = parameter_table(self.model, self.teacher)
         logger.info("Stage %s parameters:\n%s", self.stage, format_table(self.parameter_table))

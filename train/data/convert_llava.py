@@ -42,7 +42,9 @@ import re
 from datasets import Features, Image, List, Value
 
 from ...box_codec_granvit import BoxCodec
-from ...console import UserError
+from ...console import UserError, check_model_source
+from ...processing_granvit import GranViTProcessor
+from .convert import EmptyOutputError, json_line, write_counted
 from .schema import (
     DEFAULT_ROW_GROUP_SIZE,
     DEFAULT_SHARD_BYTES,
@@ -81,15 +83,13 @@ def _where(path: str, n: int, row, turn: int | None = None) -> str:
 
 def read_rows(path: str) -> list:
     """The rows of a LLaVA JSON file (a list) or JSONL file (an object a line)."""
-    from .convert import _json_line
-
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except UnicodeDecodeError as err:
         raise UserError(f"{path} is not UTF-8 text ({err}); export it again as JSON") from None
     if text.lstrip()[:1] != "[":
-        return [_json_line(path, n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        return [json_line(path, n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
@@ -221,8 +221,6 @@ class LlavaProducer:
 
 
 def _plain_text(text: str) -> str:
-    from ...processing_granvit import GranViTProcessor
-
     return GranViTProcessor.plain_text(text)
 
 
@@ -232,8 +230,9 @@ def convert_llava(inputs: list[str], out_dir: str, images_dir: str = "", split: 
                   row_group_size: int = DEFAULT_ROW_GROUP_SIZE) -> dict:
     """LLaVA files -> one split of conversation rows in `out_dir`; returns (and saves as counts-<split>.json) the
     counts. Every row is parsed before anything is written."""
-    from .convert import EmptyOutputError, write_counted
-
+    for path in inputs:
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: no such annotation file; check the path")
     checkpoint = str(checkpoint) if checkpoint else None
     if box_convention is not None and box_convention not in BOX_CONVENTIONS:
         raise UserError(f"--box-convention {box_convention!r}: choose from {', '.join(BOX_CONVENTIONS)}")
@@ -243,9 +242,6 @@ def convert_llava(inputs: list[str], out_dir: str, images_dir: str = "", split: 
     has_box = any(not isinstance(s, str) for item in items for _, segments in item["turns"] for s in segments)
     processor = None
     if checkpoint:
-        from ...console import check_model_source
-        from ...processing_granvit import GranViTProcessor
-
         processor = GranViTProcessor.from_pretrained(check_model_source(checkpoint, "--checkpoint"))
     elif has_box:
         raise UserError("the LLaVA data holds boxes: pass --checkpoint (the GranViT checkpoint to fine-tune), whose "
