@@ -322,4 +322,6 @@ def test_one_table_of_stages_and_its_old_views():
     assert "vision_tower" not in stages.STAGES["2"].trains  # the paper's stage 2: ViT frozen
     with pytest.raises(ValueError, match="unknown stage '3'"):
         stages.get_stage("3")
-    assert not hasattr(trainers, "SFTStageTrainer")  # sft runs on trl (trl_stages.GranViTSFTTrainer)
+    # one trainer per stage: sft runs on trl (trl_stages.GranViTSFTTrainer), trainers.py has no second one
+    stage_classes = [c for c in vars(trainers).values() if isinstance(c, type) and issubclass(c, trainers.GranViTTrainer)]
+    assert sorted(c.stage for c in stage_classes if c.stage) == sorted(trainers.TRAINERS)
