@@ -18,11 +18,17 @@ from .box_utils_granvit import check_box
 
 BOX_FORMATS = ("text", "tokens")
 BOX_START, BOX_END = "<box>", "</box>"
-TEXT_BOX_SEPARATOR = ", "  # between two boxes of one answer in the text format
+# The text format's syntax, "[a, b, c, d]" and ", " between two boxes of one answer; the text box grammar
+# (box_grammar_granvit.py) is built from these pieces.
+TEXT_BOX_OPEN, TEXT_BOX_CLOSE, TEXT_COORD_SEPARATOR = "[", "]", ", "
+TEXT_BOX_SEPARATOR = ", "
 
 
 def coord_token(i: int) -> str:
     return f"<coord_{i}>"
+
+
+COORD_TOKEN_PATTERN = r"<coord_(\d{1,6})>"  # a coordinate token in decoded text; its group is the bin
 
 
 @dataclass(frozen=True)
@@ -53,7 +59,7 @@ class BoxCodec:
     def format_bins(self, bins) -> str:
         """Four bins in the box format: ``[a, b, c, d]`` (text) or ``<box><coord_a>..<coord_d></box>`` (tokens)."""
         if self.box_format == "text":
-            return "[" + ", ".join(str(int(b)) for b in bins) + "]"
+            return TEXT_BOX_OPEN + TEXT_COORD_SEPARATOR.join(str(int(b)) for b in bins) + TEXT_BOX_CLOSE
         return BOX_START + "".join(coord_token(int(b)) for b in bins) + BOX_END
 
     def encode(self, box, image_size: tuple[int, int]) -> str:
@@ -67,21 +73,24 @@ class BoxCodec:
     @property
     def pattern(self) -> re.Pattern:
         """A regex matching one box of this format in decoded text; its 4 groups are the bins."""
-        if self.box_format == "text":
-            return re.compile(r"\[\s*" + r"\s*,\s*".join([r"(\d{1,6})"] * 4) + r"\s*\]")
-        return re.compile(re.escape(BOX_START) + r"\s*" + r"\s*".join([r"<coord_(\d{1,6})>"] * 4) + r"\s*"
+        if self.box_format == "text":  # spaces around the numbers are optional when reading
+            separator = r"\s*" + re.escape(TEXT_COORD_SEPARATOR.strip()) + r"\s*"
+            return re.compile(re.escape(TEXT_BOX_OPEN) + r"\s*" + separator.join([r"(\d{1,6})"] * 4) + r"\s*"
+                              + re.escape(TEXT_BOX_CLOSE))
+        return re.compile(re.escape(BOX_START) + r"\s*" + r"\s*".join([COORD_TOKEN_PATTERN] * 4) + r"\s*"
                           + re.escape(BOX_END))
 
     def parse_bins(self, text: str) -> list[list[int]]:
         """Every well-formed box in ``text`` as 4 bins (bins out of range or inverted are skipped)."""
         if not isinstance(text, str):
             return []
-        found = []
-        for match in self.pattern.finditer(text):
-            bins = [int(g) for g in match.groups()]
-            if max(bins) < self.num_bins and bins[2] >= bins[0] and bins[3] >= bins[1]:
-                found.append(bins)
-        return found
+        found = ([int(g) for g in match.groups()] for match in self.pattern.finditer(text))
+        return [bins for bins in found if self.valid_bins(bins)]
+
+    def valid_bins(self, bins) -> bool:
+        """Whether 4 bins are a box this codec can write: each in 0 .. N-1, x2 >= x1 and y2 >= y1."""
+        return (len(bins) == 4 and 0 <= min(bins) and max(bins) < self.num_bins
+                and bins[2] >= bins[0] and bins[3] >= bins[1])
 
     def decode(self, text: str, image_size: tuple[int, int]) -> list[list[float]]:
         """Every well-formed box in ``text`` as original pixels (bin centres); malformed text gives ``[]``."""
@@ -95,7 +104,9 @@ class BoxCodec:
 
     def strip_box_tokens(self, text: str) -> str:
         """``text`` with stray box-syntax tokens removed (what a person should read beside decoded boxes)."""
-        return " ".join(re.sub(r"</?box>|<coord_\d+>", " ", text).split())
+        stray = "|".join([re.escape(BOX_START), re.escape(BOX_END), COORD_TOKEN_PATTERN])
+        return " ".join(re.sub(stray, " ", text).split())
 
 
-__all__ = ["BOX_END", "BOX_FORMATS", "BOX_START", "BoxCodec", "TEXT_BOX_SEPARATOR", "coord_token"]
+__all__ = ["BOX_END", "BOX_FORMATS", "BOX_START", "BoxCodec", "TEXT_BOX_CLOSE", "TEXT_BOX_OPEN", "TEXT_BOX_SEPARATOR",
+           "TEXT_COORD_SEPARATOR", "coord_token"]

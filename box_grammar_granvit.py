@@ -18,6 +18,9 @@ and in the dense region APIs (region_decoding_granvit.py).
 import torch
 from transformers import LogitsProcessor
 
+from .box_codec_granvit import TEXT_BOX_CLOSE, TEXT_BOX_OPEN, TEXT_BOX_SEPARATOR, TEXT_COORD_SEPARATOR
+from .prompts_granvit import ASSISTANT_TOKEN
+
 
 class BoxConstraintLogitsProcessor(LogitsProcessor):
     """Masks every token that would break ``<box><coord_x1><coord_y1><coord_x2><coord_y2></box>``.
@@ -63,7 +66,7 @@ class BoxConstraintLogitsProcessor(LogitsProcessor):
 
         ``box_format="text"`` gets a ``TextBoxConstraintLogitsProcessor``.
         """
-        assistant_id = processor.tokenizer.convert_tokens_to_ids("<|assistant|>") if force_box else None
+        assistant_id = processor.tokenizer.convert_tokens_to_ids(ASSISTANT_TOKEN) if force_box else None
         not_found_ids = processor.not_found_ids if force_box and not_found else None
         if getattr(processor, "box_format", "tokens") == "text":
             return TextBoxConstraintLogitsProcessor.from_processor(processor, force_box, not_found)
@@ -125,38 +128,39 @@ class BoxConstraintLogitsProcessor(LogitsProcessor):
 
 
 class _TextBoxGrammar:
-    """Character-level grammar of a text-format grounding answer: ``[a, b, c, d]`` boxes joined by ``", "``.
+    """Character-level grammar of a text-format grounding answer, spelled by the codec (box_codec_granvit.py):
+    ``[a, b, c, d]`` boxes joined by ``", "``.
 
     Integers are bins in 0 .. N-1 without leading zeros, with c > a and d > b (so every box has an area). A state is
-    a small tuple, advanced one character at a time; ``None`` means the characters so far can never become an answer.
+    a small tuple ``(phase, number index, digits so far, finished numbers, literal still to write)``, advanced one
+    character at a time; ``None`` means the characters so far can never become an answer. Phases: ``"literal"`` (the
+    box opening or a separator, then a number), ``"num"``, ``"close"`` (the box closing) and ``"after"`` (a complete
+    answer: eos, or the next box).
     """
 
     def __init__(self, num_bins: int):
         self.n = num_bins
-
-    START = ("box", 0, "", ())  # expecting "[" ; (phase, number index, digits so far, finished numbers)
+        self.start = ("literal", 0, "", (), TEXT_BOX_OPEN)
 
     def advance(self, state, char: str):
-        phase, k, digits, done = state
-        if phase == "box":
-            return ("num", 0, "", ()) if char == "[" else None
+        phase, k, digits, done, rest = state
+        if phase in ("literal", "close"):
+            if not rest.startswith(char):
+                return None
+            if rest[1:]:
+                return phase, k, digits, done, rest[1:]
+            return ("num", k, "", done, "") if phase == "literal" else ("after", 0, "", (), "")
         if phase == "num":
             if char.isdigit():
                 digits += char
-                return ("num", k, digits, done) if self._completable(digits, k, done) else None
+                return ("num", k, digits, done, "") if self._completable(digits, k, done) else None
             if not digits or not self._final_ok(int(digits), k, done):
                 return None
-            if char == "," and k < 3:
-                return ("space", k + 1, "", done + (int(digits),))
-            if char == "]" and k == 3:
-                return ("after", 0, "", ())
-            return None
-        if phase == "space":
-            return ("num", k, "", done) if char == " " else None
+            if k < 3:  # the number is finished: the separator to the next one starts with this character
+                return self.advance(("literal", k + 1, "", done + (int(digits),), TEXT_COORD_SEPARATOR), char)
+            return self.advance(("close", 0, "", (), TEXT_BOX_CLOSE), char)
         if phase == "after":
-            return ("next", 0, "", ()) if char == "," else None
-        if phase == "next":
-            return ("box", 0, "", ()) if char == " " else None
+            return self.advance(("literal", 0, "", (), TEXT_BOX_SEPARATOR + TEXT_BOX_OPEN), char)
         return None
 
     def _lower(self, k: int, done: tuple) -> int:
@@ -200,7 +204,7 @@ class TextBoxConstraintLogitsProcessor(LogitsProcessor):
     With ``not_found_ids`` the answer may instead be exactly those tokens (the "not found" answer), then eos.
     """
 
-    CHARS = frozenset("[], 0123456789")
+    CHARS = frozenset(TEXT_BOX_OPEN + TEXT_BOX_CLOSE + TEXT_COORD_SEPARATOR + TEXT_BOX_SEPARATOR + "0123456789")
 
     def __init__(self, token_texts: dict[int, str], eos_token_ids: list[int], assistant_token_id: int | None,
                  num_bins: int, not_found_ids: list[int] | None = None):
@@ -223,7 +227,7 @@ class TextBoxConstraintLogitsProcessor(LogitsProcessor):
         cache = getattr(processor, "_text_box_candidates", None)
         if cache is None:
             cache = processor._text_box_candidates = cls.token_table(tokenizer)
-        assistant = tokenizer.convert_tokens_to_ids("<|assistant|>") if force_box else None
+        assistant = tokenizer.convert_tokens_to_ids(ASSISTANT_TOKEN) if force_box else None
         not_found_ids = processor.not_found_ids if force_box and not_found else None
         return cls(cache, [tokenizer.eos_token_id], assistant, processor.num_coord_bins, not_found_ids)
 
@@ -237,7 +241,7 @@ class TextBoxConstraintLogitsProcessor(LogitsProcessor):
         if self.not_found and answer[:1] == self.not_found[:1]:
             written = len(answer)
             return ("not found", written) if answer == self.not_found[:written] else None
-        state = _TextBoxGrammar.START
+        state = self.grammar.start
         for token in answer:
             text = self.token_texts.get(token)
             if text is None:

@@ -11,8 +11,8 @@ A *user* error (a missing or malformed input file, a model id that is neither a 
 setting) prints ``<prog>: error: <what and which input>; <what to do>`` on stderr and exits 2, like argparse's own
 usage errors. Anything else is a bug and keeps its traceback (exit 1). ``--debug`` anywhere on the command line (it
 is taken out before ``main`` parses its arguments, so no parser declares it) or ``GRANVIT_DEBUG=1`` shows the
-traceback of user errors too, and keeps the libraries' progress bars and warnings, which are otherwise silenced so a
-command prints its own messages only.
+traceback of user errors too, and keeps the libraries' progress bars, which are otherwise silenced so a command draws
+its own. Library warnings are not silenced: one that asks nothing of the user is fixed where it comes from.
 
 What counts as a user error (``user_message``): ``UserError`` (raise it, or use ``load_json`` / ``load_yaml`` /
 ``check_model_source``); an ``OSError`` naming a path given on the command line (``FileNotFoundError`` and friends);
@@ -21,11 +21,17 @@ YAML decode error. This module is part of the package, never of a checkpoint: th
 """
 
 import functools
+import importlib.util
 import json
-import logging
 import os
 import re
 import sys
+
+import huggingface_hub.utils
+import transformers
+import yaml
+from huggingface_hub import errors as hub_errors
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 DEBUG_FLAG = "--debug"
 EXIT_USER_ERROR = 2
@@ -50,8 +56,6 @@ def load_json(path: str):
 
 def load_yaml(path: str):
     """``yaml.safe_load`` of a user's file; a missing or malformed file is a ``UserError`` naming it."""
-    import yaml
-
     try:
         with open(path, encoding="utf-8") as f:
             return yaml.safe_load(f)
@@ -67,8 +71,6 @@ def check_model_source(value: str, option: str) -> str:
     A path that does not exist would otherwise reach ``from_pretrained`` and fail with a Hub repo-id error. Whether a
     well-formed Hub id exists is left to the download, whose errors ``user_message`` maps too.
     """
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     if os.path.isdir(value):
         return value
     if os.path.exists(value):
@@ -119,8 +121,6 @@ def _under(path: str, inputs: list[str]) -> bool:
 
 def user_message(err: BaseException, argv: list[str]) -> str | None:
     """The one-line message for a user error, or None when ``err`` is a bug (it then keeps its traceback)."""
-    from huggingface_hub import errors as hub_errors
-
     inputs = _named_inputs(argv)
 
     # A Hub id is named in some messages only; otherwise the command line's one value shaped like owner/name.
@@ -161,31 +161,34 @@ def user_message(err: BaseException, argv: list[str]) -> str | None:
     return None
 
 
-def _errors_only(record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.ERROR
+def _name_deepspeed_accelerator() -> None:
+    """Tell DeepSpeed the machine has no accelerator, when it has none, before anything imports DeepSpeed.
+
+    accelerate imports DeepSpeed whenever it is installed (``unwrap_model`` on every ``save_pretrained``), not only
+    when a DeepSpeed config is used; on import DeepSpeed probes for an accelerator and warns "Setting accelerator to
+    CPU" when it finds none. ``DS_ACCELERATOR`` (DeepSpeed's own setting) gives it the answer it would have reached, so
+    it does not probe; a value the user set is kept, and machines with an accelerator are left to DeepSpeed."""
+    if "DS_ACCELERATOR" in os.environ or importlib.util.find_spec("deepspeed") is None:
+        return
+    import torch  # here only: a DeepSpeed install is what needs the answer, and torch is what knows the devices
+
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, MPS, XPU, ...
+    if not (accelerator.is_available() if accelerator is not None else torch.cuda.is_available()):
+        os.environ["DS_ACCELERATOR"] = "cpu"
 
 
-def _quiet_libraries():
-    """Silence library progress bars and warnings (they are not this command's messages; ``--debug`` keeps them).
-    Returns a function that restores the previous settings, for mains called in-process (tests)."""
-    import huggingface_hub.utils
-    import transformers
-
-    verbosity, bars = transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled()
+def _quiet_progress_bars():
+    """Silence library progress bars (a command draws its own; ``--debug`` keeps theirs). Library warnings stay: each
+    one a command triggers is fixed where it comes from, or asks the user to act. Returns a function that restores the
+    previous settings, for mains called in-process (tests)."""
+    bars = transformers.logging.is_progress_bar_enabled()
     hub_bars = not huggingface_hub.utils.are_progress_bars_disabled()
     datasets_env = os.environ.get("HF_DATASETS_DISABLE_PROGRESS_BARS")
     os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"  # read when datasets is imported (later, by the command)
-    transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     huggingface_hub.utils.disable_progress_bars()
-    # DeepSpeed (imported by accelerate when installed) logs its accelerator detection to stdout; a filter set before
-    # that import survives its logger set-up.
-    deepspeed = logging.getLogger("DeepSpeed")
-    deepspeed.addFilter(_errors_only)
 
     def restore():
-        deepspeed.removeFilter(_errors_only)
-        transformers.logging.set_verbosity(verbosity)
         if bars:
             transformers.logging.enable_progress_bar()
         if hub_bars:
@@ -212,7 +215,8 @@ def console_main(main):
         argv = [os.fspath(a) for a in (sys.argv[1:] if argv is None else argv)]
         debug = DEBUG_FLAG in argv or os.environ.get("GRANVIT_DEBUG", "").lower() in ("1", "true", "yes")
         argv = [a for a in argv if a != DEBUG_FLAG]
-        restore = None if debug else _quiet_libraries()
+        _name_deepspeed_accelerator()
+        restore = None if debug else _quiet_progress_bars()
         try:
             code = main(argv)
         except (Exception, KeyboardInterrupt) as err:

@@ -28,9 +28,9 @@ import torch
 from transformers import LogitsProcessor
 
 from .box_grammar_granvit import BoxConstraintLogitsProcessor, TextBoxConstraintLogitsProcessor
+from .prompts_granvit import ASSISTANT_TOKEN, USER_TOKEN
 
 NEGATIVE_TASK = "caption2bbox_negative"  # the training task whose answer is "not found" (train/data/tasks.py)
-USER_TOKEN, ASSISTANT_TOKEN = "<|user|>", "<|assistant|>"
 
 
 def grounding_settings(processor, not_found: bool) -> dict | None:

@@ -20,7 +20,6 @@ from transformers.modeling_outputs import (
 )
 
 from .configuration_granvit import GranViTConfig
-from .pipeline_granvit import GranViTRegionsPipeline  # noqa: F401 (config.custom_pipelines names it: ship it with the model)
 from .region_decoding_granvit import GranViTRegionDecodingMixin  # dense region APIs (describe_regions, ground)
 from .tiling_granvit import check_image_grids, num_views, stitch_tiles
 

@@ -14,7 +14,9 @@ answers come from the model's dense region APIs, ``describe_regions`` and ``grou
 one image encode, one shared prefill, one decode batch per kind of query; grounding under the box grammar, so every
 answer holds a box, or is "not found" for a checkpoint trained with negatives). Each box has a score in [0, 1]
 (grounding_granvit.py); ``threshold`` keeps the boxes scoring at least that, so a phrase can come back with none. A
-checkpoint names this class in ``config.custom_pipelines`` and ships this file (the modeling file imports it); with the
+checkpoint names this class in ``config.custom_pipelines`` and ships this file: ``granvit-build``'s ``save_granvit`` and
+the stage Trainers' checkpoints copy it (transformers' ``custom_object_save``, as ``Pipeline.save_pretrained`` does for
+a registered pipeline; ``model.save_pretrained`` alone copies only the modeling file and the files it imports). With the
 granvit package imported, ``pipeline("granvit-regions", model=model, processor=processor)`` also works on objects in
 memory.
 """

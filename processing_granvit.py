@@ -1,33 +1,18 @@
-"""GranViT processor: images + chat-formatted text -> model inputs, and the box codec.
+"""GranViT processor: images + chat-formatted text -> ``input_ids``, ``attention_mask``, ``pixel_values`` [, ``labels``].
 
 Box convention (the one of the whole project): outside this file a box is ``[x1, y1, x2, y2]`` in pixels of the
-original (EXIF-upright) image. Here each coordinate is normalized to that image and quantized into ``num_coord_bins``
-bins, ``bin = min(floor(v / size * N), N - 1)``, then written in one of two box formats (``box_format``, fixed at build
-time and stored in the checkpoint):
-
-- ``"text"`` (the paper's): the bins as text the LLM's tokenizer already has, ``[x1, y1, x2, y2]``, e.g.
-  ``[123, 45, 678, 900]`` with N = 1000; several boxes are joined by ``", "``. A pretrained LLM reads numbers from
-  its own pretraining, so a stage-1 LLM that stays frozen still understands the box in the prompt.
-- ``"tokens"``: 6 new vocabulary entries per box, ``<box><coord_x1><coord_y1><coord_x2><coord_y2></box>``; shorter
-  (6 tokens instead of ~15-20) but the LLM must learn what the new rows mean.
-
-Decoding returns bin centres in original pixels, so a round trip is exact to within half a bin. Coordinate tokens are
-ordinary *added* tokens, not special ones: ``skip_special_tokens=True`` (used by the image-text-to-text pipeline) would
+original (EXIF-upright) image. The processor's codec (``processor.codec``, box_codec_granvit.py) turns it into the
+model's box format (``box_format``, fixed at build time and stored in the checkpoint): ``"text"``, the paper's
+``[x1, y1, x2, y2]`` in ``num_coord_bins`` bins written with the LLM's own digits, which a frozen stage-1 LLM already
+reads; or ``"tokens"``, ``<box><coord_x1><coord_y1><coord_x2><coord_y2></box>``, 6 new vocabulary entries the LLM must
+learn. Decoding returns bin centres in original pixels (a round trip is exact to within half a bin). Coordinate tokens
+are ordinary *added* tokens, not special ones: ``skip_special_tokens=True`` (the image-text-to-text pipeline's) would
 otherwise erase every predicted box.
 
-Text from users (captions, questions) is marked untrusted with two private-use characters, and control strings inside
-it (``<image>``, ``<box>``, ``<coord_17>``, role tokens, ...) are tokenized as plain text, never as those tokens. The
-markers never reach the model and never appear in decoded text (``decode``, ``batch_decode`` and the pipeline's
-``post_process_image_text_to_text`` drop them).
-
-One prompt whatever the entry point: a user message that is not a prompt builder's string (plain ``text=``, chat
-messages through ``apply_chat_template``, ``pipeline("image-text-to-text")``) is read as a task request against this
-checkpoint's templates (``parse_request``): ``caption2bbox_template`` with any caption becomes
-``caption2bbox_prompt(caption)`` (only the caption untrusted), ``bbox2caption_template`` around a well-formed box of the
-box format becomes the Bbox2Caption prompt (the box stays a box), anything else is plain untrusted text, as
-``vqa_prompt`` writes it. So the token ids equal the prompt builders' for the same request (tests/test_prompts.py).
-The chat template marks nothing as untrusted itself: it delimits each user text part with a second pair of private-use
-characters, and the processor reads what is inside.
+The chat format, the prompt builders, untrusted user text and the reading of task requests are prompts_granvit.py's
+(``GranViTPromptsMixin``, a base of the processor). This file tokenizes a prompt (``<image>`` expanded, untrusted text
+as plain text) and leaves padding to the tokenizer (``tokenizer.pad``), as transformers' LLaVA processor leaves it to
+its tokenizer call.
 """
 
 import itertools
@@ -39,46 +24,13 @@ from transformers import AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, TextKwargs
 
-from .box_codec_granvit import BOX_END, BOX_FORMATS, BOX_START, TEXT_BOX_SEPARATOR, BoxCodec, coord_token  # noqa: F401
+from .box_codec_granvit import BOX_END, BOX_FORMATS, BOX_START, BoxCodec, coord_token
 from .box_utils_granvit import check_box
+# The chat constants are also read from here (train/parts, the tests): prompts_granvit.py defines them.
+from .prompts_granvit import ASSISTANT_TOKEN, BBOX2CAPTION_TEMPLATE, CAPTION2BBOX_TEMPLATE, CHAT_TEMPLATE  # noqa: F401
+from .prompts_granvit import IMAGE_TOKEN, NOT_FOUND_ANSWER, REQUEST_END, REQUEST_START, UNTRUSTED_END  # noqa: F401
+from .prompts_granvit import UNTRUSTED_START, USER_TOKEN, VQA_TEMPLATE, GranViTPromptsMixin, strip_markers
 from .tiling_granvit import view_markers
-
-IMAGE_TOKEN = "<image>"
-USER_TOKEN, ASSISTANT_TOKEN = "<|user|>", "<|assistant|>"
-# Private-use code points delimiting untrusted text inside a prompt string, and (written by the chat template) a user
-# message for the processor to read as a task request (`user_message`).
-UNTRUSTED_START, UNTRUSTED_END = "\ue000", "\ue001"
-REQUEST_START, REQUEST_END = "\ue002", "\ue003"
-MARKERS = (UNTRUSTED_START, UNTRUSTED_END, REQUEST_START, REQUEST_END)
-# The Caption2Bbox answer for a phrase that names nothing in the image (checkpoints trained with negatives:
-# grounding_granvit.py); plain text in the LLM's own tokens.
-NOT_FOUND_ANSWER = "not found"
-
-BBOX2CAPTION_TEMPLATE = (
-    "Describe the content contained within the normalized bounding box coordinates {box} in no more than 10 words."
-)
-CAPTION2BBOX_TEMPLATE = "Please provide the bounding box coordinate of the region this sentence describes: {caption}"
-VQA_TEMPLATE = "{question}"
-
-# Each user text part is delimited as a user message (its own delimiters removed first); the processor decides what in
-# it is untrusted (`user_message`). Other roles' text (assistant answers, system prompts) is taken as written.
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{- '<|' + message['role'] + '|>' -}}"
-    "{%- if message['content'] is string -%}{%- set parts = [{'type': 'text', 'text': message['content']}] -%}"
-    "{%- else -%}{%- set parts = message['content'] -%}{%- endif -%}"
-    "{%- for part in parts -%}"
-    "{%- if part['type'] == 'image' -%}{{- '<image>' -}}"
-    "{%- elif part['type'] == 'text' and message['role'] == 'user' -%}"
-    "{{- '\ue002' + part['text'] | replace('\ue002', '') | replace('\ue003', '') + '\ue003' -}}"
-    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{{- eos_token -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}"
-)
-
 
 # The tokenizer kwargs GranViT honours (processor(..., padding=..., ...) as in other HF processors). GranViT tokenizes
 # its prompts itself, so the rest of TextKwargs (stride, offsets, pre-split words, ...) would silently do nothing.
@@ -98,7 +50,7 @@ def box_format_tokens(box_format: str, num_coord_bins: int) -> list[str]:
     return [IMAGE_TOKEN, USER_TOKEN, ASSISTANT_TOKEN] + BoxCodec(num_coord_bins, box_format).added_tokens()
 
 
-class GranViTProcessor(ProcessorMixin):
+class GranViTProcessor(GranViTPromptsMixin, ProcessorMixin):
     valid_processor_kwargs = GranViTProcessorKwargs
     # Defaults of the call (the lowest priority in `_merge_kwargs`): a padded batch of tensors, as GranViT always gave.
     text_kwargs = {"padding": "longest", "return_tensors": "pt"}
@@ -146,7 +98,6 @@ class GranViTProcessor(ProcessorMixin):
                 raise ValueError("Coordinate tokens must have contiguous ids <coord_0> .. <coord_{n-1}>")
         if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
             raise ValueError("The tokenizer needs an eos token (it ends every turn and pads batches)")
-        self._added_token_pattern = None
 
     # ---- tokenizer set-up ---------------------------------------------------------------------------------------
     def control_tokens(self) -> list[str]:
@@ -160,34 +111,33 @@ class GranViTProcessor(ProcessorMixin):
         ``box_format="tokens"``, ``<box>``, ``</box>`` and ``<coord_i>`` are ordinary added tokens so decoded answers
         keep their boxes. The text format adds no box tokens: the tokenizer's own digits write the numbers.
         """
+        codec = BoxCodec(num_coord_bins, box_format)  # checks box_format
         vocab = tokenizer.get_vocab()
         special = [t for t in (IMAGE_TOKEN, USER_TOKEN, ASSISTANT_TOKEN) if t not in vocab]
         if special:
             tokenizer.add_special_tokens({"extra_special_tokens": special}, replace_extra_special_tokens=False)
         ids = {"image_token_id": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)}
         if box_format == "tokens":
-            tokenizer.add_tokens(BoxCodec(num_coord_bins, box_format).added_tokens())
+            tokenizer.add_tokens(codec.added_tokens())
             ids.update(
                 box_start_token_id=tokenizer.convert_tokens_to_ids(BOX_START),
                 box_end_token_id=tokenizer.convert_tokens_to_ids(BOX_END),
                 coord_token_start_id=tokenizer.convert_tokens_to_ids(coord_token(0)),
             )
-        elif box_format != "text":
-            raise ValueError(f"box_format must be one of {BOX_FORMATS}, got {box_format!r}")
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         return ids
 
-    # ---- boxes --------------------------------------------------------------------------------------------------
-    @staticmethod
-    def validate_box(box, image_size: tuple[int, int]) -> list[float]:
-        """Check a pixel box against its image; returns it as floats or raises ValueError naming the box and rule."""
-        return check_box(box, image_size)
-
+    # ---- boxes -------------------------------------------------------------------------------------------------------
     @property
     def codec(self) -> BoxCodec:
         """The box codec of this checkpoint (bins and box format): box_codec_granvit.py."""
         return BoxCodec(self.num_coord_bins, self.box_format)
+
+    @staticmethod
+    def validate_box(box, image_size: tuple[int, int]) -> list[float]:
+        """Check a pixel box against its image; returns it as floats or raises ValueError naming the box and rule."""
+        return check_box(box, image_size)
 
     def box_to_bins(self, box, image_size: tuple[int, int]) -> list[int]:
         return self.codec.quantize(box, image_size)
@@ -225,119 +175,7 @@ class GranViTProcessor(ProcessorMixin):
             generated = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
         return [self.decode_boxes(text, size) for text, size in zip(generated, image_sizes)]
 
-    # ---- prompts ------------------------------------------------------------------------------------------------
-    @staticmethod
-    def plain_text(text: str) -> str:
-        """Mark user text as untrusted: control strings inside it are tokenized as plain text."""
-        return UNTRUSTED_START + GranViTProcessor.strip_markers(str(text)) + UNTRUSTED_END
-
-    def bbox2caption_prompt(self, box, image_size: tuple[int, int]) -> str:
-        """Bbox2Caption user message (stage 1): describe the region in the box."""
-        return self._bbox2caption_prompt(self.box_to_bins(box, image_size))
-
-    def _bbox2caption_prompt(self, bins: list[int]) -> str:
-        # The empty untrusted pair marks the string as a prompt builder's (`user_message`): its box tokens are real.
-        return self.bbox2caption_template.replace("{box}", self.format_bins(bins)) + self.plain_text("")
-
-    def caption2bbox_prompt(self, caption: str) -> str:
-        """Caption2Bbox user message (stage 2): find the region a caption describes."""
-        return self.caption2bbox_template.replace("{caption}", self.plain_text(caption))
-
-    def vqa_prompt(self, question: str) -> str:
-        return self.vqa_template.replace("{question}", self.plain_text(question))
-
-    def parse_request(self, text: str) -> tuple[str, str | list[int]]:
-        """What a user message asks, read against this checkpoint's templates: ``("caption2bbox", caption)``,
-        ``("bbox2caption", bins)`` (a well-formed box of the box format where the template has ``{box}``),
-        ``("vqa", question)`` or, matching none, ``("text", text)``. A template matches the whole message exactly."""
-        caption = _template_match(self.caption2bbox_template, "{caption}", text, r"(.+)")
-        if caption:
-            return "caption2bbox", caption.group(1)
-        box = _template_match(self.bbox2caption_template, "{box}", text, self.box_pattern.pattern)
-        if box:
-            bins = [int(g) for g in box.groups()]
-            if max(bins) < self.num_coord_bins and bins[2] >= bins[0] and bins[3] >= bins[1]:
-                return "bbox2caption", bins
-        question = _template_match(self.vqa_template, "{question}", text, r"(.+)")
-        if question:
-            return "vqa", question.group(1)
-        return "text", text
-
-    def user_message(self, text: str) -> str:
-        """A user message -> the prompt string a prompt builder writes for the same request.
-
-        A prompt builder's string (it holds untrusted-text markers) is kept, unless its trusted part would put a
-        special token (``<image>``, a role token, eos, ...) into the user turn: then, like any other text, it is read
-        by ``parse_request`` and rewritten by the builder of what it asks; text that is no task request becomes plain
-        untrusted text."""
-        if UNTRUSTED_START in text and not self._trusted_special_tokens(text):
-            return text
-        task, value = self.parse_request(self.strip_markers(text))
-        if task == "caption2bbox":
-            return self.caption2bbox_prompt(value)
-        if task == "bbox2caption":
-            return self._bbox2caption_prompt(value)
-        if task == "vqa":
-            return self.vqa_prompt(value)
-        return self.plain_text(value)
-
-    def _trusted_special_tokens(self, text: str) -> list[int]:
-        """Special-token ids the trusted (unmarked) parts of a prompt string would produce (box tokens are not
-        special)."""
-        roles = self.tokenizer.convert_tokens_to_ids([USER_TOKEN, ASSISTANT_TOKEN])
-        special = set(self.tokenizer.all_special_ids) | {self.image_token_id, *roles}
-        trusted = "".join(re.split(f"{UNTRUSTED_START}.*?{UNTRUSTED_END}", text, flags=re.DOTALL))
-        ids = self.tokenizer(self.strip_markers(trusted), add_special_tokens=False)["input_ids"]
-        return [i for i in ids if i in special]
-
-    def _read_requests(self, chat: str) -> str:
-        """Chat text (a rendered chat template) with each delimited user message replaced by ``user_message``'s."""
-        return re.sub(f"{REQUEST_START}(.*?){REQUEST_END}", lambda m: self.user_message(m.group(1)), chat,
-                      flags=re.DOTALL)
-
-    def format_user_turn(self, prompt: str, num_images: int = 1) -> str:
-        """A user message -> chat text up to the assistant's turn, with ``<image>`` placeholders in front."""
-        message = self.user_message(prompt)
-        return USER_TOKEN + IMAGE_TOKEN * num_images + message + self.tokenizer.eos_token + ASSISTANT_TOKEN
-
-    def _chat(self, text: str, num_images: int) -> str:
-        return self._read_requests(text) if text.startswith(USER_TOKEN) else self.format_user_turn(text, num_images)
-
-    # ---- "not found" -------------------------------------------------------------------------------------------
-    @property
-    def not_found_target(self) -> str:
-        """The training target of a Caption2Bbox query whose caption names nothing in the image."""
-        return self.plain_text(self.not_found_answer)
-
-    @property
-    def not_found_ids(self) -> list[int]:
-        """Token ids of the "not found" answer, exactly as the training target has them (without the eos)."""
-        return self._encode(self.not_found_target)
-
-    def is_not_found(self, text) -> bool:
-        """Whether a decoded grounding answer is the "not found" answer."""
-        return isinstance(text, str) and text.strip() == self.not_found_answer
-
     # ---- tokenization -------------------------------------------------------------------------------------------
-    def _plain_ids(self, text: str) -> list[int]:
-        """Tokenize untrusted text so that no added/special token can be produced from it."""
-        if self._added_token_pattern is None:
-            added = sorted(self.tokenizer.get_added_vocab(), key=len, reverse=True)
-            self._added_token_pattern = re.compile("|".join(re.escape(t) for t in added)) if added else None
-        pieces, rest = [], text
-        while rest:
-            match = self._added_token_pattern.search(rest) if self._added_token_pattern else None
-            if match is None:
-                pieces.append(rest)
-                break
-            # Cut one character into the control string: neither side can then form it.
-            pieces.append(rest[: match.start() + 1])
-            rest = rest[match.start() + 1 :]
-        ids = []
-        for piece in pieces:
-            ids += self.tokenizer(piece, add_special_tokens=False)["input_ids"]
-        return ids
-
     @property
     def tiling(self) -> bool:
         """Whether images are tiled (the image processor's ``max_tiles``, recorded at build time)."""
@@ -360,7 +198,7 @@ class GranViTProcessor(ProcessorMixin):
         grids = iter([None] * text.count(IMAGE_TOKEN) if image_grids is None else [tuple(g) for g in image_grids])
         ids = []
         for i, segment in enumerate(re.split(f"{UNTRUSTED_START}(.*?){UNTRUSTED_END}", text, flags=re.DOTALL)):
-            segment = self.strip_markers(segment)
+            segment = strip_markers(segment)
             if not segment:
                 continue
             if i % 2:
@@ -426,13 +264,9 @@ class GranViTProcessor(ProcessorMixin):
             labels = [[-100] * len(s) + a for s, a in zip(sequences, answers)]
             sequences = [s + a for s, a in zip(sequences, answers)]
         if options.get("truncation") not in (None, False, "do_not_truncate"):
-            sequences, labels = self._truncate(sequences, labels, options.get("max_length"), per_sample_images,
-                                               per_sample_grids)
-        side = options.get("padding_side") or ("right" if targets is not None else "left")
-        data = self._pad(sequences, labels, side, options)
-        if options.get("return_attention_mask") is False:
-            del data["attention_mask"]
-
+            sequences, labels = self._truncate(sequences, labels, options.get("max_length"), per_sample_grids,
+                                               [len(imgs) for imgs in per_sample_images])
+        data = self._pad(sequences, labels, options, side="right" if targets is not None else "left")
         if flat_images:
             data["pixel_values"] = image_features["pixel_values"]  # (views, 3, S, S): one view per image untiled
             if grids is not None:
@@ -470,72 +304,41 @@ class GranViTProcessor(ProcessorMixin):
             raise ValueError(f"{len(grouped)} image groups for {batch_size} prompts")
         return grouped
 
-    def _truncate(self, sequences, labels, max_length, per_sample_images, per_sample_grids):
+    def _truncate(self, sequences, labels, max_length, per_sample_grids, num_images):
         """Cut each sequence (and its labels) to ``max_length`` on the tokenizer's ``truncation_side``; a cut into
         the image tokens is an error (the model needs all of them)."""
         max_length = max_length or self.tokenizer.model_max_length
         cut = (lambda x: x[-max_length:]) if self.tokenizer.truncation_side == "left" else (lambda x: x[:max_length])
         sequences = [cut(s) for s in sequences]
-        for seq, imgs, grids in zip(sequences, per_sample_images, per_sample_grids):
-            expected = sum(self.image_token_ids(g).count(self.image_token_id) for g in (grids or [None] * len(imgs)))
+        for seq, grids, n in zip(sequences, per_sample_grids, num_images):
+            expected = sum(self.image_token_ids(g).count(self.image_token_id) for g in (grids or [None] * n))
             if seq.count(self.image_token_id) != expected:
-                raise ValueError(
-                    f"max_length={max_length} cuts into the image tokens ({len(imgs)} image(s), {expected} "
-                    "image tokens); raise max_length"
-                )
+                raise ValueError(f"max_length={max_length} cuts into the image tokens ({n} image(s), {expected} image "
+                                 "tokens); raise max_length")
         return sequences, None if labels is None else [cut(lab) for lab in labels]
 
-    def _pad(self, sequences: list[list[int]], labels: list[list[int]] | None, side: str, options: dict) -> dict:
-        """Pad as the tokenizer would for ``padding`` / ``max_length`` / ``pad_to_multiple_of``; lists when a batch
-        stays ragged (``padding=False``), which only ``return_tensors=None`` can return."""
-        padding = options.get("padding")
-        padding = "longest" if padding is True else "do_not_pad" if padding in (False, None) else str(padding)
-        longest, max_length = max(len(s) for s in sequences), options.get("max_length")
-        if padding == "max_length":
-            if max_length is None:
-                raise ValueError("padding='max_length' needs max_length")
-            if longest > max_length:
-                raise ValueError(f"a prompt has {longest} tokens, more than max_length={max_length}; pass truncation=True")
-            longest = max_length
-        if options.get("pad_to_multiple_of"):
-            longest = -(-longest // options["pad_to_multiple_of"]) * options["pad_to_multiple_of"]
-        if padding == "do_not_pad":
-            if len({len(s) for s in sequences}) > 1 and options.get("return_tensors") is not None:
-                raise ValueError("prompts of different lengths cannot become tensors without padding: pass padding=True "
-                                 "or return_tensors=None")
-            data = {"input_ids": [list(s) for s in sequences], "attention_mask": [[1] * len(s) for s in sequences]}
-            if labels is not None:
-                data["labels"] = [list(lab) for lab in labels]
-            return data
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-
-        def pad(row, value):
-            fill = [value] * (longest - len(row))
-            return fill + list(row) if side == "left" else list(row) + fill
-
-        data = {"input_ids": [pad(s, pad_id) for s in sequences],
-                "attention_mask": [pad([1] * len(s), 0) for s in sequences]}
+    def _pad(self, sequences: list[list[int]], labels: list[list[int]] | None, options: dict, side: str) -> dict:
+        """The tokenizer pads (``padding``, ``max_length``, ``pad_to_multiple_of``, ``padding_side`` as in its own
+        call; left for generation, right with targets by default); labels are padded alike with -100. Lists come
+        back (the BatchFeature makes the tensors), ragged with ``padding=False``."""
+        ragged = len({len(s) for s in sequences}) > 1
+        if options.get("padding") in (False, None, "do_not_pad") and ragged and options.get("return_tensors"):
+            raise ValueError("prompts of different lengths cannot become tensors without padding: pass padding=True "
+                             "or return_tensors=None")
+        if options.get("padding") == "max_length" and max(map(len, sequences)) > (options.get("max_length") or 0) > 0:
+            raise ValueError(f"a prompt has {max(map(len, sequences))} tokens, more than max_length="
+                             f"{options['max_length']}; pass truncation=True")
+        padded = self.tokenizer.pad(
+            {"input_ids": sequences}, padding=options.get("padding") or False, max_length=options.get("max_length"),
+            pad_to_multiple_of=options.get("pad_to_multiple_of"), padding_side=options.get("padding_side") or side,
+            return_attention_mask=options.get("return_attention_mask"),
+        )
+        data = dict(padded)
         if labels is not None:
-            data["labels"] = [pad(lab, -100) for lab in labels]
+            left = (options.get("padding_side") or side) == "left"
+            data["labels"] = [[-100] * (len(row) - len(lab)) * left + lab + [-100] * (len(row) - len(lab)) * (not left)
+                              for row, lab in zip(data["input_ids"], labels)]
         return data
-
-    # ---- decoding -----------------------------------------------------------------------------------------------
-    @staticmethod
-    def strip_markers(text):
-        """Text (or a list of texts) without the untrusted-text markers: what a person should read."""
-        if isinstance(text, str):
-            return re.sub(f"[{''.join(MARKERS)}]", "", text)
-        return [GranViTProcessor.strip_markers(t) for t in text]
-
-    def decode(self, *args, **kwargs):
-        return self.strip_markers(self.tokenizer.decode(*args, **kwargs))
-
-    def batch_decode(self, *args, **kwargs):
-        return self.strip_markers(self.tokenizer.batch_decode(*args, **kwargs))
-
-    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens=True, **kwargs):
-        texts = super().post_process_image_text_to_text(generated_outputs, skip_special_tokens, **kwargs)
-        return self.strip_markers(texts)
 
     # ---- dense region decoding ------------------------------------------------------------------------------------
     def prompt_ids(self, prompts: list[str], num_images: int = 1, image_grids=None) -> list[list[int]]:
@@ -567,14 +370,6 @@ class GranViTProcessor(ProcessorMixin):
             image_processor, tokenizer, num_image_tokens=num_image_tokens, num_coord_bins=num_coord_bins,
             box_format=box_format, **kwargs,
         )
-
-
-def _template_match(template: str, placeholder: str, text: str, pattern: str) -> re.Match | None:
-    """``text`` matched against ``template`` with its one ``placeholder`` as the regex ``pattern`` (None: no match)."""
-    if template.count(placeholder) != 1:
-        return None
-    prefix, suffix = template.split(placeholder)
-    return re.fullmatch(re.escape(prefix) + pattern + re.escape(suffix), text, flags=re.DOTALL)
 
 
 __all__ = ["GranViTProcessor"]

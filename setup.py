@@ -22,6 +22,8 @@ BASE = [
 ]
 EXTRAS = {
     # scikit-learn + threadpoolctl: the region probe (eval/probe.py) the main job and granvit-parts report.
+    # trl: train/trl_stages.py overrides no private trl method (only training_step / prediction_step, the config and
+    # the trainer's public attributes ref_model / beta), so no upper bound; tests/test_trl_stages.py pins the behaviour.
     "train": ["datasets>=5,<6", "accelerate>=1.10", "peft>=0.17", "trl>=1.10", "matplotlib>=3.8", "pyarrow>=18",
               "scikit-learn>=1.3", "threadpoolctl>=3"],
     "eval": ["datasets>=5,<6", "evaluate>=0.4.6", "pycocoevalcap>=1.2", "matplotlib>=3.8", "scikit-learn>=1.3",

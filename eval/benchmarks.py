@@ -18,10 +18,11 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from datasets import concatenate_datasets, load_dataset
 from PIL import Image
 
 from granvit.box_utils_granvit import xywh_to_xyxy
-from granvit.train.data.schema import decode_image
+from granvit.gran_format import decode_image
 
 FAMILIES = ("fine-grained", "vqa", "ocr")
 TASK_TYPES = ("grounding", "region_caption", "vqa", "multiple_choice", "ocr")
@@ -201,8 +202,6 @@ def get_benchmark(name: str) -> Benchmark:
 
 def load_rows(bench: Benchmark, data: str | None = None, config: str | None = None):
     """The benchmark's rows: a local Parquet/JSONL file (same columns as the Hub) or the Hub distribution."""
-    from datasets import concatenate_datasets, load_dataset
-
     if data is not None:
         if not os.path.exists(data):
             raise FileNotFoundError(f"benchmark file {data} does not exist")
@@ -234,7 +233,7 @@ def iter_samples(bench: Benchmark, rows, base_dir: str = "."):
 
 def to_pil(image, base_dir: str = "."):
     """An RGB image from a PIL image, an HF Image cell ({bytes, path}), a path (relative to `base_dir`), or a list
-    (tiled side by side): EXIF-upright and converted as the model converts it (`schema.decode_image`)."""
+    (tiled side by side): EXIF-upright and converted as the model converts it (`gran_format.decode_image`)."""
     if isinstance(image, list):
         parts = [to_pil(im, base_dir) for im in image]
         canvas = Image.new("RGB", (sum(p.width for p in parts), max(p.height for p in parts)), "white")

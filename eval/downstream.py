@@ -26,7 +26,7 @@ from tqdm import tqdm
 from granvit.eval import metrics as M
 from granvit.eval.benchmarks import FAMILIES, to_pil
 from granvit.eval.run import _load_gran, box_grammar, generate
-from granvit.train.data.downstream import LETTERS, PLACEHOLDER, downstream_prompt
+from granvit.gran_format import LETTERS, PLACEHOLDER, downstream_prompt
 
 
 def predict_rows(model, processor, rows: list[dict], batch_size: int = 16) -> list[dict]:

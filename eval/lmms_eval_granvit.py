@@ -27,6 +27,7 @@ import os
 import shutil
 
 import torch
+from datasets import Dataset, Features, Image, List, Value
 from lmms_eval.api.model import lmms
 from lmms_eval.models.registry_v2 import ModelManifest
 from tqdm import tqdm
@@ -139,8 +140,6 @@ def write_tasks(data: str, out_dir: str) -> str:
 
 def export_regions(gran_dataset, path: str, limit: int | None = None) -> str:
     """Flatten a Gran-schema dataset to the task Parquet: one (image, bbox, caption) row per region."""
-    from datasets import Dataset, Features, Image, List, Value
-
     rows = []
     for row in gran_dataset:
         for region in row["regions"]:

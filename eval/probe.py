@@ -5,8 +5,8 @@ going through the LLM: the features are `model.get_region_features` (ROIAlign ov
 box), the probe is trained on regions of training images and scored on regions of held-out images.
 
 Labels come from the synthetic captions: the generator (`train/data/synth.py`, `_describe`) writes every natural
-region's caption as "[size] colour [texture] shape", with colours from `COLOURS` and shapes from `SHAPES`, and records
-no separate attribute fields, so the caption's words are the ground truth.
+region's caption as "[size] colour [texture] shape", with colours from `COLOURS` and shapes from `SHAPES`
+(gran_format.py), and records no separate attribute fields, so the caption's words are the ground truth.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from ..train.data.synth import COLOURS, SHAPES
+from ..gran_format import COLOURS, SHAPES
 
 ATTRIBUTES = {"shape": set(SHAPES), "colour": set(COLOURS)}
 

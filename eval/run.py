@@ -24,18 +24,19 @@ import os
 import sys
 
 import torch
+from datasets import get_dataset_split_names, load_dataset
+from datasets.data_files import EmptyDatasetError
 from tqdm import tqdm
-from transformers import LogitsProcessorList
+from transformers import CONFIG_MAPPING, AutoModelForImageTextToText, AutoProcessor, LogitsProcessorList, PreTrainedConfig
 
 from granvit.console import UserError, check_model_source, console_main
 from granvit.eval import metrics as M
 from granvit.eval.benchmarks import BENCHMARKS, TASK_TYPES, get_benchmark, iter_samples, load_rows, to_pil
 from granvit.eval.report import draw_boxes, update_scores
+from granvit.gran_format import CHOICE_SUFFIX, VQA_SUFFIX
 from granvit.grounding_granvit import box_scores, chosen_logprobs
 from granvit.modeling_granvit import GranViTPreTrainedModel
 
-VQA_SUFFIX = "\nAnswer the question using a single word or phrase."
-CHOICE_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
 MAX_NEW_TOKENS = {"region_caption": 32, "vqa": 16, "multiple_choice": 8, "ocr": 64}  # grounding: the box format's
 
 
@@ -47,9 +48,6 @@ def load_model(model_id: str, device: str | None = None, dtype: str = "auto", tr
     GranViT checkpoints load with the installed package's classes. A checkpoint whose ``model_type`` neither
     transformers nor GranViT knows, and which ships its own code (``auto_map``), is refused unless
     ``trust_remote_code`` (running a repository's code is the caller's decision, never a default)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedConfig
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
     config = PreTrainedConfig.get_config_dict(model_id)[0]
     if not trust_remote_code and config.get("model_type") not in CONFIG_MAPPING and config.get("auto_map"):
         raise UserError(
@@ -299,8 +297,6 @@ def _write(f, records):
 def _load_gran(dataset_or_path, split: str):
     if not isinstance(dataset_or_path, (str, os.PathLike)):
         return dataset_or_path
-    from datasets import load_dataset
-
     path = str(dataset_or_path)
     if path.endswith(".parquet"):
         return load_dataset("parquet", data_files=path, split="train")
@@ -418,9 +414,6 @@ def check_gran_data(data: str | None, split: str) -> list[str]:
         if not data.endswith(".parquet"):
             raise UserError(f"--data {data}: expected a Gran dataset folder or a .parquet file")
         return []
-    from datasets import get_dataset_split_names
-    from datasets.data_files import EmptyDatasetError
-
     try:
         splits = get_dataset_split_names(data)  # what load_dataset(data, split=...) will accept
     except EmptyDatasetError:

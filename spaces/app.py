@@ -24,7 +24,6 @@ Boxes are ``[x1, y1, x2, y2]`` in pixels of the image as uploaded, everywhere in
 
 import argparse
 import os
-import re
 import sys
 import tempfile
 import threading
@@ -75,8 +74,6 @@ TRUST_REMOTE_CODE = os.environ.get("GRANVIT_TRUST_REMOTE_CODE", "1") != "0"  # s
 TASKS = {"bbox2caption": "describe a region (box -> caption)", "caption2bbox": "find a phrase (caption -> box)",
          "caption2bbox_negative": 'answer "not found" for a phrase naming nothing in the image',
          "vqa": "answer questions about an image"}
-# Pieces of the 6-token box format (processing_granvit.py) left outside a well-formed box.
-STRAY_BOX_TOKENS = re.compile(r"</?box>|<coord_\d+>")
 
 
 # ---- model -------------------------------------------------------------------------------------------------------
@@ -158,7 +155,8 @@ class GranViTDemo:
             [box] = self.processor.decode_boxes(match.group(0), image_size) or [None]
             return "" if box is None else "[" + ", ".join(f"{v:.0f}" for v in box) + "]"
 
-        text = " ".join(STRAY_BOX_TOKENS.sub(" ", self.processor.box_pattern.sub(pixels, text)).split())
+        # pieces of the 6-token box format left outside a well-formed box go (the checkpoint's codec knows them)
+        text = self.processor.codec.strip_box_tokens(self.processor.box_pattern.sub(pixels, text))
         return text or "(no answer: the model replied with box tokens only)"
 
     def similarity(self, image: Image.Image, box: list[float]) -> np.ndarray:

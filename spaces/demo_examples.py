@@ -28,7 +28,7 @@ def write_demo_examples(checkpoint_dir, rows, n: int = 4, max_regions: int = MAX
     ``regions`` [{``bbox`` [x1, y1, x2, y2] pixels, ``caption``}]), e.g. the held-out test split.
     """
     # The training job writes examples (the granvit package is installed there); a Space only reads them.
-    from granvit.train.data.schema import decode_image
+    from granvit.gran_format import decode_image
 
     out = Path(checkpoint_dir) / EXAMPLES_DIR
     out.mkdir(parents=True, exist_ok=True)

@@ -39,11 +39,11 @@ def test_every_caller_applies_the_same_rule(box, rule, valid_without_image):
     assert (problem and problem[0]) == rule
     if rule is None:
         assert GranViTProcessor.validate_box(box, SIZE) == [float(v) for v in box]
-        assert schema.check_box(box, *SIZE) is None
+        assert schema.box_reason(box, *SIZE) is None
     else:
         with pytest.raises(ValueError, match=f"Box .*rule: {rule}"):
             GranViTProcessor.validate_box(box, SIZE)
-        assert schema.check_box(box, *SIZE) == B.BOX_RULES[rule]
+        assert schema.box_reason(box, *SIZE) == B.BOX_RULES[rule]
     assert M.valid_box(box) is valid_without_image
     assert set(B.BOX_RULES.values()) <= set(schema.REASONS)
 

@@ -301,6 +301,33 @@ def test_success_exit_codes_as_console_scripts(tiny_checkpoint, tmp_path):
 def test_quickstart_smoke_exits_0(tmp_path):
     proc = run(command("granvit-quickstart", "--smoke", "--out", tmp_path / "qs"), REPO, timeout=600)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    # a quiet log: library warnings are not silenced, so none may come (each one is fixed where it comes from)
+    assert not [line for line in (proc.stdout + proc.stderr).splitlines() if "warn" in line.lower()]
+
+
+def test_deepspeed_is_told_the_machine_has_no_accelerator(monkeypatch):
+    """accelerate imports DeepSpeed on every save when it is installed; its accelerator probe would warn on a machine
+    without one, so the console scripts name the accelerator (DS_ACCELERATOR, DeepSpeed's setting) before it probes."""
+    import torch
+
+    from granvit import console
+
+    if console.importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed not installed: nothing to tell")
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    console._name_deepspeed_accelerator()
+    assert "DS_ACCELERATOR" not in os.environ  # a machine with an accelerator is left to DeepSpeed
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    console._name_deepspeed_accelerator()
+    assert os.environ["DS_ACCELERATOR"] == "cpu"
+    monkeypatch.setenv("DS_ACCELERATOR", "xpu")
+    console._name_deepspeed_accelerator()
+    assert os.environ["DS_ACCELERATOR"] == "xpu"  # the user's choice is kept
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    probe = "from granvit.console import _name_deepspeed_accelerator as n; n(); import deepspeed.accelerator as a; a.get_accelerator()"
+    proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "Setting accelerator" not in proc.stdout + proc.stderr, proc.stderr[-2000:]
 
 
 @pytest.mark.slow

@@ -144,3 +144,36 @@ def test_build_cli_writes_a_complete_checkpoint(tmp_path):
         torch.testing.assert_close(ours, lm(input_ids=ids).logits)
     processor = GranViTProcessor.from_pretrained(tmp_path / "ckpt")
     assert processor.num_image_tokens == 4 and processor.num_coord_bins == 50
+
+
+def test_build_from_a_dual_encoder_logs_no_warning(tmp_path):
+    """A full SigLIP checkpoint (text half + pooling head) builds without a library warning: its vision config is read
+    alone (a whole SigLIP config warns about transformers' own default text config, transformers#47612) and the text
+    half and head left behind on purpose are not reported; the tower holds the checkpoint's vision weights."""
+    import logging
+
+    import transformers
+    from granvit.train.build import build_granvit
+    from granvit.train.tiny import save_tiny_parts
+    from transformers import SiglipConfig, SiglipModel
+
+    _, llm_dir = save_tiny_parts(tmp_path / "parts")
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1, image_size=64,
+                 patch_size=16)
+    text = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1,
+                bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    full = SiglipModel(SiglipConfig(text_config=text, vision_config=tower))
+    full.save_pretrained(tmp_path / "siglip")
+    logging.Logger.warning_once.cache_clear()  # transformers warns once per message and process: start afresh
+    warnings = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    transformers.logging.get_logger("transformers").addHandler(handler)
+    try:
+        model, _ = build_granvit(str(tmp_path / "siglip"), str(llm_dir), num_coord_bins=16)
+    finally:
+        transformers.logging.get_logger("transformers").removeHandler(handler)
+    assert warnings == []
+    theirs = full.vision_model.state_dict()  # with the pooling head, which the tower leaves behind
+    ours = model.model.vision_tower.state_dict()
+    assert ours and all(torch.equal(v, theirs[k.removeprefix("vision_model.")]) for k, v in ours.items())

@@ -23,6 +23,8 @@ def test_stage1_then_lora_stage2(tmp_path):
     stage1 = tmp_path / "stage1"
     assert {"loss", "caption_loss", "distill_loss"} <= set(state.curve["loss"][0])
     assert (stage1 / "checkpoint-2" / "ema_teacher.safetensors").is_file()
+    # its config names the regions pipeline, and the Trainer's checkpoint ships its file (as save_granvit's final does)
+    assert (stage1 / "checkpoint-2" / "pipeline_granvit.py").is_file() and (stage1 / "final" / "pipeline_granvit.py").is_file()
     assert (stage1 / "ema_teacher.safetensors").is_file() and load_file(stage1 / "ema_teacher.safetensors")
     first = GranViTForConditionalGeneration.from_pretrained(stage1 / "final")
     assert first.config.trained_tasks == ["bbox2caption"]

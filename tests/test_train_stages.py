@@ -300,3 +300,28 @@ def test_one_learning_rate_per_component(processor, model, tmp_path):
     by_lr = {group["lr"]: sum(p.numel() for p in group["params"]) for group in optimizer.param_groups}
     table = trainer.parameter_table
     assert by_lr == {5e-4: table["vision_tower"][0], 2e-3: table["multi_modal_projector"][0]}
+
+
+def test_one_table_of_stages_and_its_old_views():
+    """stages.STAGES is the one definition of a stage; TRAINED, TRAINERS, TRL_STAGES and config_class are views of
+    it, and each named class is the stage's own."""
+    from granvit.train import freezing, recipe, stages, trainers, trl_stages
+
+    assert freezing.TRAINED == {name: set(stage.trains) for name, stage in stages.STAGES.items()}
+    assert trainers.TRAINERS == {name: stage.trainer_class() for name, stage in stages.STAGES.items()
+                                 if not stage.uses_trl}
+    assert stages.TRL_STAGES == recipe.TRL_STAGES == ("sft", "grpo")
+    for name, stage in stages.STAGES.items():
+        assert stage.trains <= set(COMPONENTS) and stage.trains, name
+        trainer = stage.trainer_class()
+        assert issubclass(trainer, trainers.GranViTTrainer) and trainer.stage == name
+        assert issubclass(stage.arguments_class(), GranViTTrainingArguments)
+    for name in stages.TRL_STAGES:
+        assert trl_stages.config_class(name) is stages.STAGES[name].arguments_class()
+    assert stages.STAGES["1"].trains == {"vision_tower", "multi_modal_projector"}  # the paper's stage 1: LLM frozen
+    assert "vision_tower" not in stages.STAGES["2"].trains  # the paper's stage 2: ViT frozen
+    with pytest.raises(ValueError, match="unknown stage '3'"):
+        stages.get_stage("3")
+    # one trainer per stage: sft runs on trl (trl_stages.GranViTSFTTrainer), trainers.py has no second one
+    stage_classes = [c for c in vars(trainers).values() if isinstance(c, type) and issubclass(c, trainers.GranViTTrainer)]
+    assert sorted(c.stage for c in stage_classes if c.stage) == sorted(trainers.TRAINERS)

@@ -220,8 +220,9 @@ def test_grpo_trains_llm_keeps_vit_every_sample_a_box(tiny_checkpoints, gran, tm
 
 
 def test_trl_reference_and_prompt_ids_without_the_adapters(tiny_checkpoints, gran, tmp_path):
-    """(a) trl alone loads the KL reference from `_name_or_path` on disk, not the in-memory weights; (c) trl alone
-    takes GranViTProcessor's padded prompt rows as prompts (pads included). The GranViT trainer fixes both."""
+    """(a) trl alone loads the KL reference from `_name_or_path` on disk, not the in-memory weights; (c) the processor
+    pads the rows of trl's `apply_chat_template` call unless `chat_template_kwargs` asks it not to. The GranViT trainer
+    fixes both."""
     from trl import GRPOTrainer
 
     model, processor = load(tiny_checkpoints)
@@ -236,15 +237,47 @@ def test_trl_reference_and_prompt_ids_without_the_adapters(tiny_checkpoints, gra
     assert not torch.equal(plain.ref_model.lm_head.weight, model.lm_head.weight)
 
     ours = grpo_trainer(GranViTForConditionalGeneration.from_pretrained(tiny_checkpoints("text")), processor, gran[1],
-                        tmp_path, beta=0.04)
+                        tmp_path, beta=0.04, chat_template_kwargs={"processor_kwargs": {"padding_side": "left"}})
+    assert ours.chat_template_kwargs["processor_kwargs"] == {"padding_side": "left", "padding": False,
+                                                             "return_tensors": None}  # the user's kwargs kept
     messages = [prompts[i]["prompt"] for i in range(3)]
     for m, i in zip(messages, range(3)):
         m[0]["content"] = [{"type": "image", "image": prompts[i]["image"]}, {"type": "text", "text": m[0]["content"]}]
     expected = processor.prompt_ids([m[0]["content"][1]["text"] for m in messages])
     assert len({len(e) for e in expected}) > 1  # captions of different lengths
-    padded = GRPOTrainer._tokenize_prompts(ours, messages)[0]
-    assert [list(map(int, row)) for row in padded] != expected
-    assert ours._tokenize_prompts(messages)[0] == expected
+
+    def trl_call(**chat_template_kwargs):  # the call trl makes to tokenize its prompts
+        return processor.apply_chat_template(conversation=messages, add_generation_prompt=True, tokenize=True,
+                                             return_dict=True, **chat_template_kwargs)["input_ids"]
+
+    assert [list(map(int, row)) for row in trl_call()] != expected  # padded rows: pads taken as prompt tokens
+    assert trl_call(**ours.chat_template_kwargs) == expected
+
+
+class GenerateSpy:
+    """Keeps the (input_ids, attention_mask) of every `generate` call of a model (trl's rollouts)."""
+
+    def __init__(self, model):
+        self.calls, self.generate = [], model.generate
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append((kwargs["input_ids"].clone(), kwargs["attention_mask"].clone()))
+        return self.generate(*args, **kwargs)
+
+
+def test_grpo_rollouts_see_each_prompt_once_left_padded(tiny_checkpoints, gran, tmp_path, monkeypatch):
+    """(c) end to end: in trl's rollouts every attended prompt token is a real one (a row starts at its role token)."""
+    model, processor = load(tiny_checkpoints, "text")
+    trainer = grpo_trainer(model, processor, gran[1], tmp_path, max_steps=1)
+    spy = GenerateSpy(model)
+    monkeypatch.setattr(type(model), "generate", lambda self, *a, **k: spy(*a, **k))
+    trainer.train()
+    user = processor.tokenizer.convert_tokens_to_ids("<|user|>")
+    assert spy.calls
+    for input_ids, attention_mask in spy.calls:
+        first = attention_mask.argmax(dim=1)  # (batch,) the first attended position of each row
+        assert (input_ids.gather(1, first[:, None]) == user).all()
+        assert all(attention_mask[row, first[row]:].all() for row in range(len(first)))  # left padding only
 
 
 @pytest.mark.parametrize("box_format", ["text", "tokens"])
@@ -337,3 +370,21 @@ def test_experiment_scripts_smoke(tiny_checkpoint, tmp_path):
     assert "paired (grpo − stage2)" in (tmp_path / "grpo" / "summary.md").read_text()
     result = sft_phase.main(["--start", str(start), "--steps", "2", "--eval-limit", "4", "--out", str(tmp_path / "sft")])
     assert result["steps"] == 2 and 0 <= result["after"]["count_exact"] <= 1
+
+
+def test_without_fused_lm_head_gives_the_model_its_own_forward_back(tiny_checkpoints):
+    """trl patches a fused LM head onto a model it trains as an instance `forward`; the runner takes it off the trained
+    model with `without_fused_lm_head` before the next phase or a save."""
+    from trl.trainer import add_fused_lm_head
+
+    from granvit.train.trl_stages import without_fused_lm_head
+
+    model, processor = load(tiny_checkpoints)
+    batch = processor(images=[Image.new("RGB", (64, 48), "red")], text=[processor.vqa_prompt("what is it")])
+    with torch.no_grad():
+        expected = model(**batch).logits
+    add_fused_lm_head(model)
+    assert "forward" in model.__dict__
+    assert without_fused_lm_head(model) is model and "forward" not in model.__dict__
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, expected)

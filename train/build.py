@@ -10,13 +10,25 @@ generation config and the Hub ``.py`` files.
 """
 
 import argparse
+import contextlib
 import copy
 import logging
 import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+import transformers
+from transformers import (
+    CONFIG_MAPPING,
+    MODEL_MAPPING,
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedConfig,
+)
+from transformers.dynamic_module_utils import custom_object_save
 
 from ..box_codec_granvit import coord_token
 from ..console import UserError, check_model_source, console_main
@@ -24,15 +36,36 @@ from ..registration import AUTO_MAP, CUSTOM_PIPELINES
 from ..configuration_granvit import GranViTConfig
 from ..image_processing_granvit import GranViTImageProcessor
 from ..modeling_granvit import GranViTForConditionalGeneration
+from ..pipeline_granvit import GranViTRegionsPipeline
 from ..processing_granvit import GranViTProcessor
 
 logger = logging.getLogger(__name__)
 
 
-def vision_config_from(vision: str) -> AutoConfig:
-    """The vision part of a SigLIP / CLIP config, vision-only or dual-encoder, without the SigLIP pooling head."""
-    config = AutoConfig.from_pretrained(vision)
-    config = getattr(config, "vision_config", config)
+@contextlib.contextmanager
+def transformers_errors_only():
+    """transformers logs errors only inside the block: for calls whose warnings describe what the build does on purpose
+    (each use says which), not something the user should act on."""
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
+def vision_config_from(vision: str) -> PreTrainedConfig:
+    """The vision part of a SigLIP / CLIP config, vision-only or dual-encoder, without the SigLIP pooling head.
+
+    A dual encoder's config is read by its vision config class (which takes the ``vision_config`` part), never whole:
+    loading a whole SigLIP config compares its text half with a default ``SiglipTextConfig``, whose CLIP token ids
+    (49406) lie outside its own default vocabulary (32000), and transformers warns about that default on every load."""
+    model_type = PreTrainedConfig.get_config_dict(vision)[0].get("model_type")
+    config_class = CONFIG_MAPPING[model_type] if model_type in CONFIG_MAPPING else None
+    if config_class is None:  # not a transformers type: AutoConfig names the problem
+        config = AutoConfig.from_pretrained(vision)
+    else:
+        config = config_class.sub_configs.get("vision_config", config_class).from_pretrained(vision)
     if hasattr(config, "vision_use_head"):
         config.vision_use_head = False
     return config
@@ -61,6 +94,20 @@ def coordinate_bins(tokenizer, llm: str, num_coord_bins: int | None, box_format:
                         f"so the box format 'tokens' needs num_coord_bins={known}, not {num_coord_bins}; or use "
                         "box_format='text'")
     return known, True
+
+
+def load_vision_tower(vision: str, vision_config, dtype: torch.dtype):
+    """The vision tower of a SigLIP / CLIP checkpoint, vision-only or dual-encoder, loaded with the tower's own class
+    (a dual encoder's text half and the SigLIP pooling head stay behind). transformers reports the weights it leaves
+    behind as a warning; the build leaves them on purpose, so it checks instead that no tower weight was missing."""
+    with transformers_errors_only():  # the load report lists the text half and head, left behind on purpose
+        tower, info = MODEL_MAPPING[type(vision_config)].from_pretrained(vision, config=vision_config, dtype=dtype,
+                                                                         output_loading_info=True)
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise UserError(f"--vision {vision}: the checkpoint lacks {len(missing)} weights of its vision tower (e.g. "
+                        f"{missing[0]}); pass a SigLIP / SigLIP 2 / CLIP checkpoint")
+    return tower
 
 
 def build_granvit(
@@ -104,16 +151,15 @@ def build_granvit(
     config.custom_pipelines = copy.deepcopy(CUSTOM_PIPELINES)
     model = GranViTForConditionalGeneration(config).to(dtype)
 
-    # Vision: load with the tower's own class so full SigLIP/CLIP checkpoints drop their text half and head.
-    tower = AutoModel.from_config(vision_config).__class__.from_pretrained(vision, config=vision_config, dtype=dtype)
-    model.model.vision_tower.load_state_dict(tower.state_dict())
+    model.model.vision_tower.load_state_dict(load_vision_tower(vision, vision_config, dtype).state_dict())
     lm = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype)
     model.model.language_model.load_state_dict(lm.get_decoder().state_dict())
     # Copy (never share) the head: sharing a tied LLM's head with an untied GranViT would drop it on save.
     model.lm_head.weight.data.copy_(lm.get_output_embeddings().weight.data)
-    del tower, lm
+    del lm
 
-    model.resize_token_embeddings(len(tokenizer), mean_resizing=True, pad_to_multiple_of=64)
+    with transformers_errors_only():  # transformers announces mean_resizing (the init chosen here) as a warning
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True, pad_to_multiple_of=64)
     if box_format == "tokens" and not knows_boxes:  # an LLM that already reads box tokens keeps its rows
         model.initialize_coordinate_embeddings()
     model.generation_config = GenerationConfig(
@@ -131,9 +177,16 @@ def build_granvit(
     return model, processor
 
 
+def ship_pipeline(folder: str | Path) -> None:
+    """Copy pipeline_granvit.py into a checkpoint folder. Its config's ``custom_pipelines`` names the file, but
+    ``model.save_pretrained`` copies only the modeling file and what it imports; transformers ships a pipeline's code
+    with ``custom_object_save``, as ``Pipeline.save_pretrained`` does for a registered pipeline."""
+    custom_object_save(GranViTRegionsPipeline, folder)
+
+
 def save_granvit(model: GranViTForConditionalGeneration, processor: GranViTProcessor, out: str | Path) -> Path:
     """Write a complete checkpoint folder (weights, config with auto_map and custom_pipelines, processor, Hub .py
-    files)."""
+    files, the pipeline's among them)."""
     out = Path(out)
     model.config.auto_map = {**dict(AUTO_MAP), **(getattr(model.config, "auto_map", None) or {})}
     pipelines = getattr(model.config, "custom_pipelines", None) or {}
@@ -141,6 +194,7 @@ def save_granvit(model: GranViTForConditionalGeneration, processor: GranViTProce
     model.configure_grounding(processor)  # after training: "not found" in the grammar if the model learned it
     model.save_pretrained(out)
     processor.save_pretrained(out)
+    ship_pipeline(out)
     return out
 
 

@@ -1,26 +1,14 @@
-"""Which parameters each GranViT stage trains: per-component ``requires_grad`` masks, LoRA on the language model only,
-optional trainable rows of the added box tokens, and the trainable / frozen table every stage logs at start."""
+"""Which parameters each GranViT stage trains: per-component ``requires_grad`` masks (from the stage table,
+stages.py), LoRA on the language model only, optional trainable rows of the added box tokens, and the trainable /
+frozen table every stage logs at start."""
 
 import torch
 from torch import nn
 
-COMPONENTS = ("vision_tower", "multi_modal_projector", "language_model", "lm_head")
-TRAINED = {
-    # LLaVA's alignment step: only the new projector learns, both pretrained parts frozen (the start of stage 1 when
-    # a recipe asks for it: a random projector would otherwise send noise gradients into the pretrained ViT).
-    "projector": {"multi_modal_projector"},
-    # The paper's stage 1: the LLM frozen, so the only way to lower the caption loss is for the ViT to put what is in
-    # the box into the patches under the box; a trainable LLM would soak up the signal.
-    "1": {"vision_tower", "multi_modal_projector"},
-    # The paper's stage 2 (and SFT after it): the ViT frozen (the paper measured no gain from tuning it here).
-    "2": {"multi_modal_projector", "language_model", "lm_head"},
-    "sft": {"multi_modal_projector", "language_model", "lm_head"},
-    # Grounding refined by RL (train/trl_stages.py): what stage 2 trains; the reward only scores the LLM's boxes, and a
-    # frozen ViT keeps the encoder the earlier stages made (the package's product) as it was.
-    "grpo": {"multi_modal_projector", "language_model", "lm_head"},
-    # Every part at once: not the paper's method; the experiments' "joint" arm.
-    "joint": set(COMPONENTS),
-}
+from .stages import COMPONENTS, STAGES, get_stage
+
+# What each stage trains is the stage table's (stages.py); TRAINED is the old name, a view of it.
+TRAINED = {name: set(stage.trains) for name, stage in STAGES.items()}
 # GranViT reads a ViT *hidden state* (config.vision_feature_layer), never the tower's final output, so these modules of
 # SigLIP / CLIP towers get no gradient. They stay frozen: trained they would only waste optimizer state, and under DDP
 # with find_unused_parameters=False a parameter without a gradient is an error.
@@ -78,9 +66,8 @@ def apply_stage(
     parameters get ``requires_grad`` and a gradient hook that zeroes every other row; they must not be weight-decayed
     (``GranViTTrainer.create_optimizer`` puts them in a group without decay), so the other rows stay bitwise fixed.
     """
-    if stage not in TRAINED:
-        raise ValueError(f"unknown stage {stage!r}; choose from {sorted(TRAINED)}")
-    if lora_r and stage in ("1", "projector"):
+    trains = get_stage(stage).trains
+    if lora_r and "language_model" not in trains:
         raise ValueError(f"LoRA applies to the language model, which stage {stage} keeps frozen; set lora_r: 0")
     _clear_rows(model)
     if lora_r:
@@ -91,9 +78,9 @@ def apply_stage(
     for name, param in model.named_parameters():
         component = component_of(name)
         unused = component == "vision_tower" and any(m in name.split(".") for m in UNUSED_VISION_MODULES)
-        param.requires_grad_(component in TRAINED[stage] and not unused)
+        param.requires_grad_(component in trains and not unused)
     if trainable_rows:
-        if {"language_model", "lm_head"} <= TRAINED[stage]:
+        if {"language_model", "lm_head"} <= trains:
             raise ValueError(f"stage {stage} trains the whole language model already; trainable_rows adds nothing")
         rows = torch.tensor(sorted(set(trainable_rows)), dtype=torch.long)
         for param in {id(p): p for p in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}.values():

@@ -8,8 +8,11 @@ that loads ``google/siglip2-base-patch16-512`` and ``Qwen/Qwen2.5-1.5B`` for rea
 from collections.abc import Iterable
 from pathlib import Path
 
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+from .build import build_granvit, save_granvit
 
 EOS = "<|endoftext|>"
 
@@ -53,8 +56,6 @@ def save_tiny_parts(
     seed: int = 0,
 ) -> tuple[Path, Path]:
     """Save a tiny SigLIP vision tower and a tiny Qwen2 LLM (+ tokenizer) as checkpoint folders; returns their paths."""
-    import torch
-
     torch.manual_seed(seed)
     out_dir = Path(out_dir)
     vision_dir, llm_dir = out_dir / "tiny-siglip", out_dir / "tiny-qwen2"
@@ -93,8 +94,6 @@ def build_tiny_checkpoint(
     max_tiles: int = 0, **parts_kwargs
 ) -> Path:
     """Tiny parts -> ``granvit-build`` -> a complete (untrained) GranViT checkpoint folder at ``out_dir/granvit``."""
-    from .build import build_granvit, save_granvit
-
     out_dir = Path(out_dir)
     vision_dir, llm_dir = save_tiny_parts(out_dir / "parts", **parts_kwargs)
     model, processor = build_granvit(

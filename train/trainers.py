@@ -1,11 +1,12 @@
-"""GranViT's training stages as ``transformers.Trainer`` subclasses (what each trains: freezing.TRAINED).
+"""GranViT's training stages as ``transformers.Trainer`` subclasses (what each trains, and which class trains it: the
+stage table, stages.py).
 
     stage 1 (Stage1Trainer): ViT + projector trained through the *frozen* LLM on Bbox2Caption, plus self-distillation
         from an EMA teacher (see ema.py).
     stage 2 (Stage2Trainer): ViT frozen, projector + LLM trained (full or LoRA) on Caption2Bbox (+ some Bbox2Caption).
-    sft (SFTStageTrainer): the stage-2 code path on VQA-style conversations.
     projector (ProjectorTrainer): LLaVA's alignment step, only the projector; joint (JointTrainer): every part (not the
         paper's method; the experiments compare against it).
+    sft and grpo: trl's SFTTrainer / GRPOTrainer with GranViTTrainer as a base (trl_stages.py).
 
 Every stage sets its ``requires_grad`` masks itself, keeps frozen components in eval mode (no dropout) even while
 training, logs a table of trainable / frozen parameters per component and refuses to run if a component that must be
@@ -22,23 +23,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Trainer, TrainerState, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from .build import ship_pipeline
 from .ema import EMATeacherCallback, load_teacher, make_teacher, student_tower
-from .freezing import (  # noqa: F401 (public here too)
-    COMPONENTS,
-    ROWS,
-    TRAINED,
-    apply_stage,
-    component_modules,
-    component_of,
-    format_table,
-    new_token_ids,
-    parameter_table,
-)
+from .freezing import ROWS, apply_stage, component_modules, component_of, format_table, new_token_ids, parameter_table
 from .losses import soft_coordinate_loss
+from .stages import COMPONENTS, STAGES
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +64,15 @@ class GranViTTrainingArguments(TrainingArguments):
     lora_dropout: float = 0.05
 
 
+class ShipPipelineCallback(TrainerCallback):
+    """Every checkpoint the Trainer writes ships pipeline_granvit.py, which its config's ``custom_pipelines`` names
+    (``build.ship_pipeline``: ``model.save_pretrained`` alone does not copy it)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            ship_pipeline(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+
+
 class GranViTTrainer(Trainer):
     """Base of the stages: freezing, eval mode for frozen parts, the parameter table and the frozen-part check."""
 
@@ -78,7 +80,7 @@ class GranViTTrainer(Trainer):
 
     def __init__(self, model=None, args: GranViTTrainingArguments | None = None, **kwargs):
         if not self.stage:
-            raise TypeError("use a stage trainer (Stage1Trainer, Stage2Trainer, SFTStageTrainer), not GranViTTrainer")
+            raise TypeError("use a stage's trainer (stages.STAGES: Stage1Trainer, Stage2Trainer, ...), not GranViTTrainer")
         if not isinstance(args, GranViTTrainingArguments):
             raise TypeError(f"{type(self).__name__} needs GranViTTrainingArguments, got {type(args).__name__}")
         rows = new_token_ids(model.config) if args.train_new_token_rows else None
@@ -90,6 +92,7 @@ class GranViTTrainer(Trainer):
             kwargs["compute_loss_func"] = soft_coordinate_loss(config.coord_token_start_id, config.num_coord_bins,
                                                                args.soft_coord_sigma)
         super().__init__(model=model, args=args, **kwargs)
+        self.add_callback(ShipPipelineCallback())
         self.teacher = self.make_teacher()
         self.parameter_table = parameter_table(self.model, self.teacher)
         logger.info("Stage %s parameters:\n%s", self.stage, format_table(self.parameter_table))
@@ -104,7 +107,7 @@ class GranViTTrainer(Trainer):
         return model.get_base_model() if hasattr(model, "get_base_model") else model
 
     def frozen_components(self) -> list[str]:
-        return [c for c in COMPONENTS if c not in TRAINED[self.stage]]
+        return [c for c in COMPONENTS if c not in STAGES[self.stage].trains]
 
     def check_frozen(self) -> None:
         """Refuse to train when a must-be-frozen component (or the teacher) has a trainable parameter."""
@@ -291,12 +294,6 @@ class Stage2Trainer(GranViTTrainer):
     stage = "2"
 
 
-class SFTStageTrainer(GranViTTrainer):
-    """The stage-2 code path (ViT frozen) on VQA-style (question, answer) examples."""
-
-    stage = "sft"
-
-
 class ProjectorTrainer(GranViTTrainer):
     """LLaVA's alignment step: only the projector trains, the pretrained ViT and LLM stay frozen."""
 
@@ -309,5 +306,8 @@ class JointTrainer(GranViTTrainer):
     stage = "joint"
 
 
-TRAINERS = {"1": Stage1Trainer, "2": Stage2Trainer, "sft": SFTStageTrainer, "projector": ProjectorTrainer,
-            "joint": JointTrainer}
+def __getattr__(name: str):
+    # TRAINERS, the old name of the stages trained here: a view of the stage table (train/runner.py reads it).
+    if name == "TRAINERS":
+        return {stage: spec.trainer_class() for stage, spec in STAGES.items() if not spec.uses_trl}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

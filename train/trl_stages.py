@@ -26,8 +26,12 @@ Where trl's behaviour does not fit GranViT there is one small adapter each, pinn
         Sampling then draws from the policy renormalized over the tokens the grammar allows, while the loss scores the
         samples under the policy itself, as trl does with vLLM's structured outputs; every sample holds a box. With
         `box_grammar: false` the samples are free: `generate`'s own grammar for grounding requests is turned off too.
-        (c) GranViTProcessor pads every batch; trl wants unpadded prompt ids: the left pads are stripped.
+        (c) GranViTProcessor pads a batch by default; trl takes the prompt rows its `apply_chat_template` call returns
+        as they are: `chat_template_kwargs` asks the processor for unpadded lists (`unpadded_prompts`).
         vLLM has no GranViT model implementation, so `use_vllm` is refused.
+Each adapter uses trl's public interface only (arguments, `training_step` / `prediction_step`, `add_fused_lm_head`),
+no private trl method: nothing here breaks when trl reorganises its internals between releases. trl patches its
+fused LM head onto a model it trains as an instance `forward`: `without_fused_lm_head` takes it off the trained model.
 """
 
 from __future__ import annotations
@@ -41,15 +45,16 @@ import torch
 from transformers import LogitsProcessorList
 from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp
+from trl.trainer import add_fused_lm_head
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
-from trl.trainer.utils import add_fused_lm_head
 
 from ..console import UserError
 from ..processing_granvit import ASSISTANT_TOKEN
-from ..region_decoding_granvit import BoxConstraintLogitsProcessor
+from ..box_grammar_granvit import BoxConstraintLogitsProcessor
 from .data.conversations import grounding_prompts, sft_items
 from .data.tasks import SkipCounter, TaskBuilder
 from .rewards import grounding_rewards
+from .stages import STAGES
 from .trainers import GranViTTrainer, GranViTTrainingArguments
 
 
@@ -80,7 +85,8 @@ class GranViTGRPOConfig(GRPOConfig, GranViTTrainingArguments):
 
 
 def config_class(stage: str) -> type:
-    return {"sft": GranViTSFTConfig, "grpo": GranViTGRPOConfig}[stage]
+    """The arguments class of a trl stage: the old name, a view of the stage table (train/recipe.py reads it)."""
+    return STAGES[stage].arguments_class()
 
 
 # ============================================================================================ SFT
@@ -145,11 +151,12 @@ class GranViTGRPOTrainer(GranViTTrainer, GRPOTrainer):
         args.max_completion_length = args.max_completion_length or processing_class.max_box_tokens + 1
         if reward_funcs is None:
             reward_funcs = grounding_rewards(processing_class, args.box_grammar)
+        args.chat_template_kwargs = unpadded_prompts(args.chat_template_kwargs)  # (c)
         # (a) trl would load the reference from disk when beta != 0; build it with beta 0, then set the copy.
         beta, reference = args.beta, None
         if beta and not args.lora_r:
-            reference = copy.deepcopy(model).requires_grad_(False).eval()
-            reference.__dict__.pop("forward", None)  # a copied fused-LM-head patch (trl's) would run the original
+            # a copied fused-LM-head patch (trl's) would run the original model's forward
+            reference = without_fused_lm_head(copy.deepcopy(model).requires_grad_(False).eval())
         args.beta = 0.0
         try:
             super().__init__(model=model, args=args, processing_class=processing_class, reward_funcs=reward_funcs,
@@ -171,14 +178,13 @@ class GranViTGRPOTrainer(GranViTTrainer, GRPOTrainer):
             self.grammar = BoxConstraintLogitsProcessor.from_processor(processing_class, force_box=True)
         self.data_collator = CountingIdentity(skip_counter if skip_counter is not None else SkipCounter())
 
-    def _generate_single_turn(self, *args, **kwargs):
-        with logits_processor_in_generate(self.base_model(), self.grammar):  # (b)
-            return super()._generate_single_turn(*args, **kwargs)
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        with logits_processor_in_generate(self.base_model(), self.grammar):  # (b): trl samples inside this step
+            return super().training_step(model, inputs, num_items_in_batch)
 
-    def _tokenize_prompts(self, prompts: list):
-        prompt_ids, images, multimodal_fields = super()._tokenize_prompts(prompts)
-        pad = self._tokenizer.pad_token_id
-        return [strip_left_padding(ids, pad) for ids in prompt_ids], images, multimodal_fields  # (c)
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        with logits_processor_in_generate(self.base_model(), self.grammar):  # (b): and here when it evaluates
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
 
 @contextlib.contextmanager
@@ -194,11 +200,20 @@ def logits_processor_in_generate(model, logits_processor):
         del model.generate
 
 
-def strip_left_padding(ids, pad_id: int) -> list[int]:
-    """A left-padded prompt row without its pads (a GranViT prompt starts with a role token, never with the pad)."""
-    ids = [int(i) for i in ids]
-    start = next((k for k, i in enumerate(ids) if i != pad_id), len(ids))
-    return ids[start:]
+def unpadded_prompts(chat_template_kwargs) -> dict:
+    """trl's `chat_template_kwargs` with GranViTProcessor asked for unpadded rows as lists (adapter (c)): trl passes
+    them to `processor.apply_chat_template`, which hands `processor_kwargs` to the processor's call."""
+    kwargs = dict(chat_template_kwargs or {})
+    kwargs["processor_kwargs"] = {**kwargs.get("processor_kwargs", {}), "padding": False, "return_tensors": None}
+    return kwargs
+
+
+def without_fused_lm_head(model):
+    """``model`` without the fused-LM-head ``forward`` trl patches onto a model it trains (an instance attribute that
+    calls the class's forward it captured): the next phase, ``save_pretrained`` and any later trl trainer then see the
+    model's own forward. Call it on the model a sft / grpo phase returns."""
+    model.__dict__.pop("forward", None)
+    return model
 
 
 class CountingIdentity:

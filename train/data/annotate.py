@@ -29,9 +29,16 @@ import glob
 import hashlib
 import json
 import os
+import sys
 from dataclasses import asdict
 from datetime import timedelta
 
+import torch
+from accelerate import PartialState
+from datasets import Image, load_dataset
+from tqdm.auto import tqdm
+
+from .annotate_review import evaluate_ocr, write_preview
 from .annotate_regions import IMAGE_REASONS, AnnotateConfig, AnnotateProducer, Annotator, InputError, load_models
 from .filters import add_filter_arguments, describe_filters, filters_from_args
 from .schema import (
@@ -39,6 +46,7 @@ from .schema import (
     DEFAULT_SHARD_BYTES,
     Manifest,
     merge_counts,
+    parse_size,
     plan_num_shards,
     remove_stale_temp_files,
     shard_bounds,
@@ -97,8 +105,6 @@ class DatasetSource:
     """Any `datasets` dataset (Hub name or folder) with an image column; ids from its `image_id` column if any."""
 
     def __init__(self, name: str, split: str = "train", column: str = "image"):
-        from datasets import Image, load_dataset
-
         try:
             ds = load_dataset(name, split=split)
         except (OSError, ValueError) as e:  # FileNotFoundError / DatasetNotFoundError / unknown split
@@ -149,8 +155,6 @@ def _atomic_json(path: str, obj) -> None:
 def find_duplicates(source, n: int, out_dir: str, split: str, state) -> dict[int, int]:
     """{input index: index of the first input with the same bytes}, hashed once (each rank a share) and saved as
     duplicates-<split>.json, so every shard on every rank and every rerun drops the same inputs."""
-    from tqdm.auto import tqdm
-
     path = os.path.join(out_dir, f"duplicates-{split}.json")
     if not os.path.exists(path):
         part = os.path.join(out_dir, f".hashes-{split}.rank-{state.process_index:05d}.json")
@@ -203,9 +207,6 @@ def _merge_parts(out_dir: str) -> Manifest:
 def distributed_state():
     """accelerate's process state (rank, world size, device) with a barrier timeout long enough for stragglers.
     Without CUDA it must be told `cpu=True`, or it treats every torchrun process as a lone one (gloo never starts)."""
-    import torch
-    from accelerate import PartialState
-
     return PartialState(cpu=not torch.cuda.is_available(), timeout=BARRIER_TIMEOUT)
 
 
@@ -224,9 +225,6 @@ def annotate(
 ) -> dict:
     """Annotate `source` into split `split` of the Gran folder `out_dir`; returns the split's counts on rank 0
     (other ranks: their own). `models` ({ocr, detector, captioner}) replaces loading them from `cfg`."""
-    import torch
-    from tqdm.auto import tqdm
-
     cfg = cfg or AnnotateConfig()
     state = distributed_state()
     if models is None:  # first: a wrong model name must not leave a started output folder behind
@@ -280,8 +278,6 @@ def annotate(
 
 # ----------------------------------------------------------------------------------------------- command line
 def add_arguments(p) -> None:
-    from .cli import parse_size
-
     c = AnnotateConfig()
     p.add_argument("input", nargs="?", help="a folder (recursive), glob, image, or text file listing image paths")
     p.add_argument("out", help="output Gran folder (README.md, manifest.json, data/*.parquet)")
@@ -320,8 +316,6 @@ def add_arguments(p) -> None:
 
 
 def cmd_annotate(args) -> int:
-    import sys
-
     try:
         cfg = AnnotateConfig(
             route=args.route, ocr_coverage=args.ocr_coverage, detector=args.detector, labels=args.labels,
@@ -340,8 +334,6 @@ def cmd_annotate(args) -> int:
         return 2
     if not distributed_state().is_main_process:
         return 0
-    from .annotate_review import evaluate_ocr, write_preview
-
     print(json.dumps(counts, indent=1, sort_keys=True))
     dropped = {group: sum(v for k, v in counts.get(group, {}).items() if group != "filtered" or k in IMAGE_REASONS)
                for group in ("broken", "skipped", "filtered")}

@@ -25,6 +25,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForImageTextToText,
+    AutoModelForObjectDetection,
+    AutoModelForTextRecognition,
+    AutoProcessor,
+    pipeline,
+)
+
+from ...box_codec_granvit import BoxCodec
 
 # The paper's Bbox2Caption instruction asks for "no more than 10 words"; a captioner sees the crop, not coordinates.
 CROP_PROMPT = "Describe the content of this image region in no more than {max_words} words."
@@ -79,8 +90,6 @@ class Detector:
 
     def __init__(self, model: str, labels=None, threshold: float = 0.3, batch_size: int = 8, device=None, dtype=None,
                  trust_remote_code: bool = False):
-        from transformers import pipeline
-
         self.labels = list(labels) if labels else None
         task = "zero-shot-object-detection" if self.labels else "object-detection"
         self.pipe = pipeline(task, model=model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -110,8 +119,6 @@ class CropCaptioner:
 
     def __init__(self, model: str, prompt: str = CROP_PROMPT, max_words: int = 10, max_new_tokens: int = 24,
                  batch_size: int = 8, device=None, dtype=None, trust_remote_code: bool = False):
-        from transformers import pipeline
-
         self.pipe = pipeline("image-text-to-text", model=model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
         tokenizer = self.pipe.tokenizer or getattr(self.pipe.processor, "tokenizer", None)
         if tokenizer is not None and not self.pipe.model.config.is_encoder_decoder:
@@ -149,18 +156,15 @@ class Florence2Captioner(CropCaptioner):
 
 
 def florence2_location(box, size) -> str:
-    """`[x1, y1, x2, y2]` pixels -> `<loc_a><loc_b><loc_c><loc_d>`, Florence2PostProcessor.quantize's rule."""
-    width, height = size
-    scales = (width, height, width, height)
-    return "".join(f"<loc_{min(max(int(v / s * 1000), 0), 999)}>" for v, s in zip(box, scales))
+    """`[x1, y1, x2, y2]` pixels -> `<loc_a><loc_b><loc_c><loc_d>`: Florence-2's 1000 bins, whose rule
+    (Florence2PostProcessor.quantize: floor(v / size x 1000), at most 999) is GranViT's codec's."""
+    return "".join(f"<loc_{b}>" for b in BoxCodec(1000).quantize(box, size))
 
 
 class GranViTCaptioner:
     """A GranViT checkpoint through `describe_regions`: all boxes of an image share one image encode and prefill."""
 
     def __init__(self, model: str, max_new_tokens: int = 24, device=None, dtype=None):
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
         # importing this package registered GranViT with the Auto classes: no remote code runs
         self.model = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype).to(device).eval()
         self.processor = AutoProcessor.from_pretrained(model)
@@ -179,8 +183,6 @@ def load_captioner(name: str, max_words: int = 10, max_new_tokens: int = 24, bat
     tokens, anything else -> the image-text-to-text pipeline on crops."""
     if name == "label":
         return LabelCaptioner()
-    from transformers import AutoConfig
-
     model_type = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code).model_type
     if model_type == "granvit":
         return GranViTCaptioner(name, max_new_tokens, device, dtype)
@@ -315,8 +317,6 @@ class TransformersOCREngine:
 
     def __init__(self, det_model: str, rec_model: str, text_score: float = 0.5, box_thresh: float = 0.6,
                  unclip_ratio: float = 1.5, batch_size: int = 32, device=None, dtype=None):
-        from transformers import AutoImageProcessor, AutoModelForObjectDetection, AutoModelForTextRecognition
-
         self.device, self.dtype = torch.device(device or "cpu"), dtype or torch.float32
         self.det_processor = AutoImageProcessor.from_pretrained(det_model)
         self.det = AutoModelForObjectDetection.from_pretrained(det_model, dtype=self.dtype).to(self.device).eval()

@@ -13,9 +13,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import torch
+from torchvision.ops import nms
+
+from . import annotate_models as m
 from .annotate_models import CROP_PROMPT, SPACE_THRESHOLD, clean_caption
 from .filters import FilterConfig, box_filter_reason, image_filter_reason
-from .schema import BadRecord, bump, check_box, decode_image
+from .schema import BadRecord, bump, box_reason, decode_image
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +64,6 @@ class AnnotateConfig:
 def load_models(cfg: AnnotateConfig, device=None, dtype=None, batch_size: int = 8) -> dict:
     """The detector, captioner and OCR engine the config asks for, on `device` (bf16 on GPU). A model that cannot
     be found or loaded, or a missing OCR package, is the user's to fix: an InputError naming it."""
-    from . import annotate_models as m
-
     def load(what: str, name: str, build):
         try:
             return build()
@@ -105,9 +107,6 @@ def run_guarded(fn, inputs: list, ids: list[str], counts: dict, reason: str) -> 
 
 def _nms_keep(boxes: list[list[float]], scores: list[float], iou: float) -> list[int]:
     """Indices kept by class-agnostic NMS, best score first."""
-    import torch
-    from torchvision.ops import nms
-
     if not boxes:
         return []
     return nms(torch.tensor(boxes, dtype=torch.float32), torch.tensor(scores, dtype=torch.float32), iou).tolist()
@@ -183,7 +182,7 @@ class Annotator:
     def valid(self, box, width: int, height: int, kind: str, counts: dict) -> list[float] | None:
         """The box clipped to the image if it is valid and passes the box rules of its kind, else None (counted)."""
         box = [min(max(float(v), 0.0), float(lim)) for v, lim in zip(box, (width, height, width, height))]
-        reason = check_box(box, width, height)
+        reason = box_reason(box, width, height)
         if reason:
             bump(counts, "broken", reason)
             return None

@@ -12,6 +12,7 @@ import math
 import os
 
 import pyarrow.parquet as pq
+from datasets import load_dataset
 
 from ...eval.metrics import ocr_detection_scores
 from .schema import KINDS, decode_image
@@ -49,8 +50,6 @@ def evaluate_ocr(out_dir: str, split: str, reference: str, reference_split: str 
     """Line- and word-level `ocr_detection_scores` of the annotated split against the OCR images of `reference`
     (any Gran dataset: folder or Hub name), matched by image_id, restricted to `image_ids` (the run's inputs) when
     given; a reference image that was not written (filtered, skipped, routed to the detector) counts as all misses."""
-    from datasets import load_dataset
-
     predicted = {r["image_id"]: r["regions"] for r in read_rows(out_dir, split, ["image_id", "regions"])}
     ref = load_dataset(reference, split=reference_split).select_columns(["image_id", "kind", "regions"])
     line_pred, line_ref, word_pred, word_ref = [], [], [], []

@@ -22,20 +22,24 @@ import argparse
 import glob
 import json
 import os
-import re
 import sys
 from collections import Counter
 
+from dataclasses import fields
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
 from ...console import UserError, console_main
-from .schema import DEFAULT_ROW_GROUP_SIZE, MANIFEST, validate_record
-
-
-def parse_size(text: str) -> int:
-    """'500MB', '0.5GB', '200k', '1048576' -> bytes."""
-    match = re.fullmatch(r"\s*([\d.]+)\s*([kmg]?)i?b?\s*", text.lower())
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500MB, 0.5GB)")
-    return int(float(match.group(1)) * {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}[match.group(2)])
+from .annotate import add_arguments as add_annotate_arguments
+from .annotate import cmd_annotate
+from .convert import FORMATS, convert
+from .convert_llava import convert_llava, validate_conversation_row
+from .downstream import BENCHMARKS, validate_row, write_downstream
+from .filters import add_filter_arguments, filters_from_args
+from .schema import DEFAULT_ROW_GROUP_SIZE, MANIFEST, Manifest, parse_size, sha256_file, shard_split, validate_record
+from .synth import COLOURS, PRESETS, SHAPES, TEXTURES, SynthConfig, write_synth
 
 
 def _add_shard_args(p: argparse.ArgumentParser) -> None:
@@ -47,11 +51,6 @@ def _add_shard_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .annotate import add_arguments as add_annotate_arguments
-    from .convert import FORMATS
-    from .filters import add_filter_arguments
-    from .synth import COLOURS, PRESETS, SHAPES, TEXTURES
-
     parser = argparse.ArgumentParser(prog="granvit-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -77,8 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="twins share a caption instead of getting a relation")
     p.add_argument("--max-overlap", type=float)
     p.add_argument("--ocr-fraction", type=float)
-
-    from .downstream import BENCHMARKS
 
     p = sub.add_parser("downstream", help="write the synthetic downstream benchmarks (question rows)")
     _add_shard_args(p)
@@ -114,10 +111,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_synth(args) -> int:
-    from dataclasses import fields
-
-    from .synth import PRESETS, SynthConfig, write_synth
-
     overrides = {f.name: getattr(args, f.name) for f in fields(SynthConfig) if getattr(args, f.name, None) is not None}
     cfg = SynthConfig(**{**PRESETS[args.preset], **overrides})
     counts = write_synth(
@@ -129,8 +122,6 @@ def cmd_synth(args) -> int:
 
 
 def cmd_downstream(args) -> int:
-    from .downstream import write_downstream
-
     counts = write_downstream(
         args.out, {"train": args.train, "val": args.val, "test": args.test}, args.image_size, args.seed,
         args.benchmarks, args.num_proc, args.shard_size, args.shard_multiple, args.row_group_size,
@@ -140,14 +131,14 @@ def cmd_downstream(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .convert import convert
-    from .filters import filters_from_args
-
-    filters = filters_from_args(args)
-    counts = convert(
-        args.fmt, args.inputs, args.out, args.images, args.split, filters, args.instances, args.ref_split,
-        args.num_proc, args.shard_size, args.shard_multiple, args.row_group_size, args.box_convention, args.checkpoint,
-    )
+    if args.fmt == "llava":  # conversation rows for the sft stage (convert_llava.py), not Gran rows
+        counts = convert_llava(args.inputs, args.out, args.images, args.split, args.box_convention, args.checkpoint,
+                               args.num_proc, args.shard_size, args.shard_multiple, args.row_group_size)
+    else:
+        counts = convert(
+            args.fmt, args.inputs, args.out, args.images, args.split, filters_from_args(args), args.instances,
+            args.ref_split, args.num_proc, args.shard_size, args.shard_multiple, args.row_group_size,
+        )
     print(json.dumps(counts, indent=1, sort_keys=True))
     print(f"counts saved to {os.path.join(args.out, f'counts-{args.split}.json')}")
     return 0
@@ -162,8 +153,6 @@ def parquet_files(paths: list[str]) -> list[str]:
 
 def _split_of(file: str) -> str:
     """"<dataset folder>:<split>" for a shard of a Gran folder; any other Parquet file is a split of its own."""
-    from .schema import shard_split
-
     split = shard_split(file)
     return file if split is None else f"{os.path.dirname(os.path.dirname(file)) or '.'}:{split}"
 
@@ -171,14 +160,6 @@ def _split_of(file: str) -> str:
 def validate_paths(paths: list[str], decode: bool = True) -> dict:
     """{"rows", "ok", "broken": {reason: rows}, "checksum_mismatch": [shards], "unreadable_files": [...],
     "empty_splits": [splits with no row]}."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from tqdm.auto import tqdm
-
-    from .convert_llava import validate_conversation_row
-    from .downstream import validate_row
-    from .schema import Manifest, sha256_file
-
     reasons: Counter = Counter()
     rows = 0
     mismatched = []
@@ -225,8 +206,6 @@ def cmd_validate(args) -> int:
 @console_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .annotate import cmd_annotate
-
     commands = {"synth": cmd_synth, "downstream": cmd_downstream, "convert": cmd_convert, "validate": cmd_validate,
                 "annotate": cmd_annotate}
     return commands[args.command](args)

@@ -30,6 +30,8 @@ import pickle
 from collections import defaultdict
 from dataclasses import asdict
 
+import pyarrow.parquet as pq
+
 from ...box_utils_granvit import xywh_to_xyxy
 from ...console import UserError, load_json
 from .schema import (
@@ -47,7 +49,8 @@ from .schema import (
 )
 from .filters import FilterConfig, box_filter_reason, describe_filters, image_filter_reason  # noqa: F401 (re-exported)
 
-FORMATS = ("coco", "refcoco", "vg", "ocr", "jsonl", "llava")
+GRAN_FORMATS = ("coco", "refcoco", "vg", "ocr", "jsonl")
+FORMATS = GRAN_FORMATS + ("llava",)  # every --from of granvit-data convert
 # What to do about each reason every image was dropped for (the one-line error of a conversion that wrote nothing).
 EMPTY_OUTPUT_HINTS = {
     "missing_image": "check --images (the folder the annotations' image paths are relative to)",
@@ -90,7 +93,7 @@ def empty_output_message(counts: dict, out_dir: str, split: str) -> str:
 
 def _snap(bbox, width: int, height: int):
     """Clip coordinates that overshoot the image by at most 1 px: annotation tools round outward (COCO has many
-    x + w == width + 0.5). Anything further out stays out, and check_box calls it broken."""
+    x + w == width + 0.5). Anything further out stays out, and schema.box_reason calls it broken."""
     if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
         return bbox
     try:
@@ -180,7 +183,7 @@ def _load_json(path: str, shape: type, what: str):
     return data
 
 
-def _json_line(path: str, number: int, line: str):
+def json_line(path: str, number: int, line: str):
     try:
         return json.loads(line)
     except json.JSONDecodeError as err:
@@ -246,8 +249,6 @@ def read_refcoco(refs: str, images_dir: str, instances: str | None = None, split
             item["regions"].append({"bbox": xywh_to_xyxy(bbox_xywh), "caption": sentence})
 
     if refs.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
         for row in pq.read_table(refs).to_pylist():
             if split and row.get("split") not in (None, split):
                 continue
@@ -371,7 +372,7 @@ def read_ocr(labels: str, images_dir: str, source: str = "ocr") -> list[dict]:
                 raise UserError(f"{labels}: line {number} is not 'image path<TAB>JSON words' (PaddleOCR labels)")
             path, annotation = line.rstrip("\n").split("\t", 1)
             regions, dropped = [], []
-            for word in _json_line(labels, number, annotation):
+            for word in json_line(labels, number, annotation):
                 if word["transcription"] == "###":
                     dropped.append("illegible")
                     continue
@@ -391,7 +392,7 @@ def read_jsonl(path: str, images_dir: str, source: str = "jsonl") -> list[dict]:
         for n, line in enumerate(f):
             if not line.strip():
                 continue
-            obj = _json_line(path, n + 1, line)
+            obj = json_line(path, n + 1, line)
             if not isinstance(obj, dict) or not isinstance(obj.get("image"), str):
                 raise UserError(f"{path}: line {n + 1} has no \"image\" path; each line needs image and regions")
             kind = obj.get("kind", "natural")
@@ -458,19 +459,11 @@ def convert(
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     shard_multiple: int = 1,
     row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
-    box_convention: str | None = None,
-    checkpoint: str | None = None,
 ) -> dict:
-    """Convert annotation files to one split of a Gran folder (`llava`: of conversation rows, convert_llava.py);
-    returns (and saves as counts-<split>.json) the counts."""
-    if fmt == "llava":
-        from .convert_llava import convert_llava
-
-        for path in inputs:
-            if not os.path.isfile(path):
-                raise UserError(f"{path}: no such annotation file; check the path")
-        return convert_llava(inputs, out_dir, images_dir, split, box_convention, checkpoint, num_proc, shard_bytes,
-                             shard_multiple, row_group_size)
+    """Convert annotation files to one split of a Gran folder; returns (and saves as counts-<split>.json) the counts.
+    (`--from llava` writes conversation rows instead: convert_llava.py; the command picks the converter.)"""
+    if fmt not in GRAN_FORMATS:
+        raise UserError(f"--from {fmt}: convert writes Gran rows from {', '.join(GRAN_FORMATS)} (llava: convert_llava)")
     items = read_items(fmt, inputs, images_dir, instances, ref_split)
     if not items:
         raise EmptyOutputError(f"{', '.join(inputs)}: no images found in the annotations; check --from and --inputs", {})

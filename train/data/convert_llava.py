@@ -41,13 +41,16 @@ import re
 
 from datasets import Features, Image, List, Value
 
-from ...console import UserError
+from ...box_codec_granvit import BoxCodec
+from ...console import UserError, check_model_source
+from ...processing_granvit import GranViTProcessor
+from .convert import EmptyOutputError, json_line, write_counted
 from .schema import (
     DEFAULT_ROW_GROUP_SIZE,
     DEFAULT_SHARD_BYTES,
     BadRecord,
     bump,
-    check_box,
+    box_reason,
     decode_image,
     exif_rotated,
     write_dataset_card,
@@ -80,15 +83,13 @@ def _where(path: str, n: int, row, turn: int | None = None) -> str:
 
 def read_rows(path: str) -> list:
     """The rows of a LLaVA JSON file (a list) or JSONL file (an object a line)."""
-    from .convert import _json_line
-
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except UnicodeDecodeError as err:
         raise UserError(f"{path} is not UTF-8 text ({err}); export it again as JSON") from None
     if text.lstrip()[:1] != "[":
-        return [_json_line(path, n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        return [json_line(path, n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
@@ -155,8 +156,8 @@ def to_pixels(values: list[float], convention: str, size: tuple[int, int]) -> li
     sizes = (width, height, width, height)
     if convention == "normalized":
         return [v * s for v, s in zip(values, sizes)]
-    if convention == "0-999":
-        return [(v + 0.5) / 1000 * s for v, s in zip(values, sizes)]
+    if convention == "0-999":  # the bin centres, as a 1000-bin GranViT checkpoint reads its own boxes back
+        return BoxCodec(1000).dequantize(values, size)
     return [min(v, s) if v <= s + 1 else v for v, s in zip(values, sizes)]  # annotators round outward by up to 1 px
 
 
@@ -212,7 +213,7 @@ class LlavaProducer:
                 out.append(plain(segment) if segment else "")
                 continue
             box = to_pixels(segment, self.convention, size)
-            reason = check_box(box, *size)
+            reason = box_reason(box, *size)
             if reason:
                 raise BadRecord(reason, str(segment))
             out.append(self.processor.encode_box(box, size))
@@ -220,8 +221,6 @@ class LlavaProducer:
 
 
 def _plain_text(text: str) -> str:
-    from ...processing_granvit import GranViTProcessor
-
     return GranViTProcessor.plain_text(text)
 
 
@@ -231,8 +230,9 @@ def convert_llava(inputs: list[str], out_dir: str, images_dir: str = "", split: 
                   row_group_size: int = DEFAULT_ROW_GROUP_SIZE) -> dict:
     """LLaVA files -> one split of conversation rows in `out_dir`; returns (and saves as counts-<split>.json) the
     counts. Every row is parsed before anything is written."""
-    from .convert import EmptyOutputError, write_counted
-
+    for path in inputs:
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: no such annotation file; check the path")
     checkpoint = str(checkpoint) if checkpoint else None
     if box_convention is not None and box_convention not in BOX_CONVENTIONS:
         raise UserError(f"--box-convention {box_convention!r}: choose from {', '.join(BOX_CONVENTIONS)}")
@@ -242,9 +242,6 @@ def convert_llava(inputs: list[str], out_dir: str, images_dir: str = "", split: 
     has_box = any(not isinstance(s, str) for item in items for _, segments in item["turns"] for s in segments)
     processor = None
     if checkpoint:
-        from ...console import check_model_source
-        from ...processing_granvit import GranViTProcessor
-
         processor = GranViTProcessor.from_pretrained(check_model_source(checkpoint, "--checkpoint"))
     elif has_box:
         raise UserError("the LLaVA data holds boxes: pass --checkpoint (the GranViT checkpoint to fine-tune), whose "

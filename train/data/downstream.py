@@ -60,14 +60,15 @@ from __future__ import annotations
 
 import io
 import itertools
-import re
 import zlib
 from dataclasses import dataclass
 
 import numpy as np
 from datasets import Features, Image, List, Value
 
-from .schema import DEFAULT_ROW_GROUP_SIZE, DEFAULT_SHARD_BYTES, BadRecord, check_box, decode_image, write_dataset_card
+# The row format both training and evaluation read (letters, placeholders, the prompt) is gran_format.py's.
+from ...gran_format import LETTERS, PLACEHOLDER, downstream_prompt, fill_boxes  # noqa: F401
+from .schema import DEFAULT_ROW_GROUP_SIZE, DEFAULT_SHARD_BYTES, BadRecord, box_reason, decode_image, write_dataset_card
 from .schema import write_split
 from .synth import RELATIONS, SPLITS, SynthConfig, _captions, _describe, _relation_holds, draw_page, draw_scene
 from .synth import draw_sign_scene
@@ -89,8 +90,6 @@ DOWNSTREAM_FEATURES = Features(
     }
 )
 METRICS = ("grounding_acc50", "exact", "anls", "choice")
-LETTERS = "ABCDEFGH"
-PLACEHOLDER = re.compile(r"\{box(\d+)\}")
 
 # ----------------------------------------------------------------------------------------------- scenes
 # SynthConfig overrides per scene kind (the image size comes from the caller). Objects never overlap, so counts and
@@ -426,7 +425,7 @@ def check_row(row) -> str | None:
         return "unknown_metric"
     boxes, answer_boxes, choices = row.get("boxes") or [], row.get("answer_boxes") or [], row.get("choices") or []
     for box in [*boxes, *answer_boxes]:
-        reason = check_box(list(box), width, height)
+        reason = box_reason(list(box), width, height)
         if reason:
             return reason
     used = {int(k) for text in [row["question"], *choices] for k in PLACEHOLDER.findall(text)}
@@ -451,29 +450,6 @@ def validate_row(row, decode: bool = True) -> str | None:
     except BadRecord as e:
         return e.reason
     return "size_mismatch" if image.size != (row["width"], row["height"]) else None
-
-
-def fill_boxes(processor, text: str, boxes, image_size) -> str:
-    """`text` with `{boxN}` replaced by `processor.encode_box(boxes[N])`, as a prompt string: the words are marked as
-    user text (they can never become control tokens), the boxes are the processor's own box tokens."""
-    parts = PLACEHOLDER.split(text)  # [text, index, text, index, ..., text]
-    return "".join(processor.encode_box(boxes[int(p)], image_size) if k % 2 else processor.plain_text(p)
-                   for k, p in enumerate(parts))
-
-
-def downstream_prompt(processor, row: dict) -> str:
-    """The user prompt of a row in `processor`'s box format (what training and evaluation both feed the model)."""
-    from ...eval.run import CHOICE_SUFFIX, VQA_SUFFIX  # the instructions real VQA / multiple-choice prompts end with
-
-    size = (row["width"], row["height"])
-    if row["metric"] == "grounding_acc50":
-        return processor.caption2bbox_prompt(row["question"])
-    text = row["question"]
-    if row["metric"] == "choice":
-        text += "".join(f"\n{LETTERS[k]}. {c}" for k, c in enumerate(row["choices"])) + CHOICE_SUFFIX
-    elif row["metric"] == "exact":
-        text += VQA_SUFFIX
-    return processor.vqa_template.replace("{question}", fill_boxes(processor, text, row["boxes"], size))
 
 
 def downstream_target(processor, row: dict) -> str:

@@ -10,11 +10,12 @@ Boxes are [x1, y1, x2, y2] float32 in original-image pixels, like everywhere out
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import hashlib
-import io
 import json
 import math
+import multiprocessing
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -22,13 +23,15 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets import ClassLabel, Features, Image, List, Value
-from PIL import Image as PILImage
-from PIL import ImageOps
+from datasets.info import DatasetInfo, DatasetInfosDict
+from datasets.splits import SplitDict, SplitInfo
+from datasets.utils.metadata import MetadataConfigs
+from huggingface_hub import DatasetCard, DatasetCardData
+from tqdm.auto import tqdm
 
 from ...box_utils_granvit import BOX_RULES, box_problem
-from ...image_processing_granvit import to_rgb
-
-EXIF_ORIENTATION = 0x0112
+# Image cells and reason codes are gran_format.py's (eval/ and the demo read them too); the data layer imports them here.
+from ...gran_format import EXIF_ORIENTATION, REASONS, BadRecord, decode_image, exif_rotated  # noqa: F401
 
 KINDS = ["natural", "ocr"]
 
@@ -55,40 +58,8 @@ DEFAULT_SHARD_BYTES = 500 * 2**20  # ~0.5 GB, the size datasets' own push_to_hub
 DEFAULT_ROW_GROUP_SIZE = 256  # a few hundred rows: small enough to seek into, large enough to compress
 MAX_CAPTION_CHARS = 1000  # a "caption" longer than this is a dumped document or a parse error, not a region
 
-# Every reason a row or region can be rejected as broken (as opposed to filtered by a quality rule).
-REASONS = (
-    "wrong_type",
-    "missing_image",
-    "corrupt_image",
-    "size_mismatch",
-    "no_regions",
-    "box_nan",
-    "box_outside",
-    "box_inverted",
-    "box_zero_area",
-    "empty_caption",
-    "huge_caption",
-    "exif_orientation",
-    "image_too_large",
-    # downstream question rows (downstream.py)
-    "unknown_metric",
-    "bad_placeholder",
-    "empty_answer",
-    "bad_choice",
-)
-
-
-class BadRecord(ValueError):
-    """A record (or region) that cannot be used; `reason` is one of REASONS."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        assert reason in REASONS, reason
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-
-
 # ----------------------------------------------------------------------------------------------- validation
-def check_box(bbox, width: int, height: int) -> str | None:
+def box_reason(bbox, width: int, height: int) -> str | None:
     """Reason why `bbox` is not a usable xyxy box inside a width x height image, or None (the rules:
     granvit's box_utils_granvit.py)."""
     problem = box_problem(bbox, (width, height))
@@ -99,7 +70,7 @@ def check_region(region, width: int, height: int, max_caption_chars: int = MAX_C
     """Reason why one region is broken, or None."""
     if not isinstance(region, dict) or not isinstance(region.get("caption"), str):
         return "wrong_type"
-    reason = check_box(region.get("bbox"), width, height)
+    reason = box_reason(region.get("bbox"), width, height)
     if reason:
         return reason
     caption = region["caption"].strip()
@@ -108,45 +79,6 @@ def check_region(region, width: int, height: int, max_caption_chars: int = MAX_C
     if len(caption) > max_caption_chars:
         return "huge_caption"
     return None
-
-
-def decode_image(image, rgb: bool = False) -> PILImage.Image:
-    """Fully decode an image cell: an `Image()` cell ({bytes, path} dict), a PIL image or a path. Returns the
-    EXIF-upright image; with `rgb`, converted to RGB as the model converts it (`image_processing_granvit.to_rgb`: alpha
-    on white, 16-bit scaled). Raises BadRecord on missing or corrupt data.
-
-    A full `load()` (not just `verify()`) is needed: truncated JPEGs open and verify fine and only fail on decode.
-    """
-    if isinstance(image, (str, os.PathLike)):
-        image = {"bytes": None, "path": os.fspath(image)}
-    if isinstance(image, PILImage.Image):
-        img = image
-        img.load()
-    elif not isinstance(image, dict):
-        raise BadRecord("wrong_type", f"image is {type(image).__name__}")
-    else:
-        data, path = image.get("bytes"), image.get("path")
-        if data is None:
-            if not path or not os.path.isfile(path):
-                raise BadRecord("missing_image", str(path))
-            with open(path, "rb") as f:
-                data = f.read()
-        try:
-            img = PILImage.open(io.BytesIO(data))
-            img.load()
-        except (OSError, SyntaxError, ValueError, PILImage.DecompressionBombError) as e:
-            # PIL raises UnidentifiedImageError (an OSError) for garbage, OSError for truncation, SyntaxError for
-            # some broken PNG chunks, DecompressionBombError for absurd sizes.
-            raise BadRecord("corrupt_image", f"{type(e).__name__}: {e}") from e
-    if rgb:
-        return to_rgb(img)  # EXIF applied there too
-    # datasets' Image feature and the image processor both show the EXIF-upright image: so must the checks
-    return ImageOps.exif_transpose(img) if img.getexif().get(EXIF_ORIENTATION, 1) != 1 else img
-
-
-def exif_rotated(data: bytes) -> bool:
-    """Whether encoded image bytes carry an EXIF rotation (`decode_image` returns such images upright)."""
-    return PILImage.open(io.BytesIO(data)).getexif().get(EXIF_ORIENTATION, 1) != 1
 
 
 def check_header(record) -> str | None:
@@ -190,6 +122,14 @@ def validate_record(record, decode: bool = True, max_caption_chars: int = MAX_CA
 
 
 # ----------------------------------------------------------------------------------------------- sharding
+def parse_size(text: str) -> int:
+    """'500MB', '0.5GB', '200k', '1048576' -> bytes (the commands' --shard-size)."""
+    match = re.fullmatch(r"\s*([\d.]+)\s*([kmg]?)i?b?\s*", text.lower())
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500MB, 0.5GB)")
+    return int(float(match.group(1)) * {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}[match.group(2)])
+
+
 def plan_num_shards(
     total_bytes: int, num_items: int, shard_bytes: int = DEFAULT_SHARD_BYTES, shard_multiple: int = 1, max_items: int = 0
 ) -> int:
@@ -388,8 +328,6 @@ def write_split(
     a time, resuming from the manifest. Returns the split's counts (written / filtered / broken), finished shards
     from earlier runs included. `producer` has `.plan()`: the settings that must not change between a run and
     its resume. `features`: the rows' schema (Gran rows by default; downstream.py writes question rows)."""
-    from tqdm.auto import tqdm
-
     os.makedirs(os.path.join(out_dir, "data"), exist_ok=True)
     remove_stale_temp_files(out_dir)
     manifest = Manifest(out_dir)
@@ -399,8 +337,6 @@ def write_split(
     jobs = [(out_dir, split, i, num_shards, num_items, row_group_size, features) for i in todo]
     bar = tqdm(total=num_shards, initial=num_shards - len(todo), desc=f"{split} shards", unit="shard")
     if num_proc > 1 and len(jobs) > 1:
-        import multiprocessing
-
         ctx = multiprocessing.get_context("fork")
         with ctx.Pool(min(num_proc, len(jobs)), initializer=_init_worker, initargs=(producer,)) as pool:
             for info in pool.imap_unordered(_write_one, jobs):
@@ -430,11 +366,6 @@ def write_dataset_card(out_dir: str, pretty_name: str = "Gran dataset", descript
                        body: str = GRAN_CARD_BODY) -> str:
     """README.md with the YAML `configs` (split -> data files) and `dataset_info` (features, split sizes) that
     `load_dataset(out_dir)` and the Hub viewer read. Split sizes come from the manifest; `body` explains the rows."""
-    from datasets.info import DatasetInfo, DatasetInfosDict
-    from datasets.splits import SplitDict, SplitInfo
-    from datasets.utils.metadata import MetadataConfigs
-    from huggingface_hub import DatasetCard, DatasetCardData
-
     manifest = Manifest(out_dir)
     splits = SplitDict()
     data_files = []

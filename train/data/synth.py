@@ -26,19 +26,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFont
 
+from ...gran_format import COLOURS, SHAPES  # the caption vocabulary, which eval/probe.py reads back
 from .schema import DEFAULT_ROW_GROUP_SIZE, DEFAULT_SHARD_BYTES, bump, write_dataset_card, write_split
 
-SHAPES = ("circle", "square", "triangle", "star", "diamond", "hexagon", "cross")
-COLOURS = {
-    "red": (220, 30, 30),
-    "green": (30, 170, 50),
-    "blue": (30, 70, 220),
-    "yellow": (240, 220, 30),
-    "purple": (140, 40, 180),
-    "orange": (250, 140, 20),
-    "cyan": (30, 210, 220),
-    "pink": (250, 120, 190),
-}
 TEXTURES = ("solid", "striped", "dotted")
 SIZE_WORDS = {1: ("",), 2: ("small", "large"), 3: ("small", "medium", "large")}
 SPLITS = ("train", "val", "test")  # the split index is part of every image's seed: splits never share an image

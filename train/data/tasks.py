@@ -44,9 +44,12 @@ import math
 import random
 from collections import Counter
 
+import torch
 from datasets import Image as ImageFeature
+from transformers import TrainerCallback
 
 from ...grounding_granvit import NEGATIVE_TASK
+from .downstream import downstream_example
 from .schema import MAX_CAPTION_CHARS, BadRecord, check_header, check_region, decode_image
 
 # downstream: question rows of data/downstream.py; caption2bbox_negative: the "not found" answer (module docstring)
@@ -200,8 +203,6 @@ class TaskBuilder:
 
     def _downstream(self, record: dict) -> list[dict]:
         """A question row of data/downstream.py: one example, its boxes in this processor's box format."""
-        from .downstream import downstream_example
-
         if "downstream" not in self.tasks:
             return self._skip("not_a_task")  # question rows in a phase that does not train on them
         if not self._coin(random.Random(f"{self.seed}:{record.get('image_id')}"), "downstream"):
@@ -309,8 +310,6 @@ class StreamedImageQueries:
 
 def as_torch_iterable(items):
     """A `torch.utils.data.IterableDataset` view of `StreamedImageQueries` (what the Trainer's DataLoader expects)."""
-    import torch
-
     class _Iterable(torch.utils.data.IterableDataset):
         def __iter__(self):
             return iter(items)
@@ -328,8 +327,6 @@ class TaskCollator:
         self.counter = counter if counter is not None else SkipCounter()
 
     def __call__(self, examples: list):
-        import torch
-
         examples = [e for item in examples for e in (item if isinstance(item, list) else [item])]
         self.counter.absorb(examples)
         batch = self.processor(
@@ -351,8 +348,6 @@ class TaskCollator:
 
 def skip_counter_callback(counter: SkipCounter, prefix: str = "data/skipped_"):
     """A `transformers.TrainerCallback` adding the counter to every log (and to `state.log_history`)."""
-    from transformers import TrainerCallback
-
     class SkipCounterCallback(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             counts = counter.as_dict(prefix)
