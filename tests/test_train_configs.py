@@ -57,6 +57,9 @@ def test_overrides_and_unknown_keys(tmp_path):
     # YAML 1.1 reads 1e-3 as text; an override means the number
     assert phase_training(load_recipe(CONFIGS / "cli_tiny_cpu.yaml", ["training.learning_rate=1e-4"]), "stage2")[
         "learning_rate"] == 1e-4
+    # and reads no / off as False; only true / false are booleans
+    saving = load_recipe(CONFIGS / "cli_tiny_cpu.yaml", ["training.save_strategy=no", "training.bf16=false"])
+    assert (saving["training"]["save_strategy"], saving["training"]["bf16"]) == ("no", False)
     with pytest.raises(UserError, match="a parts section is for model.vision / model.llm: pretrain"):
         load_recipe(CONFIGS / "quickstart.yaml", ["parts.lm.steps=3"])
 

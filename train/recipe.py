@@ -145,9 +145,12 @@ def dump_recipe(recipe: dict, path: str | Path) -> None:
 
 
 def override_value(text: str):
-    """A ``key=value`` override's value as YAML, except that ``1e-3`` is a number (YAML 1.1, which PyYAML follows,
-    reads exponents without a dot as strings; a learning rate given that way must not become text)."""
+    """A ``key=value`` override's value as YAML, except where YAML 1.1 (which PyYAML follows) surprises: ``1e-3`` is a
+    number (read as a string there: a learning rate must not become text) and only ``true`` / ``false`` are booleans
+    (``no`` / ``off`` stay words: ``training.save_strategy=no`` is the strategy, not False)."""
     value = yaml.safe_load(text)
+    if isinstance(value, bool) and text.strip().lower() not in ("true", "false"):
+        return text.strip()
     if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value.strip()):
         return float(value)
     return value
