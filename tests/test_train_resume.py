@@ -97,3 +97,34 @@ def test_deepspeed_zero2_resume_restores_the_teacher(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert 0 < run.stdout.count("'loss':") <= 10 - SAVE_EVERY, "the resumed run did not resume"
     assert_same_final_weights(straight, resumed)
+
+
+@pytest.mark.slow
+def test_two_process_sigkill_then_resume_matches_uninterrupted(tmp_path):
+    """`processes=2`: granvit-train relaunches itself as two data-parallel workers (train/launch.py); killing the
+    whole launch mid-stage and rerunning with resume ends where the uninterrupted two-process run ends."""
+    two = ["processes=2", f"training.max_steps={STEPS // 2}"]
+    build = tmp_path / "build-run"  # the tiny parts and the starting checkpoint, made once in one process
+    subprocess.run(command(build, "training.max_steps=1"), env=env(), check=True, capture_output=True)
+    start = f"model.checkpoint={build / 'build'}"
+    straight = tmp_path / "straight"
+    done = subprocess.run(command(straight, start, *two), env=env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "training on 2 processes x 1 thread" in done.stdout
+
+    crashed = tmp_path / "crashed"
+    # its own session: the launcher, torchrun and both workers die together, as a killed job would
+    proc = subprocess.Popen(command(crashed, start, *two), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    marker = crashed / "stage1" / f"checkpoint-{KILL_AFTER}" / "ema_teacher.safetensors"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    assert not (crashed / "stage1" / "final").exists()
+    resumed = subprocess.run(command(crashed, start, *two, "training.resume_from_checkpoint=true"), env=env(),
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_final_weights(straight, crashed)
