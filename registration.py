@@ -35,7 +35,10 @@ GranViTProcessor.register_for_auto_class("AutoProcessor")
 AutoConfig.register("granvit", GranViTConfig, exist_ok=True)
 AutoModel.register(GranViTConfig, GranViTModel, exist_ok=True)
 AutoModelForImageTextToText.register(GranViTConfig, GranViTForConditionalGeneration, exist_ok=True)
-AutoImageProcessor.register(GranViTConfig, image_processor_classes={"pil": GranViTImageProcessor}, exist_ok=True)
+# One class for both of transformers' backends (it resizes and pads with PIL, then converts to torch): under "pil" only,
+# AutoImageProcessor asked for its default "torchvision" first and warned at every load that it fell back.
+AutoImageProcessor.register(GranViTConfig, image_processor_classes={"pil": GranViTImageProcessor,
+                                                                    "torchvision": GranViTImageProcessor}, exist_ok=True)
 AutoProcessor.register(GranViTConfig, GranViTProcessor, exist_ok=True)
 # In memory, with this package imported: pipeline("granvit-regions", model=model, processor=processor).
 PIPELINE_REGISTRY.register_pipeline(

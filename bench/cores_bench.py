@@ -11,7 +11,8 @@ callback times steps `--warmup`..end, so start-up, data loading set-up and the f
 batch is the recipe's in every case (two processes take 4 images each). Load: a second process spinning on a large
 matmul loop on one thread, started before the case and stopped after it.
 `RESULT train_two_core_speedup`: the best two-core steps/s over one process x one thread (fp32), per stage, then
-their mean weighted by the main job's steps of each stage.
+their mean weighted by the main job's steps of each stage; `RESULT train_two_core_speedup_<case>` the same for each
+two-core case alone.
 """
 
 import argparse
@@ -140,6 +141,14 @@ def main(argv=None) -> None:
     if speedups:
         total = sum(weights[p] for p in speedups)
         print(f"RESULT train_two_core_speedup {sum(speedups[p] * weights[p] for p in speedups) / total:.3f}")
+    # each two-core way on its own (the main job's default is two processes in bf16: robust under load, where two
+    # threads in one process are not), weighted over the stages the same way
+    for case in ("1p2t", "2p1t", "1p2t_bf16", "2p1t_bf16"):
+        ratios = {p: rates[f"{p}_{case}"] / rates[f"{p}_1p1t"] for p in args.phases
+                  if f"{p}_{case}" in rates and f"{p}_1p1t" in rates}
+        if ratios:
+            mean = sum(ratios[p] * weights[p] for p in ratios) / sum(weights[p] for p in ratios)
+            print(f"RESULT train_two_core_speedup_{case} {mean:.3f}")
 
 
 if __name__ == "__main__":
