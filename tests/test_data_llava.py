@@ -12,7 +12,7 @@ from PIL import Image
 from granvit import GranViTForConditionalGeneration, GranViTProcessor
 from granvit.train.data.cli import main
 from granvit.train.data.conversations import sft_items
-from granvit.train.data.convert import convert
+from granvit.train.data.convert_llava import convert_llava
 from granvit.train.data.tasks import TaskBuilder
 from granvit.train.freezing import component_of
 from granvit.train.trl_stages import ConversationCollator, GranViTSFTConfig, GranViTSFTTrainer
@@ -99,14 +99,14 @@ def test_llava_box_conventions_and_jsonl(tiny_checkpoints, llava):
         path = tmp_path / f"{convention}.jsonl"
         path.write_text(json.dumps(row) + "\n")
         out = str(tmp_path / convention)
-        convert("llava", [str(path)], out, str(tmp_path / "images"), box_convention=convention, checkpoint=checkpoint)
+        convert_llava([str(path)], out, str(tmp_path / "images"), box_convention=convention, checkpoint=checkpoint)
         written[convention] = load_dataset(out, split="train")[0]["messages"][1]["content"]
     bins = processor.box_to_bins([16.0, 24.0, 48.0, 48.0], (64, 48))
     assert written == {k: processor.format_bins(bins) for k in answers}
     assert written["0-999"] == processor.format_bins([25, 50, 75, 99])  # 1000 bins -> the checkpoint's 100
     # none: the text stays as it is; no checkpoint needed
     out = str(tmp_path / "none")
-    convert("llava", [str(tmp_path / "normalized.jsonl")], out, str(tmp_path / "images"), box_convention="none")
+    convert_llava([str(tmp_path / "normalized.jsonl")], out, str(tmp_path / "images"), box_convention="none")
     assert load_dataset(out, split="train")[0]["messages"][1]["content"] == processor.plain_text(answers["normalized"])
 
 
@@ -123,7 +123,7 @@ def test_llava_unparseable_turn_is_one_line_naming_file_row_turn(llava, capsys, 
     path = tmp_path / "bad.json"
     path.write_text(json.dumps([{"id": "bad", "image": "coco/1.jpg", "conversations": turns}]))
     with pytest.raises(ValueError, match=message):
-        convert("llava", [str(path)], str(tmp_path / "out"), str(tmp_path / "images"), box_convention=convention)
+        convert_llava([str(path)], str(tmp_path / "out"), str(tmp_path / "images"), box_convention=convention)
     assert not (tmp_path / "out").exists()  # refused before anything was written
     args = ["convert", "--from", "llava", str(tmp_path / "out"), "--inputs", str(path), "--images", str(tmp_path / "images")]
     assert main(args + (["--box-convention", convention] if convention else [])) == 2
@@ -134,7 +134,7 @@ def test_llava_unparseable_turn_is_one_line_naming_file_row_turn(llava, capsys, 
 def test_llava_boxes_need_a_checkpoint(llava):
     tmp_path, path = llava
     with pytest.raises(ValueError, match="holds boxes: pass --checkpoint"):
-        convert("llava", [path], str(tmp_path / "out"), str(tmp_path / "images"), box_convention="normalized")
+        convert_llava([path], str(tmp_path / "out"), str(tmp_path / "images"), box_convention="normalized")
 
 
 def test_sft_smoke_run_on_converted_llava_rows(tiny_checkpoints, llava, tmp_path):
@@ -142,7 +142,7 @@ def test_sft_smoke_run_on_converted_llava_rows(tiny_checkpoints, llava, tmp_path
     tmp, path = llava
     checkpoint = tiny_checkpoints("tokens")
     out = str(tmp / "sft")
-    convert("llava", [path], out, str(tmp / "images"), box_convention="normalized", checkpoint=checkpoint)
+    convert_llava([path], out, str(tmp / "images"), box_convention="normalized", checkpoint=checkpoint)
     split = load_dataset(out, split="train")
     model, processor = GranViTForConditionalGeneration.from_pretrained(checkpoint), processor_of(checkpoint)
     items = sft_items(split, TaskBuilder(processor, tasks=("vqa",)))

@@ -33,7 +33,7 @@ import sys
 from ..console import UserError, console_main
 from .launch import is_worker, planned_processes, relaunch
 from .recipe import load_recipe
-from .runner import run
+from .runner import own_parts_first, run
 
 
 def phases_to_run(recipe: dict, stage: str | None, phase: str | None) -> list[str]:
@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int | None:
     these = {**recipe, "phases": {name: recipe["phases"][name] for name in only}}
     processes = planned_processes(these)
     if processes > 1 and not is_worker():  # one worker per core; each runs this same command
+        own_parts_first(these)
         return relaunch("granvit.train.cli", list(argv if argv is not None else sys.argv[1:]), these, processes)
     run(recipe, only=only)
 

@@ -67,13 +67,9 @@ def split_batch(batch: int) -> int:
 
 def relaunch(module: str, argv: list[str], recipe: dict, processes: int) -> int:
     """Run ``python -m module argv`` as `processes` workers (``torch.distributed.run``, one thread each, the batch
-    split between them); returns their exit code. Parts the recipe trains for itself (``pretrain``) are made here
-    first, in one process: the workers then find them cached."""
-    from .runner import embedded_parts
-
+    split between them); returns their exit code. Parts the recipe trains for itself are made before, by the caller
+    (runner.own_parts_first): the workers then find them cached."""
     check_batches(recipe, processes)
-    if "pretrain" in ((recipe.get("model") or {}).get("vision"), (recipe.get("model") or {}).get("llm")):
-        embedded_parts(recipe)
     print(f"training on {processes} processes x 1 thread, data parallel over gloo (the recipe's batch split between "
           "them; processes=1 for one process)", flush=True)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",

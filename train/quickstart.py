@@ -33,7 +33,7 @@ from ..console import console_main
 from .recipe import CONFIGS, dump_recipe, load_recipe, splits
 from .launch import is_main_process, is_worker, planned_processes, relaunch
 from .parts.shipped import CURVES
-from .runner import load_split, run
+from .runner import load_split, own_parts_first, run
 
 CONFIG = CONFIGS / "quickstart.yaml"
 # --smoke: the same pipeline on a few images and steps, small enough for the test suite.
@@ -133,6 +133,7 @@ def main(argv=None) -> int | None:
     recipe = load_recipe(args.config, (SMOKE if args.smoke else []) + args.set)
     processes = planned_processes(recipe)
     if processes > 1 and not is_worker():  # one worker per core; each runs this same command
+        own_parts_first(recipe)
         return relaunch("granvit.train.quickstart", list(argv if argv is not None else sys.argv[1:]), recipe, processes)
     run_quickstart(argv)
     return None

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from ..console import UserError
@@ -136,6 +137,14 @@ def format_figures(figures: dict) -> str:
                      for key, label in FIGURES.items() if key in figures)
 
 
+def own_parts_first(recipe: dict) -> None:
+    """Before a multi-process launch: a recipe that pretrains its own parts (``pretrain``) makes them here, in one
+    process, so that the workers load them from the cache instead of each training them."""
+    model = recipe.get("model") or {}
+    if "pretrain" in (model.get("vision"), model.get("llm")):
+        embedded_parts(recipe)
+
+
 def build_model(recipe: dict, state: RunState, log=print):
     """(model, processor): the recipe's starting checkpoint, or the parts composed by granvit-build's code path."""
     from ..modeling_granvit import GranViTForConditionalGeneration
@@ -226,8 +235,9 @@ class CurveCallback(TrainerCallback):
         if self.evaluate and self.every and state.global_step % self.every == 0 and state.is_world_process_zero:
             scores = {**self.evaluate(model), "step": self.offset + state.global_step, "phase": self.name}
             self.state.curve["val"].append(scores)
-            print(f"  validation at step {scores['step']} ({self.name}): grounding {scores['grounding_acc50']:.3f}, "
-                  f"caption {scores['caption_exact']:.3f}", flush=True)
+            # above the Trainer's progress bar, not inside its line
+            tqdm.write(f"  validation at step {scores['step']} ({self.name}): "
+                       f"grounding {scores['grounding_acc50']:.3f}, caption {scores['caption_exact']:.3f}")
 
 
 def last_complete_checkpoint(phase_folder: str, stage: str) -> str | None:
