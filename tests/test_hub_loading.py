@@ -27,6 +27,7 @@ FRESH_PROCESS = textwrap.dedent(
         sys.modules["transformers"].DynamicLayer = None  # (what the checkpoint's own `import transformers` will get)
 
     ckpt, inputs_path = sys.argv[1], sys.argv[2]
+    torch.set_num_threads(int(sys.argv[4]))  # the parent's: bitwise equality needs the same reduction order
     ref = torch.load(inputs_path)
     report = {}
     config = AutoConfig.from_pretrained(ckpt, trust_remote_code=True)
@@ -90,7 +91,8 @@ def test_fresh_process_remote_code_load(tmp_path, tiny_checkpoint, transformers_
     workdir.mkdir()
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     result = subprocess.run(
-        [sys.executable, "-I", str(script), str(tiny_checkpoint), str(tmp_path / "reference.pt"), transformers_cache],
+        [sys.executable, "-I", str(script), str(tiny_checkpoint), str(tmp_path / "reference.pt"), transformers_cache,
+         str(torch.get_num_threads())],
         cwd=workdir, env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]

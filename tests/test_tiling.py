@@ -208,7 +208,8 @@ FRESH_PROCESS = textwrap.dedent(
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
-    ckpt, ref_path = sys.argv[1], sys.argv[2]
+    ckpt, ref_path, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    torch.set_num_threads(threads)  # the parent's: bitwise equality needs the same reduction order
     ref = torch.load(ref_path)
     processor = AutoProcessor.from_pretrained(ckpt, trust_remote_code=True)
     model = AutoModelForImageTextToText.from_pretrained(ckpt, trust_remote_code=True).eval()
@@ -250,7 +251,8 @@ def test_fresh_process_remote_code_load_of_a_tiled_checkpoint(tmp_path, tiled_ch
     workdir = tmp_path / "elsewhere"
     workdir.mkdir()
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    result = subprocess.run([sys.executable, "-I", str(tmp_path / "load.py"), str(checkpoint), str(tmp_path / "reference.pt")],
+    result = subprocess.run([sys.executable, "-I", str(tmp_path / "load.py"), str(checkpoint), str(tmp_path / "reference.pt"),
+                             str(torch.get_num_threads())],
                             cwd=workdir, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.split("REPORT ", 1)[1])
