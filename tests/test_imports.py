@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository root is the granvit package
 PACKAGE = "granvit"
-SKIP = {"tests", ".git"}
+SKIP = {"tests", "build", "outputs", "runs", "setup.py"}  # and hidden folders (.git, .venv: CI's environment is here)
 
 # Imports in files that another change of issue 25 owns (the typed recipe rewrites train/recipe.py, train/parts/ and
 # train/quickstart.py), listed here so this test holds meanwhile; each entry goes when that change lands.
@@ -24,7 +24,8 @@ def module_name(path: Path) -> str:
 
 
 def package_modules() -> dict[str, Path]:
-    return {module_name(p): p for p in ROOT.rglob("*.py") if not SKIP & set(p.relative_to(ROOT).parts)}
+    return {module_name(p): p for p in ROOT.rglob("*.py")
+            if not SKIP & set(p.relative_to(ROOT).parts) and not p.relative_to(ROOT).parts[0].startswith(".")}
 
 
 def imported_modules(name: str, path: Path, modules: dict) -> dict[str, int]:
