@@ -1,6 +1,11 @@
 """Training recipes: every YAML builds valid TrainingArguments for every phase, the paper recipe's arithmetic, the
 accelerate launch configs, and the DeepSpeed JSONs (pydantic-validated when deepspeed is installed)."""
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -87,6 +92,31 @@ def test_every_core_splits_the_batch_not_the_recipe(monkeypatch):
     assert launch.split_batch(8) == 4  # a launch made here: the recipe's batch is the global one
     with pytest.raises(UserError, match="does not split over 3 processes"):
         launch.check_batches(recipe, 3)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG) is Linux's")
+def test_a_worker_dies_with_its_parent():
+    """A parent starts a child that calls die_with_parent, prints the child's pid and is SIGKILLed: the child must not
+    outlive it (torch.distributed.run's workers run in sessions of their own; a killed launch must take them along)."""
+    child = ("from granvit.train.launch import die_with_parent; import time; die_with_parent(); "
+             "print('armed', flush=True); time.sleep(60)")
+    parent = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', {child!r}]); "
+              "print(p.pid, flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    pid = int(proc.stdout.readline())
+    assert proc.stdout.readline().strip() == "armed"  # the child shares the pipe; it is alive while its parent is
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            if "State:\tZ" in Path(f"/proc/{pid}/status").read_text():  # dead, not yet reaped
+                return
+        except FileNotFoundError:  # gone
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    pytest.fail("the child outlived its SIGKILLed parent")
 
 
 @pytest.mark.parametrize("name", ["ddp.yaml", "fsdp.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml"])

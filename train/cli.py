@@ -31,7 +31,7 @@ import logging
 import sys
 
 from ..console import UserError, console_main
-from .launch import is_worker, planned_processes, relaunch
+from .launch import die_with_parent, is_worker, planned_processes, relaunch
 from .recipe import load_recipe
 from .runner import own_parts_first, run
 
@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int | None:
     if processes > 1 and not is_worker():  # one worker per core; each runs this same command
         own_parts_first(these)
         return relaunch("granvit.train.cli", list(argv if argv is not None else sys.argv[1:]), these, processes)
+    if is_worker():
+        die_with_parent()
     run(recipe, only=only)
 
 

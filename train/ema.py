@@ -67,8 +67,9 @@ def load_teacher(teacher: nn.Module, checkpoint_dir: str) -> None:
 class EMATeacherCallback(TrainerCallback):
     """Updates the teacher after every optimizer step (``on_step_end`` runs right after ``optimizer.step()``) and
     saves it into every checkpoint folder (``on_save`` runs right after the Trainer wrote ``checkpoint-<step>``, its
-    ``trainer_state.json`` last: the teacher file is then the last file of a complete checkpoint). Restoring it on
-    resume is ``Stage1Trainer.train``'s job: callbacks never see the checkpoint a run resumes from."""
+    ``trainer_state.json`` last, and after every rank has written its part: the teacher file is then the last file of
+    a complete checkpoint). Restoring it on resume is ``Stage1Trainer.train``'s job: callbacks never see the
+    checkpoint a run resumes from."""
 
     def __init__(self, teacher: nn.Module, decay: float):
         if not 0.0 <= decay <= 1.0:
@@ -80,6 +81,10 @@ class EMATeacherCallback(TrainerCallback):
         ema_update(self.teacher, student_tower(model), self.decay)
 
     def on_save(self, args, state, control, **kwargs):
+        # Every rank writes its own RNG state into the checkpoint and nothing waits for the others: wait here, so that a
+        # teacher file on disk means the whole checkpoint is (the resume test kills a run as soon as it sees one).
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
         if args.should_save:  # the main process (DeepSpeed ZeRO-2 included: the teacher is not partitioned)
             save_teacher(self.teacher, os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
 

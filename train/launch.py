@@ -10,13 +10,16 @@ within float noise. Why processes and not threads: BENCHMARKS.md, "Both cores".
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import subprocess
 import sys
 
 from ..console import UserError
 
 SPLIT_ENV = "GRANVIT_SPLIT_BATCH"  # set for the workers of a launch made here: the recipe's batch is the global one
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def available_cores() -> int:
@@ -74,7 +77,21 @@ def relaunch(module: str, argv: list[str], recipe: dict, processes: int) -> int:
           "them; processes=1 for one process)", flush=True)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                "-m", module, *argv]
-    return subprocess.call(command, env={**os.environ, "OMP_NUM_THREADS": "1", SPLIT_ENV: "1"})
+    return subprocess.call(command, env={**os.environ, "OMP_NUM_THREADS": "1", SPLIT_ENV: "1"},
+                           preexec_fn=die_with_parent)
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (elsewhere: nothing). torch.distributed.run starts each
+    worker in a session of its own, so without this a SIGKILL of the launch, even of its whole session, leaves the
+    workers training on and writing into the output folder, where a resumed run would then meet them. Called by
+    the launch for torch.distributed.run (before it starts) and by every worker (train/cli.py, train/quickstart.py)."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def describe(recipe: dict) -> str:

@@ -31,7 +31,7 @@ import torch
 
 from ..console import console_main
 from .recipe import CONFIGS, dump_recipe, load_recipe, splits
-from .launch import is_main_process, is_worker, planned_processes, relaunch
+from .launch import die_with_parent, is_main_process, is_worker, planned_processes, relaunch
 from .parts.shipped import CURVES
 from .runner import load_split, own_parts_first, run
 
@@ -135,6 +135,8 @@ def main(argv=None) -> int | None:
     if processes > 1 and not is_worker():  # one worker per core; each runs this same command
         own_parts_first(recipe)
         return relaunch("granvit.train.quickstart", list(argv if argv is not None else sys.argv[1:]), recipe, processes)
+    if is_worker():
+        die_with_parent()
     run_quickstart(argv)
     return None
 
