@@ -1,10 +1,13 @@
 """Shared fixtures: every test runs offline with a private HF_HOME, on tiny models built here."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 # Set before transformers / huggingface_hub are imported by any test module: they read these at import time.
 _HF_HOME = tempfile.mkdtemp(prefix="granvit-hf-home-")
+atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)  # a test session leaves nothing in the temp folder
 os.environ["HF_HOME"] = _HF_HOME
 os.environ["GRANVIT_CACHE"] = os.path.join(_HF_HOME, "granvit-cache")  # the embedded parts tests pretrain
 os.environ["HF_HUB_OFFLINE"] = "1"
