@@ -42,9 +42,7 @@ def worker(args) -> None:
     torch.set_num_threads(args.threads)
     from granvit.train.runner import load_checkpoint
 
-    model, processor = load_checkpoint(args.checkpoint)
-    if args.bf16:  # bf16 on this CPU is fast with eager attention only (BENCHMARKS.md, "Training")
-        model.set_attn_implementation("eager")
+    model, processor = load_checkpoint(args.checkpoint)  # the trainer itself trains bf16 in eager attention
     marks = {}
 
     class Timer(TrainerCallback):

@@ -325,3 +325,20 @@ def test_one_table_of_stages_and_its_old_views():
     # one trainer per stage: sft runs on trl (trl_stages.GranViTSFTTrainer), trainers.py has no second one
     stage_classes = [c for c in vars(trainers).values() if isinstance(c, type) and issubclass(c, trainers.GranViTTrainer)]
     assert sorted(c.stage for c in stage_classes if c.stage) == sorted(trainers.TRAINERS)
+
+
+def test_bf16_on_the_cpu_trains_in_eager_attention_and_gives_the_model_back_as_it_was(processor, model, tmp_path):
+    seen = []
+
+    class Attention(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            seen.append((model.config._attn_implementation, model.config.vision_config._attn_implementation))
+
+    before = model.config._attn_implementation
+    assert before != "eager"
+    for bf16 in (True, False):
+        seen.clear()
+        Stage2Trainer(model=model, args=arguments(tmp_path, bf16=bf16, max_steps=1), train_dataset=examples(processor, "2"),
+                      data_collator=TaskCollator(processor), processing_class=processor, callbacks=[Attention()]).train()
+        assert seen == [("eager", "eager")] if bf16 else seen == [(before, before)]
+        assert model.config._attn_implementation == before

@@ -98,6 +98,19 @@ class GranViTTrainer(Trainer):
         logger.info("Stage %s parameters:\n%s", self.stage, format_table(self.parameter_table))
         self.check_frozen()
 
+    def train(self, *args, **kwargs):
+        """``Trainer.train``, in eager attention while it trains in bf16 autocast on the CPU, where PyTorch's fused SDPA
+        backward is slower (BENCHMARKS.md, "Both cores"); the model's own attention comes back afterwards, so what is
+        saved and evaluated after training keeps it."""
+        if not (self.args.bf16 and self.args.device.type == "cpu"):
+            return super().train(*args, **kwargs)
+        before = self.model.config._attn_implementation
+        self.model.set_attn_implementation("eager")
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.model.set_attn_implementation(before)
+
     def make_teacher(self) -> nn.Module | None:
         return None
 
