@@ -342,3 +342,62 @@ def test_bf16_on_the_cpu_trains_in_eager_attention_and_gives_the_model_back_as_i
                       data_collator=TaskCollator(processor), processing_class=processor, callbacks=[Attention()]).train()
         assert seen == [("eager", "eager")] if bf16 else seen == [(before, before)]
         assert model.config._attn_implementation == before
+
+
+def test_pcgrad_known_answers():
+    from granvit.train.losses import pcgrad
+
+    step, cosine = pcgrad([torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 1.0])])  # conflicting: both projected
+    # g1 - (g1.g2 / |g2|^2) g2 = (0.5, 0.5); g2 - (g2.g1 / |g1|^2) g1 = (0, 1)
+    assert torch.allclose(step, torch.tensor([0.5, 1.5])) and abs(cosine.item() + 2 ** -0.5) < 1e-6
+    step, cosine = pcgrad([torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])])  # agreeing: the plain sum
+    assert torch.allclose(step, torch.tensor([2.0, 1.0])) and cosine > 0
+    step, _ = pcgrad([torch.tensor([3.0, 4.0])])  # one task: its gradient
+    assert torch.allclose(step, torch.tensor([3.0, 4.0]))
+
+
+def test_gradient_surgery_steps_on_the_pcgrad_of_the_tasks_mean_losses(processor, model, tmp_path):
+    """The gradient a `gradient_balance: pcgrad` trainer hands its optimizer is PCGrad of the two tasks' gradients,
+    each task's loss a mean over its own labelled tokens, computed here by hand from the same batch."""
+    from granvit.train.losses import pcgrad, soft_coordinate_loss
+
+    batch_examples = examples(processor, "2")
+    collate = TaskCollator(processor, tasks=True)
+    batch = collate(batch_examples)
+    assert sorted(set(batch["tasks"])) == ["bbox2caption", "caption2bbox"]
+    reference = GranViTForConditionalGeneration.from_pretrained(model.name_or_path)
+    Stage2Trainer(model=reference, args=arguments(tmp_path / "ref"))  # the same freezing as the trained copy
+    params = [p for p in reference.parameters() if p.requires_grad]
+    inputs = {k: v for k, v in batch.items() if k not in ("tasks", "labels")}
+    reference.train()
+    reference.model.vision_tower.eval()
+    outputs = reference(**inputs)
+    loss_fn = soft_coordinate_loss(reference.config.coord_token_start_id, reference.config.num_coord_bins, 0.0)
+    grads = []
+    for task in ("bbox2caption", "caption2bbox"):
+        keep = torch.tensor([t == task for t in batch["tasks"]])[:, None]
+        loss = loss_fn(outputs, batch["labels"].masked_fill(~keep, -100))  # mean over this task's tokens
+        grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params, retain_graph=True)]))
+    expected, cosine = pcgrad(grads)
+
+    seen = {}
+
+    class Grad(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            seen["grad"] = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+    trainer = Stage2Trainer(model=model, args=arguments(tmp_path, gradient_balance="pcgrad", max_steps=1, max_grad_norm=0,
+                                                        per_device_train_batch_size=len(batch_examples)),
+                            train_dataset=batch_examples, data_collator=collate, processing_class=processor,
+                            callbacks=[Grad()])
+    trainer.train()
+    assert torch.allclose(seen["grad"], expected, atol=1e-6, rtol=1e-4)
+    assert "task_grad_cosine" in trainer.state.log_history[0]
+    assert abs(trainer.state.log_history[0]["task_grad_cosine"] - cosine.item()) < 1e-5
+
+
+def test_gradient_surgery_is_refused_where_there_is_one_task(processor, model, tmp_path):
+    with pytest.raises(ValueError, match="gradient_balance"):
+        Stage1Trainer(model=model, args=arguments(tmp_path, gradient_balance="pcgrad"))
+    with pytest.raises(ValueError, match="gradient_balance must be one of"):
+        arguments(tmp_path, gradient_balance="gradnorm")

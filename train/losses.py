@@ -33,3 +33,23 @@ def soft_coordinate_loss(coord_start: int, num_bins: int, sigma: float):
         return nll.mean()
 
     return loss_fn
+
+
+def pcgrad(grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient surgery (Yu et al. 2020, "Gradient Surgery for Multi-Task Learning", Algorithm 1) on flat per-task
+    gradients: each g_i, for every other task's *original* g_j (in order; PCGrad draws the order at random, which for
+    two tasks changes nothing) with g_i . g_j < 0, loses its component along g_j; returns (sum of the projected
+    gradients, the cosine of the first two original gradients, or 0 when one of them is zero)."""
+    originals = [g.float() for g in grads]
+    projected = []
+    for i, g in enumerate(originals):
+        g = g.clone()
+        for j, other in enumerate(originals):
+            dot = torch.dot(g, other)
+            if j != i and dot < 0:
+                g -= dot / other.pow(2).sum() * other
+        projected.append(g)
+    cosine = originals[0].new_zeros(())
+    if len(originals) > 1 and originals[0].norm() > 0 and originals[1].norm() > 0:
+        cosine = torch.dot(originals[0], originals[1]) / (originals[0].norm() * originals[1].norm())
+    return torch.stack(projected).sum(0), cosine

@@ -214,7 +214,8 @@ def make_trainer(recipe: dict, name: str, model, processor, train_split, state: 
         dataset = as_torch_iterable(StreamedImageQueries(train_split, builder))
     else:
         dataset = ImageQueries(train_split, builder)
-    return TRAINERS[stage](model=model, args=args, train_dataset=dataset, data_collator=TaskCollator(processor, counter),
+    collator = TaskCollator(processor, counter, tasks=args.gradient_balance != "none")
+    return TRAINERS[stage](model=model, args=args, train_dataset=dataset, data_collator=collator,
                            processing_class=processor, callbacks=callbacks)
 
 

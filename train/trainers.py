@@ -30,10 +30,11 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from .build import ship_pipeline
 from .ema import EMATeacherCallback, load_teacher, make_teacher, student_tower
 from .freezing import ROWS, apply_stage, component_modules, component_of, format_table, new_token_ids, parameter_table
-from .losses import soft_coordinate_loss
+from .losses import pcgrad, soft_coordinate_loss
 from .stages import COMPONENTS, STAGES
 
 logger = logging.getLogger(__name__)
+GRADIENT_BALANCE = ("none", "pcgrad")
 
 
 @dataclass(kw_only=True)
@@ -62,6 +63,15 @@ class GranViTTrainingArguments(TrainingArguments):
     lora_r: int = 0  # stage 2 / sft: 0 = full fine-tuning, > 0 = LoRA of this rank on the language model only
     lora_alpha: int = 16
     lora_dropout: float = 0.05
+    # A phase with two or more tasks: "pcgrad" steps on the sum of the tasks' gradients after gradient surgery (each
+    # task's gradient loses its component along another task's when the two conflict; Yu et al. 2020, "Gradient Surgery
+    # for Multi-Task Learning", Algorithm 1); "none" steps on the pooled loss's gradient.
+    gradient_balance: str = "none"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.gradient_balance not in GRADIENT_BALANCE:
+            raise ValueError(f"gradient_balance must be one of {GRADIENT_BALANCE}, not {self.gradient_balance!r}")
 
 
 class ShipPipelineCallback(TrainerCallback):
@@ -92,6 +102,7 @@ class GranViTTrainer(Trainer):
             kwargs["compute_loss_func"] = soft_coordinate_loss(config.coord_token_start_id, config.num_coord_bins,
                                                                args.soft_coord_sigma)
         super().__init__(model=model, args=args, **kwargs)
+        self._balance_sums = torch.zeros(3, device=self.args.device)  # gradient surgery: (cosine, conflicts, steps)
         self.add_callback(ShipPipelineCallback())
         self.teacher = self.make_teacher()
         self.parameter_table = parameter_table(self.model, self.teacher)
@@ -110,6 +121,72 @@ class GranViTTrainer(Trainer):
             return super().train(*args, **kwargs)
         finally:
             self.model.set_attn_implementation(before)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.args.gradient_balance == "none":
+            return super().training_step(model, inputs, num_items_in_batch)
+        return self.balanced_step(model, inputs)
+
+    def balanced_step(self, model, inputs) -> torch.Tensor:
+        """One micro-step with gradient surgery (``gradient_balance: pcgrad``): one forward, each task's loss (a mean
+        over its labelled tokens), each task's gradient, PCGrad (losses.pcgrad), the result added to ``.grad``.
+
+        With N processes, each task's gradient is summed over the processes (and divided by its tokens over all of
+        them) before the surgery, so N processes take the step one process would take on the global batch. The
+        forward runs on the unwrapped model and the gradients come from ``torch.autograd.grad``, which DDP's gradient
+        hooks never see: the all-reduce here is the only one."""
+        from .data.tasks import TASKS
+
+        model.train()
+        self.set_frozen_eval(model)
+        inputs = self._prepare_inputs(inputs)
+        tasks, labels = inputs.pop("tasks"), inputs.pop("labels")
+        module = self.accelerator.unwrap_model(model)
+        params = [p for p in module.parameters() if p.requires_grad]
+        with self.compute_loss_context_manager():
+            outputs = module(**inputs)
+        config = self.base_model().config
+        loss_fn = self.compute_loss_func or soft_coordinate_loss(config.coord_token_start_id, config.num_coord_bins, 0.0)
+        sums, tokens = [], []
+        for name in TASKS:  # a fixed order: every process reduces the same list, whatever its batch holds
+            keep = torch.tensor([t == name for t in tasks], device=labels.device)[:, None]
+            task_labels = labels.masked_fill(~keep, -100)
+            tokens.append((task_labels[:, 1:] != -100).sum())
+            sums.append(loss_fn(outputs, task_labels, num_items_in_batch=1) if tokens[-1] else None)
+        grads = []
+        for i, total in enumerate(sums):
+            if total is None:
+                grads.append(torch.zeros(sum(p.numel() for p in params), device=labels.device))
+                continue
+            last = all(later is None for later in sums[i + 1:])
+            parts = torch.autograd.grad(total, params, retain_graph=not last, allow_unused=True)
+            grads.append(torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float()
+                                    for g, p in zip(parts, params)]))
+        grads, tokens = torch.stack(grads), torch.stack(tokens).float()
+        loss = torch.stack([t.detach() for t in sums if t is not None]).sum() / tokens.sum().clamp(min=1)
+        if self.args.world_size > 1:
+            torch.distributed.all_reduce(grads)
+            torch.distributed.all_reduce(tokens)
+        present = tokens > 0
+        step, cosine = pcgrad(list(grads[present] / tokens[present, None]))
+        step = step / self.current_gradient_accumulation_steps
+        offset = 0
+        for p in params:
+            g = step[offset: offset + p.numel()].view_as(p).to(p.dtype)
+            p.grad = g if p.grad is None else p.grad + g
+            offset += p.numel()
+        self._balance_sums += torch.stack([cosine.detach().to(self._balance_sums), (cosine < 0).to(self._balance_sums),
+                                           self._balance_sums.new_ones(())])
+        return loss / self.current_gradient_accumulation_steps
+
+    def log(self, logs: dict, start_time=None) -> None:
+        """The Trainer's log, + with gradient surgery the mean cosine of the first two tasks' gradients since the last
+        log and the share of steps where they conflicted (cosine < 0)."""
+        if self._balance_sums[2] > 0:
+            cosine, conflicts, steps = self._balance_sums.tolist()
+            logs["task_grad_cosine"], logs["task_grad_conflicts"] = cosine / steps, conflicts / steps
+            self._balance_sums.zero_()
+        super().log(logs, start_time)
 
     def make_teacher(self) -> nn.Module | None:
         return None
@@ -178,6 +255,9 @@ class Stage1Trainer(GranViTTrainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, model=None, args: GranViTTrainingArguments | None = None, **kwargs):
+        if args.gradient_balance != "none":
+            raise ValueError("stage 1 has one task and the distillation term: gradient_balance is for a phase with two "
+                             "or more tasks (stage 2, joint)")
         super().__init__(model=model, args=args, **kwargs)
         if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
             raise NotImplementedError(

@@ -320,11 +320,13 @@ def as_torch_iterable(items):
 class TaskCollator:
     """Examples -> model batch (input_ids, attention_mask, pixel_values, labels [, image_grids] [, region_boxes,
     crop_pixel_values, crop_extents]),
-    folding the examples' skip counts into `counter`. Items may be examples or lists of examples (one image each)."""
+    folding the examples' skip counts into `counter`. Items may be examples or lists of examples (one image each).
+    `tasks`: also each sequence's task name (``batch["tasks"]``), for a trainer that balances the tasks' gradients."""
 
-    def __init__(self, processor, counter: SkipCounter | None = None):
+    def __init__(self, processor, counter: SkipCounter | None = None, tasks: bool = False):
         self.processor = processor
         self.counter = counter if counter is not None else SkipCounter()
+        self.tasks = tasks
 
     def __call__(self, examples: list):
         examples = [e for item in examples for e in (item if isinstance(item, list) else [item])]
@@ -343,6 +345,8 @@ class TaskCollator:
             # Where the crop's content sits in its square (top-left, aspect kept): (w, h) / max(w, h) of the pixel box.
             wh = torch.tensor([[x2 - x1, y2 - y1] for e in examples for x1, y1, x2, y2 in e["boxes"]], dtype=torch.float32)
             batch["crop_extents"] = (wh / wh.max(dim=1, keepdim=True).values).reshape(-1, 2)  # (sum K, 2) in (0, 1]
+        if self.tasks:
+            batch["tasks"] = [e["task"] for e in examples]
         return batch
 
 
