@@ -8,6 +8,8 @@ Claims (conditions in experiments/configs/ablations.yaml):
     stages   the paper's stage 1 -> stage 2 vs one phase training every part jointly for the same total steps
     distill  stage-1 self-distillation lambda = 1 vs lambda = 0, scored also by a linear probe of region features
     data     three training-set sizes, same steps
+    balance  the paper's open question 3: staged vs one joint phase vs one joint phase with the two tasks' gradients
+             balanced by PCGrad (training.gradient_balance), same steps
 
 Each run is the main job's recipe (train/configs/quickstart.yaml) + the preset's scale overrides + the condition's
 overrides, trained by the one runner (train/runner.py); this file only chooses the overrides, probes and scores.
@@ -112,7 +114,8 @@ def run_one(recipe: dict, data_dir: Path, work: Path) -> dict:
     probe_train = full_train.select(range(min(PROBE_TRAIN_IMAGES, len(full_train))))
     roi = (recipe.get("training") or {}).get("roi_output_size", 2)
 
-    model, processor = build_model(recipe, RunState(), log=lambda *a: None)
+    built = RunState()
+    model, processor = build_model(recipe, built, log=lambda *a: None)
     result = {"probe_init": linear_probe(model, processor, probe_train, test, roi, seed=recipe["seed"])}
     model, processor, state, _ = run(recipe, start_from=(model, processor))
     t0 = time.time()
@@ -126,8 +129,8 @@ def run_one(recipe: dict, data_dir: Path, work: Path) -> dict:
         result["after_stage1"] = state.phase_scores["stage1"]  # the paper's "stage 1 only" grounding (~13% vs ~55%)
     result["probe"] = linear_probe(model, processor, probe_train, test, roi, seed=recipe["seed"])
     state.timings["total_s"] = time.time() - start
-    result.update(timings=state.timings, steps=state.steps, curve=state.curve["loss"], parts=state.parts and {
-        k: {m: v for m, v in r.items() if m != "loss_curve"} for k, r in state.parts.items()})
+    result.update(timings=state.timings, steps=state.steps, curve=state.curve["loss"], parts={  # hash, figures, command
+        k: {m: v for m, v in r.items() if m != "loss_curve"} for k, r in built.parts.items()})
     return result
 
 
@@ -195,7 +198,7 @@ def figures(result: dict) -> str:
 # ============================================================================================ main
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--claim", nargs="+", required=True, choices=("stages", "distill", "data"))
+    parser.add_argument("--claim", nargs="+", required=True, choices=("stages", "distill", "data", "balance"))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--smoke", action="store_true", help="a few steps on a few images (the test preset)")
     parser.add_argument("--scale", default="full", choices=("full", "long"), help="scale preset (ablations.yaml)")

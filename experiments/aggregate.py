@@ -33,7 +33,8 @@ EXTRA = (
     ("probe colour at init", ("probe_init", "probe_colour_acc")),
 )
 # Which two conditions the effect compares: (treatment, control); for "data" the largest vs the smallest set.
-CONTRASTS = {"stages": ("staged", "joint"), "distill": ("lambda1", "lambda0")}
+CONTRASTS = {"stages": [("staged", "joint")], "distill": [("lambda1", "lambda0")],
+             "balance": [("joint_pcgrad", "joint"), ("staged", "joint_pcgrad")]}
 
 
 def get(run: dict, path: tuple[str, str]):
@@ -67,8 +68,7 @@ def contrasts(claim: str, conditions: dict[str, list[dict]]) -> list[tuple[str, 
         names = list(conditions)  # ordered by training-set size
         pairs = [(names[i + 1], names[i]) for i in range(len(names) - 1)]
         return pairs + [(names[-1], names[0])] if len(names) > 2 else pairs
-    pair = CONTRASTS.get(claim)
-    return [pair] if pair and all(p in conditions for p in pair) else []
+    return [pair for pair in CONTRASTS.get(claim, []) if all(p in conditions for p in pair)]
 
 
 def effect_rows(claim: str, conditions: dict[str, list[dict]]) -> list[str]:
@@ -88,7 +88,7 @@ def effect_rows(claim: str, conditions: dict[str, list[dict]]) -> list[str]:
                 p = "p: n/a (fewer than 2 seeds per arm or no variance)"
             lines.append(f"- {label}: {diff:+.1f} ({p}; n = {len(xa)} vs {len(xb)}{paired(conditions[a], conditions[b], path)})")
         lines.append("")
-    if claim == "stages" and "staged" in conditions:
+    if claim in ("stages", "balance") and "staged" in conditions:
         lines += [*stage2_gain(conditions["staged"]), ""]
     return lines
 
@@ -168,7 +168,7 @@ def plot_claim(claim: str, conditions: dict[str, list[dict]], path: Path) -> Pat
     for ax, (label, metric, base) in zip(axes, METRICS):
         series = [(n if claim != "data" else str(conditions[n][0]["train_images"]),
                    [100 * get(r, metric) for r in conditions[n] if get(r, metric) is not None]) for n in names]
-        if claim == "stages" and metric == ("scores", "grounding_acc50"):
+        if claim in ("stages", "balance") and metric == ("scores", "grounding_acc50"):
             # the paper's "stage 1 only" point: the staged runs scored before their stage 2
             series += [(f"{n}\n(after stage 1)", [100 * get(r, ("after_stage1", "grounding_acc50")) for r in conditions[n]
                                                   if get(r, ("after_stage1", "grounding_acc50")) is not None]) for n in names]

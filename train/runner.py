@@ -229,7 +229,8 @@ class CurveCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             entry = {"step": self.offset + state.global_step, "phase": self.name, "loss": logs["loss"]}
-            entry.update({k: logs[k] for k in ("caption_loss", "distill_loss") if k in logs})
+            entry.update({k: logs[k] for k in ("caption_loss", "distill_loss", "task_grad_cosine", "task_grad_conflicts")
+                          if k in logs})
             self.state.curve["loss"].append(entry)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
