@@ -101,3 +101,20 @@ def test_step_scale_scales_every_phase_and_part():
     tiny = load_recipe(CONFIGS / "cli_tiny_cpu.yaml")  # parts trained by the recipe itself (pretrain) scale too
     quickstart.scale_steps(tiny, 0.5)
     assert tiny["parts"]["lm"]["steps"] == round(load_recipe(CONFIGS / "cli_tiny_cpu.yaml")["parts"]["lm"]["steps"] / 2)
+
+
+# The smoke main job's numbers, pinned (transformers' `expected_slice` style): a change that alters what the main job
+# trains or how it scores fails here even when every range check still passes. One process, one thread, bf16 autocast
+# in eager attention on this project's CPU; a deliberate change updates them (print them from scores.json).
+PINNED_LOSSES = [("stage1", 1, 6.155682563781738), ("stage1", 2, 6.163329124450684),
+                 ("stage2", 3, 2.691993236541748), ("stage2", 4, 2.7001712322235107)]
+PINNED_SCORES = {"grounding_acc50": 0.0, "caption_exact": 0.0, "grounding_miou": 0.12520140410751712}
+
+
+def test_pinned_numbers(smoke_run):
+    out, _ = smoke_run
+    scores = json.loads((out / "scores.json").read_text())
+    losses = [(e["phase"], e["step"], e["loss"]) for e in scores["curve"]["loss"]]
+    assert [(p, s) for p, s, _ in losses] == [(p, s) for p, s, _ in PINNED_LOSSES]
+    assert [v for *_, v in losses] == pytest.approx([v for *_, v in PINNED_LOSSES], rel=1e-5)
+    assert {k: scores[k] for k in PINNED_SCORES} == pytest.approx(PINNED_SCORES, abs=1e-6)
