@@ -8,6 +8,8 @@ Claims (conditions in experiments/configs/ablations.yaml):
     stages   the paper's stage 1 -> stage 2 vs one phase training every part jointly for the same total steps
     distill  stage-1 self-distillation lambda = 1 vs lambda = 0, scored also by a linear probe of region features
     data     three training-set sizes, same steps
+    noise    the paper's open question 2: the training regions as a data engine's detector + captioner give them
+             (data.annotation_noise, train/data/noise.py), scored on the true held-out regions
     balance  the paper's open question 3: staged vs one joint phase vs one joint phase with the two tasks' gradients
              balanced by PCGrad (training.gradient_balance), same steps
 
@@ -129,7 +131,8 @@ def run_one(recipe: dict, data_dir: Path, work: Path) -> dict:
         result["after_stage1"] = state.phase_scores["stage1"]  # the paper's "stage 1 only" grounding (~13% vs ~55%)
     result["probe"] = linear_probe(model, processor, probe_train, test, roi, seed=recipe["seed"])
     state.timings["total_s"] = time.time() - start
-    result.update(timings=state.timings, steps=state.steps, curve=state.curve["loss"], parts={  # hash, figures, command
+    result.update(timings=state.timings, steps=state.steps, curve=state.curve["loss"],
+                  annotation_noise=state.annotation_noise, parts={  # hash, figures, command
         k: {m: v for m, v in r.items() if m != "loss_curve"} for k, r in built.parts.items()})
     return result
 
@@ -198,7 +201,7 @@ def figures(result: dict) -> str:
 # ============================================================================================ main
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--claim", nargs="+", required=True, choices=("stages", "distill", "data", "balance"))
+    parser.add_argument("--claim", nargs="+", required=True, choices=("stages", "distill", "data", "balance", "noise"))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--smoke", action="store_true", help="a few steps on a few images (the test preset)")
     parser.add_argument("--scale", default="full", choices=("full", "long"), help="scale preset (ablations.yaml)")

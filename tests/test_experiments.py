@@ -63,6 +63,24 @@ def test_smoke_runs_every_claim_and_aggregates(tmp_path):
     assert "Effect `n8` − `n4`" in summary and "Effect `n16` − `n8`" in summary  # each size vs the next smaller
 
 
+@pytest.mark.slow
+def test_smoke_balance_and_noise_claims(tmp_path):
+    main(["--claim", "balance", "noise", "--seeds", "0", "--smoke", "--out", str(tmp_path), "--jobs", "1"])
+    runs = {p.relative_to(tmp_path / "runs").as_posix(): json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*/*.json")}
+    assert runs["noise/clean_seed0.json"]["reused_from"] == "runs/balance/staged_seed0.json"  # the staged recipe itself
+    pcgrad = runs["balance/joint_pcgrad_seed0.json"]
+    assert all(-1 <= e["task_grad_cosine"] <= 1 for e in pcgrad["curve"])  # the surgery ran at every logged step
+    assert all("task_grad_cosine" not in e for e in runs["balance/joint_seed0.json"]["curve"])
+    assert pcgrad["recipe"]["training"]["gradient_balance"] == "pcgrad" and pcgrad["steps"] == 4
+    clean, heavy = runs["balance/staged_seed0.json"]["annotation_noise"], runs["noise/heavy_seed0.json"]["annotation_noise"]
+    assert clean == {} and heavy["regions_before"] > 0 and heavy["missed"] + heavy["wrong_caption"] > 0
+    assert "filtered_box_area" in runs["noise/heavy_filtered_seed0.json"]["annotation_noise"] or \
+        "filtered_box_aspect" in runs["noise/heavy_filtered_seed0.json"]["annotation_noise"]
+    assert all(set(run["parts"]) == {"siglip", "lm"} and all(p["hash"] for p in run["parts"].values()) for run in runs.values())
+    summary = (tmp_path / "summary.md").read_text()
+    assert "Effect `joint_pcgrad` − `joint`" in summary and "Effect `clean` − `heavy`" in summary
+
+
 # ---- experiments/schedule.py: the jobs are stdlib callables, so a spawned worker imports nothing of the test's
 def test_scheduler_in_process_keeps_a_traceback_skips_what_needs_a_failed_run_and_finished_runs(tmp_path, capsys):
     from granvit.experiments.schedule import Job, run_jobs, traceback_path

@@ -4,7 +4,8 @@
     seed: 0
     threads: 0                             # torch threads (0 = torch's default)
     processes: auto                        # data-parallel workers: auto = one per core on a CPU (train/launch.py)
-    data:  {path: DIR | null, synth: {...}, sizes: {train: N, val: N, test: N}, regions_per_image: 4, streaming: false}
+    data:  {path: DIR | null, synth: {...}, sizes: {train: N, val: N, test: N}, regions_per_image: 4, streaming: false,
+            annotation_noise: {jitter, miss, spurious, wrong_caption, filters, seed}}   # data/noise.py: train only
     model: {checkpoint: DIR | null, vision: ID | embedded | pretrain, llm: ID | embedded | pretrain,
             box_format: tokens, num_coord_bins: 1000}
                                            # embedded: the shipped parts (pretrained_parts/, granvit-parts)
@@ -39,7 +40,8 @@ SECTIONS = {
     "output_dir": None, "seed": None, "threads": None, "processes": None, "data": None, "model": None, "parts": None, "training": None,
     "phases": None, "eval": None,
 }
-DATA_KEYS = {"path", "splits", "synth", "sizes", "regions_per_image", "multi_box", "streaming", "train_images"}
+DATA_KEYS = {"path", "splits", "synth", "sizes", "regions_per_image", "multi_box", "streaming", "train_images",
+             "annotation_noise"}
 MODEL_KEYS = {"checkpoint", "vision", "llm", "box_format", "num_coord_bins", "spatial_merge_size", "vision_feature_layer",
               "bbox2caption_template", "caption2bbox_template", "max_tiles"}
 PHASE_KEYS = {"stage", "tasks", "training"}

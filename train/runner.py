@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from ..console import UserError
+from .data.noise import AnnotationNoise, add_annotation_noise
 from .freezing import TRAINED
 from .launch import describe, is_main_process, split_batch
 from .recipe import TRL_STAGES, phase_training, splits
@@ -45,6 +46,7 @@ class RunState:
     timings: dict = field(default_factory=dict)
     parts: dict = field(default_factory=dict)
     skipped: dict = field(default_factory=dict)
+    annotation_noise: dict = field(default_factory=dict)  # what data.annotation_noise did to the training regions
     trained_tasks: list = field(default_factory=list)
     steps: int = 0
     last_trainer: object = None  # the Trainer of the last phase (its log history, teacher, state)
@@ -394,6 +396,12 @@ def run(recipe: dict, only: list[str] | None = None, log=print, start_from: tupl
     limit = (recipe.get("data") or {}).get("train_images")
     if limit:  # the first N images (a smaller training set is a prefix of the larger one)
         train = train.take(limit) if streaming else train.select(range(min(int(limit), len(train))))
+    noise = AnnotationNoise.from_recipe((recipe.get("data") or {}).get("annotation_noise"))
+    if noise is not None:
+        if streaming:
+            raise UserError("data.annotation_noise needs a map-style training split (data.streaming: false)")
+        train, state.annotation_noise = add_annotation_noise(train, noise)
+        log(f"  annotation noise on the training regions: {state.annotation_noise}")
     val = load_split(folder, split_names["val"]) if has_split(folder, split_names["val"]) else None
 
     evaluate = None
