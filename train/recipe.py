@@ -17,7 +17,8 @@ one), a value of the wrong type, and settings that contradict each other (``chec
                                              # SFTConfig / GRPOConfig fields (train/trl_stages.py)
     eval: {every: 250, val_regions: 128, probe_images: 600}
 
-Overrides are dotted paths with YAML values: ``phases.stage2.training.max_steps=50``, ``model.box_format=text``.
+Overrides are dotted paths with YAML values: ``phases.stage2.training.max_steps=50``, ``model.box_format=text`` (which
+also turns the token-only settings off: carry_box_format). A mapping given ``null`` takes its default.
 ``training`` and each phase's ``training`` stay mappings: their keys are checked against the stage's arguments class
 (GranViTTrainingArguments, or trl's configs for sft / grpo), their values by that class when the phase starts.
 """
