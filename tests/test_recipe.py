@@ -149,10 +149,9 @@ def value_at(recipe: dict, dotted: str):
     return recipe
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("override", ["model.box_format=text", "processes=1"])
 def test_quickstart_smoke_runs_with_each_documented_override(override, tmp_path):
-    """What `granvit-quickstart --set ...` of the README runs, on the smoke sizes (a minute each)."""
+    """What `granvit-quickstart --set ...` of the README runs, on the smoke sizes (seconds each)."""
     result = quickstart.run_quickstart(["--smoke", "--out", str(tmp_path), "--set", override])
     key, _, value = override.partition("=")
     assert str(value_at(result["recipe"], key)) == value and result["num_regions"] > 0
