@@ -39,7 +39,8 @@ import yaml
 
 from ..eval.run import evaluate_synthetic
 from ..train.quickstart import CONFIG, SMOKE
-from ..train.recipe import set_dotted, load_recipe
+from ..train.fields import set_dotted
+from ..train.recipe import load_recipe
 from ..train.runner import RunState, build_model, load_split, run
 from ..eval.probe import linear_probe
 from .schedule import Job, add_arguments, check, run_jobs
@@ -85,12 +86,12 @@ def jointly(recipe: dict) -> dict:
 
 
 def phase_steps(recipe: dict, name: str) -> int:
-    return (recipe["phases"][name].get("training") or {}).get("max_steps", (recipe.get("training") or {}).get("max_steps", 0))
+    return recipe["phases"][name]["training"].get("max_steps", recipe["training"].get("max_steps", 0))
 
 
 def train_images(recipe: dict) -> int:
     data = recipe["data"]
-    return int(data.get("train_images") or data["sizes"]["train"])
+    return int(data["train_images"] or data["sizes"]["train"])
 
 
 # ============================================================================================ one run
@@ -106,7 +107,7 @@ def run_one(recipe: dict, data_dir: Path, work: Path) -> dict:
     set_dotted(recipe, "data.path", str(data_dir))
     set_dotted(recipe, "data.splits", {"train": "train", "val": "test", "test": "test"})
     set_dotted(recipe, "eval.every", 0)  # phase ends only
-    recipe["eval"].pop("val_regions", None)
+    set_dotted(recipe, "eval.val_regions", None)  # every region of the split
     full_train = load_split(data_dir, "train")
     if train_images(recipe) > len(full_train):
         raise ValueError(f"{data_dir} holds {len(full_train)} training images, the run needs {train_images(recipe)}")
@@ -114,7 +115,7 @@ def run_one(recipe: dict, data_dir: Path, work: Path) -> dict:
     # The probe is fit on the same training-split images in every run, whatever the model was trained on: with a
     # smaller training set it would otherwise also get a smaller probe set and confound the data-size claim.
     probe_train = full_train.select(range(min(PROBE_TRAIN_IMAGES, len(full_train))))
-    roi = (recipe.get("training") or {}).get("roi_output_size", 2)
+    roi = recipe["training"].get("roi_output_size", 2)
 
     built = RunState()
     model, processor = build_model(recipe, built, log=lambda *a: None)
@@ -151,7 +152,7 @@ def data_dir_for(recipe: dict, max_train_images: int, root: Path) -> Path:
     from ..train.data.synth import write_synth
     from ..train.runner import synth_config
 
-    data = {k: v for k, v in recipe["data"].items() if k not in ("path", "splits", "train_images")}
+    data = {k: v for k, v in recipe["data"].items() if k not in ("path", "splits", "train_images", "streaming")}
     data["sizes"] = {**data["sizes"], "train": max_train_images}
     # The folder name carries a digest of the generator settings: a recipe change never reuses a stale set.
     digest = hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]

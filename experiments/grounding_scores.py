@@ -45,7 +45,7 @@ from ..eval import metrics as M
 from ..eval.benchmarks import to_pil
 from ..grounding_granvit import NEGATIVE_TASK
 from ..train.quickstart import CONFIG, SMOKE
-from ..train.recipe import load_recipe, splits
+from ..train.recipe import load_recipe
 from ..train.runner import load_checkpoint, load_split, prepare_data, run
 
 HERE = Path(__file__).parent
@@ -138,12 +138,12 @@ def summarize(records: list[dict], threshold: float) -> dict:
 
 
 def evaluate_arm(model, processor, data: Path, recipe: dict, limit: int | None) -> dict:
-    names = splits(recipe)
+    names = recipe["data"]["splits"]
     pool = caption_pool(load_split(data, names["train"]))
     model.eval()
-    val = score_phrases(model, processor, load_split(data, names["val"]), pool, limit, recipe.get("seed", 0))
+    val = score_phrases(model, processor, load_split(data, names["val"]), pool, limit, recipe["seed"])
     threshold = choose_threshold(val)
-    test = score_phrases(model, processor, load_split(data, names["test"]), pool, limit, recipe.get("seed", 0))
+    test = score_phrases(model, processor, load_split(data, names["test"]), pool, limit, recipe["seed"])
     return {"trained_tasks": list(model.config.trained_tasks or []), "val": summarize(val, threshold),
             "test": summarize(test, threshold), "examples": test[:6]}
 

@@ -34,7 +34,7 @@ from transformers import TrainerCallback
 
 from ..eval.run import evaluate_synthetic
 from ..train.quickstart import CONFIG as QUICKSTART
-from ..train.recipe import CONFIGS, load_recipe
+from ..train.recipe import CONFIGS, load_recipe, section
 from ..train.runner import RunState, load_checkpoint, load_split, make_trainer
 from .schedule import Job, add_arguments, check, run_jobs
 
@@ -77,7 +77,7 @@ def arm_recipe(arm: str, start: Path, seed: int, args) -> dict:
                                                    "phases.stage2.training.lr_scheduler_type=constant",
                                                    "phases.stage2.training.warmup_steps=0"])
         recipe["phases"] = {"stage2": recipe["phases"]["stage2"]}
-    recipe["eval"] = {}
+    recipe["eval"] = section("eval")  # no validation
     return recipe
 
 

@@ -35,7 +35,7 @@ import torch
 from ..eval.metrics import anls
 from ..eval.run import evaluate_synthetic, generate
 from ..train.quickstart import CONFIG, SMOKE
-from ..train.recipe import load_recipe
+from ..train.recipe import load_recipe, section
 from ..train.runner import RunState, build_model, load_split, run
 from ..eval.probe import linear_probe
 from .ablations import write_once
@@ -69,7 +69,7 @@ def make_recipe(max_tiles: int, seed: int, args, work: Path, data: Path) -> dict
                  f"phases.stage2.training.max_steps={args.stage2_steps}"]
     recipe = load_recipe(CONFIG, (SMOKE if args.smoke else []) + overrides)
     recipe["data"]["splits"] = {"train": "train", "val": "test", "test": "test"}
-    recipe["eval"] = {}  # no validation during training: the scores below are the only evaluation
+    recipe["eval"] = section("eval")  # no validation during training: the scores below are the only evaluation
     return recipe
 
 

@@ -38,7 +38,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..train.recipe import set_dotted
+from ..train.fields import set_dotted
+from ..train.recipe import section
 from .ablations import PROBE_TRAIN_IMAGES, REPO, RESULTS, data_dir_for, jointly, make_recipe, write_once
 from .aggregate import mean_std
 from ..eval.probe import linear_probe
@@ -72,10 +73,10 @@ def transfer_recipe(encoder: dict, scale: dict, checkpoint: Path, downstream: Pa
     """One phase, the ViT frozen (stage 2's freezing), projector + LM on every downstream benchmark; no validation."""
     recipe = copy.deepcopy(encoder)
     settings = dict(scale["transfer"])
-    recipe.update(output_dir=str(work), eval={}, phases={"transfer": {
+    recipe.update(output_dir=str(work), eval=section("eval"), phases={"transfer": {
         "stage": "2", "tasks": {"downstream": 1.0}, "training": {"max_steps": settings.pop("max_steps")}}})
-    recipe["model"] = {"checkpoint": str(checkpoint)}
-    recipe["data"] = {"path": str(downstream), "splits": {"train": "train", "val": "val", "test": "test"}}
+    recipe["model"] = section("model", {"checkpoint": str(checkpoint)})
+    recipe["data"] = section("data", {"path": str(downstream)})
     recipe["training"] = {**recipe["training"], **settings}
     recipe["training"].pop("distill_lambda", None)
     recipe["training"].pop("train_new_token_rows", None)
@@ -109,7 +110,7 @@ def make_encoder(row: str, recipe: dict, synth_dir: Path, work: Path) -> tuple[P
     recipe = copy.deepcopy(recipe)
     recipe["output_dir"] = str(work / "encoder-run")
     set_dotted(recipe, "data.path", str(synth_dir))
-    recipe["eval"] = {}
+    recipe["eval"] = section("eval")  # no validation
     model, processor, state, _ = run(recipe, log=silent)
     save_granvit(model, processor, work / "encoder-checkpoint")
     export_encoder(work / "encoder-checkpoint", work / "encoder")
@@ -139,7 +140,7 @@ def transfer(encoder: Path, llm: Path, recipe: dict, scale: dict, downstream: Pa
     # The probe reads only the frozen ViT, so it is the encoder's: the same before and after transfer training.
     t0 = time.time()
     train, test = load_split(synth_dir, "train"), load_split(synth_dir, "test")
-    roi = (recipe.get("training") or {}).get("roi_output_size", 2)
+    roi = recipe["training"].get("roi_output_size", 2)
     result["probe"] = linear_probe(model, processor, train.select(range(min(PROBE_TRAIN_IMAGES, len(train)))), test, roi,
                                    seed=recipe["seed"])
     result["timings"]["probe_s"] = time.time() - t0

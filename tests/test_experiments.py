@@ -27,7 +27,7 @@ def test_joint_condition_keeps_the_total_steps_in_one_all_parts_phase():
     assert joint["phases"] == {"joint": {"stage": "joint", "tasks": {"bbox2caption": 1.0, "caption2bbox": 1.0},
                                          "training": {"max_steps": 900}}}
     assert staged["seed"] == 0 and make_recipe(scale, {}, seed=2)["seed"] == 2
-    assert staged["model"]["vision"] == "embedded" and "parts" not in staged  # the seed never moves the shipped parts
+    assert staged["model"]["vision"] == "embedded" and staged["parts"] is None  # the seed never moves the shipped parts
 
 
 def test_smoke_runs_every_claim_and_aggregates(tmp_path):

@@ -10,9 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent  # the repository root is the gran
 PACKAGE = "granvit"
 SKIP = {"tests", "build", "outputs", "runs", "setup.py"}  # and hidden folders (.git, .venv: CI's environment is here)
 
-# Imports in files that another change of issue 25 owns (the typed recipe rewrites train/recipe.py, train/parts/ and
-# train/quickstart.py), listed here so this test holds meanwhile; each entry goes when that change lands.
-ALLOWED_CYCLES = [{"granvit.train.recipe", "granvit.train.parts.recipe"}]
+ALLOWED_CYCLES = []
 ALLOWED_EDGES = {("granvit.train.quickstart", "granvit.spaces.demo_examples")}  # the job writes the demo's examples
 
 

@@ -16,12 +16,13 @@ def test_rows_train_stage1_or_everything_for_the_same_steps():
     assert (stage1["training"]["distill_lambda"], nodistill["training"]["distill_lambda"]) == (1.0, 0.0)
     assert joint["phases"] == {"joint": {"stage": "joint", "tasks": {"bbox2caption": 1.0, "caption2bbox": 1.0},
                                          "training": {"max_steps": scale["encoder_steps"]}}}
-    assert stage1["seed"] == 1 and "parts" not in stage1  # the seed moves the run, never the (shipped) parts
+    assert stage1["seed"] == 1 and stage1["parts"] is None  # the seed moves the run, never the (shipped) parts
 
     transfer = transfer_recipe(stage1, scale, "build", "downstream", "work")
     assert transfer["phases"]["transfer"]["stage"] == "2"  # the ViT frozen: the encoder is what is compared
     assert transfer["phases"]["transfer"]["tasks"] == {"downstream": 1.0}
-    assert transfer["model"] == {"checkpoint": "build"} and transfer["data"]["path"] == "downstream"
+    assert transfer["model"]["checkpoint"] == "build" and transfer["model"]["vision"] is None  # the build, nothing else
+    assert transfer["data"]["path"] == "downstream"
     assert "distill_lambda" not in transfer["training"] and transfer["training"]["per_device_train_batch_size"] == 16
 
 

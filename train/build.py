@@ -84,10 +84,11 @@ def image_processor_from(vision: str, image_size: int, max_tiles: int = 0) -> Gr
 
 def coordinate_bins(tokenizer, llm: str, num_coord_bins: int | None, box_format: str) -> tuple[int, bool]:
     """(bins, whether the LLM already has their tokens). An LLM trained with the ``tokens`` box format (the embedded
-    LM part) fixes the bins: added bins' ids would not follow its own. ``num_coord_bins`` None: the LLM's, else 1000."""
+    LM part) fixes the bins: added bins' ids would not follow its own. ``num_coord_bins`` None: the LLM's, else
+    GranViTConfig's default (1000)."""
     vocab = tokenizer.get_vocab()
     if box_format != "tokens" or coord_token(0) not in vocab:
-        return num_coord_bins or 1000, False
+        return num_coord_bins or GranViTConfig.num_coord_bins, False
     known = next(i for i in range(len(vocab) + 1) if coord_token(i) not in vocab)
     if num_coord_bins not in (None, known):
         raise UserError(f"--llm {llm}: its tokenizer already has {known} coordinate tokens (<coord_0>..<coord_{known - 1}>), "

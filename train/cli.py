@@ -41,9 +41,9 @@ def phases_to_run(recipe: dict, stage: str | None, phase: str | None) -> list[st
         if phase not in recipe["phases"]:
             raise UserError(f"no phase {phase!r} in the recipe; phases: {list(recipe['phases'])}")
         return [phase]
-    names = [name for name, spec in recipe["phases"].items() if str(spec["stage"]) == stage]
+    names = [name for name, spec in recipe["phases"].items() if spec["stage"] == stage]
     if not names:
-        stages = sorted({str(spec["stage"]) for spec in recipe["phases"].values()})
+        stages = sorted({spec["stage"] for spec in recipe["phases"].values()})
         raise UserError(f"the recipe has no phase of stage {stage!r}; its stages: {stages}")
     return names
 

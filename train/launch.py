@@ -39,25 +39,21 @@ def is_main_process() -> bool:
 def on_cpu(recipe: dict) -> bool:
     import torch
 
-    return bool((recipe.get("training") or {}).get("use_cpu")) or not torch.cuda.is_available()
+    return bool(recipe["training"].get("use_cpu")) or not torch.cuda.is_available()
 
 
 def planned_processes(recipe: dict) -> int:
     """How many data-parallel processes the recipe asks for on this machine."""
-    value = recipe.get("processes", "auto")
-    if value == "auto":
-        return available_cores() if on_cpu(recipe) else 1
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise UserError(f"processes must be 'auto' or a positive number, not {value!r}")
-    return value
+    value = recipe["processes"]  # 'auto' or a positive number (train/recipe.py checks)
+    return (available_cores() if on_cpu(recipe) else 1) if value == "auto" else value
 
 
 def check_batches(recipe: dict, processes: int) -> None:
     """Every phase's batch must split evenly over the workers (one line naming the phase otherwise)."""
-    from .recipe import phase_training
+    from .recipe import phase_setting
 
     for name in recipe["phases"]:
-        batch = phase_training(recipe, name).get("per_device_train_batch_size", 8)
+        batch = phase_setting(recipe, name, "per_device_train_batch_size")
         if batch % processes:
             raise UserError(f"phases.{name}: per_device_train_batch_size {batch} does not split over {processes} "
                             f"processes; set processes=1 or a batch that is a multiple of {processes}")

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ..console import console_main
-from .recipe import CONFIGS, dump_recipe, load_recipe, splits
+from .recipe import CONFIGS, dump_recipe, load_recipe
 from .launch import die_with_parent, is_main_process, is_worker, planned_processes, relaunch
 from .parts.shipped import CURVES
 from .runner import load_split, own_parts_first, run
@@ -60,11 +60,11 @@ def parse_args(argv=None):
 def scale_steps(recipe: dict, factor: float) -> None:
     """Every phase's max_steps and every embedded part's steps times `factor` (at least 1)."""
     for phase in recipe["phases"].values():
-        training = phase.setdefault("training", {})
-        steps = training.get("max_steps", (recipe.get("training") or {}).get("max_steps"))
+        training = phase["training"]
+        steps = training.get("max_steps", recipe["training"].get("max_steps"))
         if steps:
             training["max_steps"] = max(1, round(steps * factor))
-    for part in (recipe.get("parts") or {}).values():
+    for part in (recipe["parts"] or {}).values():
         if part.get("steps"):
             part["steps"] = max(1, round(part["steps"] * factor))
 
@@ -93,11 +93,10 @@ def run_quickstart(argv=None) -> dict:
 
     print("[test] held-out evaluation, checkpoint, plots", flush=True)
     t0 = time.time()
-    split = splits(recipe)
+    split = recipe["data"]["splits"]
     train, test = load_split(folder, split["train"]), load_split(folder, split["test"])
     model.eval()
-    settings = recipe.get("eval") or {}
-    scores = evaluate_synthetic(model, processor, test, limit=settings.get("test_regions"), batch_size=64,
+    scores = evaluate_synthetic(model, processor, test, limit=recipe["eval"]["test_regions"], batch_size=64,
                                 train=train)
     state.timings["eval_s"] = time.time() - t0
     checkpoint = save_granvit(model, processor, out / "checkpoint")

@@ -30,7 +30,9 @@ from ..console import UserError
 from .data.noise import AnnotationNoise, add_annotation_noise
 from .freezing import TRAINED
 from .launch import describe, is_main_process, split_batch
-from .recipe import TRL_STAGES, phase_training, splits
+from .data.synth import synth_config as scene_config
+from .recipe import phase_setting, phase_training
+from .stages import TRL_STAGES
 
 logger = logging.getLogger(__name__)
 SYNTH_DIR = "data"  # under output_dir, when the recipe generates the synthetic set
@@ -54,17 +56,12 @@ class RunState:
 
 # ============================================================================================ data
 def synth_config(recipe: dict):
-    from .data.synth import PRESETS, SynthConfig
-
-    synth = dict((recipe.get("data") or {}).get("synth") or {})
-    preset = synth.pop("preset", "default")
-    if preset not in PRESETS:
-        raise UserError(f"data.synth.preset must be one of {sorted(PRESETS)}, not {preset!r}")
-    return SynthConfig(**{**PRESETS[preset], **synth})
+    """The SynthConfig of the recipe's synthetic set (data.synth)."""
+    return scene_config(recipe["data"]["synth"])
 
 
 def data_dir(recipe: dict) -> Path:
-    path = (recipe.get("data") or {}).get("path")
+    path = recipe["data"]["path"]
     return Path(path) if path else Path(recipe["output_dir"]) / SYNTH_DIR
 
 
@@ -73,15 +70,15 @@ def prepare_data(recipe: dict, log=print) -> Path:
     from .data.synth import write_synth
 
     folder = data_dir(recipe)
-    data = recipe.get("data") or {}
-    if data.get("path"):
+    data = recipe["data"]
+    if data["path"]:
         if not folder.exists():
             raise UserError(f"data.path {folder}: no such folder; pass a Gran dataset folder (granvit-data synth/convert)")
         return folder
     if not (folder / "README.md").exists():
-        sizes = {k: int(v) for k, v in (data.get("sizes") or {}).items()}
+        sizes = {k: int(v) for k, v in data["sizes"].items()}
         log(f"  synthetic set -> {folder} ({', '.join(f'{v} {k}' for k, v in sizes.items())} images)")
-        write_synth(str(folder), sizes, synth_config(recipe), seed=recipe.get("seed", 0))
+        write_synth(str(folder), sizes, synth_config(recipe), seed=recipe["seed"])
     return folder
 
 
@@ -142,8 +139,8 @@ def format_figures(figures: dict) -> str:
 def own_parts_first(recipe: dict) -> None:
     """Before a multi-process launch: a recipe that pretrains its own parts (``pretrain``) makes them here, in one
     process, so that the workers load them from the cache instead of each training them."""
-    model = recipe.get("model") or {}
-    if "pretrain" in (model.get("vision"), model.get("llm")):
+    model = recipe["model"]
+    if "pretrain" in (model["vision"], model["llm"]):
         embedded_parts(recipe)
 
 
@@ -154,16 +151,15 @@ def build_model(recipe: dict, state: RunState, log=print):
     from .build import build_granvit, save_granvit
 
     model_cfg = recipe["model"]
-    if model_cfg.get("checkpoint"):
+    if model_cfg["checkpoint"]:
         checkpoint = model_cfg["checkpoint"]
         return GranViTForConditionalGeneration.from_pretrained(checkpoint), GranViTProcessor.from_pretrained(checkpoint)
     vision, llm, state.parts = embedded_parts(recipe, log)
-    templates = {k: model_cfg[k] for k in ("bbox2caption_template", "caption2bbox_template") if k in model_cfg}
+    templates = {k: model_cfg[k] for k in ("bbox2caption_template", "caption2bbox_template") if model_cfg[k] is not None}
     model, processor = build_granvit(
-        vision, llm, num_coord_bins=model_cfg.get("num_coord_bins"),
-        spatial_merge_size=model_cfg.get("spatial_merge_size", 1),
-        vision_feature_layer=model_cfg.get("vision_feature_layer", -1),
-        box_format=model_cfg.get("box_format", "tokens"), max_tiles=model_cfg.get("max_tiles", 0), **templates,
+        vision, llm, num_coord_bins=model_cfg["num_coord_bins"], spatial_merge_size=model_cfg["spatial_merge_size"],
+        vision_feature_layer=model_cfg["vision_feature_layer"], box_format=model_cfg["box_format"],
+        max_tiles=model_cfg["max_tiles"], **templates,
     )
     save_granvit(model, processor, Path(recipe["output_dir"]) / BUILD_DIR)
     log(f"  granvit-build: {vision} + {llm} -> {Path(recipe['output_dir']) / BUILD_DIR} "
@@ -192,23 +188,23 @@ def make_trainer(recipe: dict, name: str, model, processor, train_split, state: 
     from .data.tasks import skip_counter_callback
     from .trainers import TRAINERS, GranViTTrainingArguments
 
-    phase, data = recipe["phases"][name], recipe.get("data") or {}
-    stage = str(phase["stage"])
-    training = {"output_dir": str(phase_dir(recipe, name)), "seed": recipe.get("seed", 0), **phase_training(recipe, name)}
-    training["per_device_train_batch_size"] = split_batch(training.get("per_device_train_batch_size", 8))
+    phase, data = recipe["phases"][name], recipe["data"]
+    stage = phase["stage"]
+    training = {"output_dir": str(phase_dir(recipe, name)), "seed": recipe["seed"], **phase_training(recipe, name)}
+    training["per_device_train_batch_size"] = split_batch(phase_setting(recipe, name, "per_device_train_batch_size"))
     counter = SkipCounter()
-    callbacks = [skip_counter_callback(counter), CurveCallback(name, state, evaluate, (recipe.get("eval") or {}).get("every", 0))]
+    callbacks = [skip_counter_callback(counter), CurveCallback(name, state, evaluate, recipe["eval"]["every"])]
     if stage in TRL_STAGES:
         from .trl_stages import make_trl_trainer
 
         return make_trl_trainer(recipe, name, model, processor, train_split, training, counter, callbacks)
-    if data.get("streaming"):
+    if data["streaming"]:
         # Each rank reads its own shards (split_dataset_by_node); the default would read on rank 0 and dispatch.
         training.setdefault("accelerator_config", {"dispatch_batches": False})
     args = GranViTTrainingArguments(**training)
-    builder = TaskBuilder(processor, tasks=phase["tasks"], regions_per_image=data.get("regions_per_image", 4),
-                          multi_box=data.get("multi_box", True), stage1=stage == "1", seed=recipe.get("seed", 0))
-    if data.get("streaming"):
+    builder = TaskBuilder(processor, tasks=phase["tasks"], regions_per_image=data["regions_per_image"],
+                          multi_box=data["multi_box"], stage1=stage == "1", seed=recipe["seed"])
+    if data["streaming"]:
         from datasets.distributed import split_dataset_by_node
 
         if args.world_size > 1:  # whole shards per rank when num_shards % world_size == 0
@@ -324,13 +320,13 @@ def make_validator(recipe: dict, processor, val_split, baselines):
     """A function model -> quick validation scores (grammar-constrained grounding, caption exact match)."""
     from ..eval.run import evaluate_synthetic
 
-    settings = recipe.get("eval") or {}
+    settings = recipe["eval"]
 
     def evaluate(model) -> dict:
         was_training = model.training
         model.eval()
-        scores = evaluate_synthetic(model, processor, val_split, limit=settings.get("val_regions"),
-                                    batch_size=settings.get("batch_size", 64), baseline_box=baselines[0],
+        scores = evaluate_synthetic(model, processor, val_split, limit=settings["val_regions"],
+                                    batch_size=settings["batch_size"], baseline_box=baselines[0],
                                     baseline_caption=baselines[1], unconstrained=False, progress=False)
         model.train(was_training)
         return {k: scores[k] for k in ("grounding_acc50", "grounding_miou", "caption_exact")}
@@ -343,9 +339,9 @@ def make_prober(recipe: dict, processor, folder: Path, train):
     regions of that many training images and scored on the test split's: how much of *what is where* the patch
     features carry, the quantity stage 1 is meant to raise. None without the setting, a test split, or with
     streaming data."""
-    images = (recipe.get("eval") or {}).get("probe_images")
-    test_split = splits(recipe)["test"]
-    if not images or not has_split(folder, test_split) or (recipe.get("data") or {}).get("streaming"):
+    images = recipe["eval"]["probe_images"]
+    test_split = recipe["data"]["splits"]["test"]
+    if not images or not has_split(folder, test_split) or recipe["data"]["streaming"]:
         return None
     from ..eval.probe import linear_probe
 
@@ -353,7 +349,7 @@ def make_prober(recipe: dict, processor, folder: Path, train):
     size = phase_training(recipe, next(iter(recipe["phases"]))).get("roi_output_size", 2)
 
     def probe(model) -> dict:
-        scores = linear_probe(model, processor, fit, test, output_size=size, seed=recipe.get("seed", 0))
+        scores = linear_probe(model, processor, fit, test, output_size=size, seed=recipe["seed"])
         return {k: v for k, v in scores.items() if k in ("probe_shape_acc", "probe_colour_acc")}
 
     return probe
@@ -371,17 +367,16 @@ def run(recipe: dict, only: list[str] | None = None, log=print, start_from: tupl
     from .trainers import GranViTTrainingArguments
 
     state = RunState()
-    threads = recipe.get("threads", 0)
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(recipe.get("seed", 0))
+    if recipe["threads"]:
+        torch.set_num_threads(recipe["threads"])
+    torch.manual_seed(recipe["seed"])
     names = list(recipe["phases"]) if only is None else only
     start = time.time()
     log(f"  training on {describe(recipe)}")
 
     # Under a distributed launch the first process writes the data and the build, the others then read them.
     first = GranViTTrainingArguments(output_dir=str(Path(recipe["output_dir"]) / BUILD_DIR),
-                                     **{k: v for k, v in (recipe.get("training") or {}).items() if k != "resume_from_checkpoint"})
+                                     **{k: v for k, v in recipe["training"].items() if k != "resume_from_checkpoint"})
     with first.main_process_first(desc="data, parts and build", local=False):
         folder = prepare_data(recipe, log)
         state.timings["data_s"] = time.time() - start
@@ -390,22 +385,19 @@ def run(recipe: dict, only: list[str] | None = None, log=print, start_from: tupl
             start_from = load_checkpoint(built)
         model, processor, state.trained_tasks = _starting_model(recipe, names, only, start_from, state, log)
         state.timings["parts_and_build_s"] = time.time() - start - state.timings["data_s"]
-    split_names = splits(recipe)
-    streaming = bool((recipe.get("data") or {}).get("streaming"))
+    split_names, streaming = recipe["data"]["splits"], recipe["data"]["streaming"]
     train = load_split(folder, split_names["train"], streaming)
-    limit = (recipe.get("data") or {}).get("train_images")
+    limit = recipe["data"]["train_images"]
     if limit:  # the first N images (a smaller training set is a prefix of the larger one)
         train = train.take(limit) if streaming else train.select(range(min(int(limit), len(train))))
-    noise = AnnotationNoise.from_recipe((recipe.get("data") or {}).get("annotation_noise"))
+    noise = AnnotationNoise.from_recipe(recipe["data"]["annotation_noise"])  # map-style only: checked at load
     if noise is not None:
-        if streaming:
-            raise UserError("data.annotation_noise needs a map-style training split (data.streaming: false)")
         train, state.annotation_noise = add_annotation_noise(train, noise)
         log(f"  annotation noise on the training regions: {state.annotation_noise}")
     val = load_split(folder, split_names["val"]) if has_split(folder, split_names["val"]) else None
 
     evaluate = None
-    if val is not None and (recipe.get("eval") or {}).get("every") is not None and is_main_process():
+    if val is not None and recipe["eval"]["every"] is not None and is_main_process():
         baseline_rows = train if not streaming else load_split(folder, split_names["train"]).take(10000)
         evaluate = make_validator(recipe, processor, val, synthetic_baselines(baseline_rows))
         if names:
@@ -420,7 +412,7 @@ def run(recipe: dict, only: list[str] | None = None, log=print, start_from: tupl
             raise UserError(f"no phase {name!r} in the recipe; phases: {list(recipe['phases'])}")
         model, trainer = run_phase(recipe, name, model, processor, train, state, evaluate, log)
         state.last_trainer = trainer
-        if probe is not None and "vision_tower" in TRAINED[str(recipe["phases"][name]["stage"])]:
+        if probe is not None and "vision_tower" in TRAINED[recipe["phases"][name]["stage"]]:
             state.phase_scores.setdefault(name, {}).update(probe(model))
         model.config.trained_tasks = list(state.trained_tasks)
         if only is not None and trainer.is_world_process_zero():

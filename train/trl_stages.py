@@ -232,13 +232,13 @@ class CountingIdentity:
 def make_trl_trainer(recipe: dict, name: str, model, processor, train_split, training: dict, counter: SkipCounter,
                      callbacks: list):
     """The Trainer of a recipe phase of stage sft or grpo (train/runner.py's `make_trainer` dispatches here)."""
-    phase, data = recipe["phases"][name], recipe.get("data") or {}
-    stage, seed = str(phase["stage"]), recipe.get("seed", 0)
-    if data.get("streaming"):
+    phase, data = recipe["phases"][name], recipe["data"]
+    stage, seed = phase["stage"], recipe["seed"]
+    if data["streaming"]:
         raise UserError(f"phases.{name}: the {stage} stage reads map-style data; set data.streaming: false")
     if stage == "sft":
-        builder = TaskBuilder(processor, tasks=phase["tasks"], regions_per_image=data.get("regions_per_image", 4),
-                              multi_box=data.get("multi_box", True), seed=seed)
+        builder = TaskBuilder(processor, tasks=phase["tasks"], regions_per_image=data["regions_per_image"],
+                              multi_box=data["multi_box"], seed=seed)
         return GranViTSFTTrainer(model=model, args=GranViTSFTConfig(**training),
                                  train_dataset=sft_items(train_split, builder),
                                  data_collator=ConversationCollator(processor=processor, counter=counter),

@@ -26,7 +26,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFont
 
+from ...console import UserError
 from ...gran_format import COLOURS, SHAPES  # the caption vocabulary, which eval/probe.py reads back
+from ..fields import typed
 from .schema import DEFAULT_ROW_GROUP_SIZE, DEFAULT_SHARD_BYTES, bump, write_dataset_card, write_split
 
 TEXTURES = ("solid", "striped", "dotted")
@@ -90,6 +92,16 @@ PRESETS = {
         textures=("solid",), allow_duplicates=False, ocr_fraction=0.0,
     ),
 }
+
+
+def synth_config(values: dict, where: str = "data.synth", source: str = "recipe") -> SynthConfig:
+    """The SynthConfig of a recipe's settings: a preset (PRESETS, default "default") and fields over it; an unknown
+    key, a wrong type or an impossible combination is a one-line UserError naming `where`."""
+    values = dict(values or {})
+    preset = values.pop("preset", "default")
+    if preset not in PRESETS:
+        raise UserError(f"{source}: {where}.preset must be one of {sorted(PRESETS)}, not {preset!r}")
+    return typed(SynthConfig, {**PRESETS[preset], **values}, where, source)
 
 
 # ----------------------------------------------------------------------------------------------- drawing

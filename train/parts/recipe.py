@@ -13,8 +13,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ...configuration_granvit import GranViTConfig
 from ...console import UserError, load_yaml
-from ..data.synth import PRESETS, SynthConfig
+from ..data.synth import SynthConfig, synth_config
+from ..fields import apply_overrides, typed
 
 PARTS_SEED_OFFSET = 1000  # parts see scenes of seed + 1000: never an image of the GranViT splits
 # Bump when the way a part is made changes, so that parts made by the old code are neither reused nor shipped.
@@ -86,42 +88,24 @@ class PartsRecipe:
     bf16: bool = True  # bf16 autocast (AMX CPUs and GPUs: BENCHMARKS.md, "Pretrained parts")
 
     def synth_config(self) -> SynthConfig:
-        values = dict(self.synth)
-        preset = values.pop("preset", "default")
-        if preset not in PRESETS:
-            raise UserError(f"parts.synth.preset must be one of {sorted(PRESETS)}, not {preset!r}")
-        return SynthConfig(**{**PRESETS[preset], **values})
+        return synth_config(self.synth, "parts.synth", "parts")
 
 
-def parts_recipe(values: dict | None, source: str = "parts") -> PartsRecipe:
-    """A PartsRecipe from a mapping (the YAML file, or a GranViT recipe's ``parts:``); unknown keys are refused."""
-    values = dict(values or {})
-    fields = {f.name for f in dataclasses.fields(PartsRecipe)}
-    _refuse_unknown(values, fields, source)
-    try:
-        siglip = SiglipRecipe(**_checked(values.pop("siglip", None) or {}, SiglipRecipe, f"{source}.siglip"))
-        lm = LMRecipe(**_checked(values.pop("lm", None) or {}, LMRecipe, f"{source}.lm"))
-        recipe = PartsRecipe(siglip=siglip, lm=lm, **values)
-        if not 0 < lm.trained_share <= 1:
-            raise UserError(f"{source}.lm.trained_share: {lm.trained_share} is not a share of the schedule in (0, 1]")
-    except TypeError as error:  # a value of the wrong shape (e.g. a list where a mapping belongs)
-        raise UserError(f"{source}: {error}") from None
-    synth_fields = {f.name for f in dataclasses.fields(SynthConfig)} | {"preset"}
-    _refuse_unknown(recipe.synth, synth_fields, f"{source}.synth")
+def parts_recipe(values: dict | None, source: str = "parts", where: str = "") -> PartsRecipe:
+    """A PartsRecipe from a mapping (the YAML file `source`, or a GranViT recipe's section `where`: ``parts``); unknown
+    keys and values of the wrong type are refused in one line naming the key (train/fields.py)."""
+    recipe = typed(PartsRecipe, values, where, source)
+    prefix = f"{where}." if where else ""
+    if not 0 < recipe.lm.trained_share <= 1:
+        raise UserError(f"{source}: {prefix}lm.trained_share: {recipe.lm.trained_share} is not a share of the schedule "
+                        "in (0, 1]")
+    synth_config(recipe.synth, f"{prefix}synth", source)  # unknown or impossible scene settings
     return recipe
 
 
 def load_parts_recipe(path: str | Path = PARTS_CONFIG, overrides: list[str] = ()) -> PartsRecipe:
     """The parts recipe of a YAML file with ``key=value`` overrides (``lm.steps=100``)."""
-    from ..recipe import override_value, set_dotted
-
-    raw = load_yaml(path) or {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UserError(f"override {item!r} is not key=value (e.g. lm.steps=100)")
-        set_dotted(raw, key, override_value(value))
-    return parts_recipe(raw, str(path))
+    return parts_recipe(apply_overrides(load_yaml(path) or {}, list(overrides), "lm.steps=100"), str(path))
 
 
 def part_hash(name: str, recipe: PartsRecipe) -> str:
@@ -136,32 +120,19 @@ def part_hash(name: str, recipe: PartsRecipe) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
-def _checked(values: dict, cls, source: str) -> dict:
-    _refuse_unknown(values, {f.name for f in dataclasses.fields(cls)}, source)
-    return values
-
-
-def _refuse_unknown(values: dict, known: set, source: str) -> None:
-    import difflib
-
-    for key in values:
-        if key not in known:
-            near = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else f"; known: {sorted(known)}"
-            raise UserError(f"{source}: unknown key {key!r}{hint}")
-
-
-def from_granvit_recipe(recipe: dict) -> PartsRecipe:
-    """The parts a GranViT recipe trains for itself (``pretrain``): its ``parts:`` section, with the scenes of its
-    ``data.synth``, its seed, and its ``model`` section's box settings for the LM unless the section sets them."""
-    values = {k: v for k, v in (recipe.get("parts") or {}).items()}
-    model = recipe.get("model") or {}
-    values.setdefault("seed", recipe.get("seed", 0))
-    values.setdefault("synth", (recipe.get("data") or {}).get("synth") or {})
+def from_granvit_recipe(recipe: dict, source: str = "recipe") -> PartsRecipe:
+    """The parts a GranViT recipe trains for itself (``pretrain``; `recipe` as train/recipe.py's load_recipe returns
+    it): its ``parts:`` section, with the scenes of its ``data.synth``, its seed, and its ``model`` section's box
+    settings for the LM unless the section sets them."""
+    values = dict(recipe["parts"] or {})
+    model = recipe["model"]
+    values.setdefault("seed", recipe["seed"])
+    values.setdefault("synth", recipe["data"]["synth"])
     lm = dict(values.get("lm") or {})
-    lm.setdefault("num_coord_bins", model.get("num_coord_bins", 1000))
-    lm.setdefault("box_formats", {model.get("box_format", "tokens"): 1.0})
-    lm.setdefault("templates", {"bbox2caption": model.get("bbox2caption_template", "describe {box}"),
-                                "caption2bbox": model.get("caption2bbox_template", "find {caption}")})
+    lm.setdefault("num_coord_bins", model["num_coord_bins"] or GranViTConfig.num_coord_bins)
+    lm.setdefault("box_formats", {model["box_format"]: 1.0})
+    templates = {task: model[f"{task}_template"] for task in ("bbox2caption", "caption2bbox")
+                 if model[f"{task}_template"] is not None}
+    lm.setdefault("templates", {**LMRecipe().templates, **templates})
     values["lm"] = lm
-    return parts_recipe(values, "parts")
+    return parts_recipe(values, source, "parts")
