@@ -34,7 +34,7 @@ EXTRA = (
 )
 # Which two conditions the effect compares: (treatment, control); for "data" the largest vs the smallest set.
 CONTRASTS = {"stages": [("staged", "joint")], "distill": [("lambda1", "lambda0")],
-             "balance": [("joint_pcgrad", "joint"), ("staged", "joint_pcgrad")],
+             "balance": [("staged", "joint"), ("joint_pcgrad", "joint"), ("staged", "joint_pcgrad")],
              "noise": [("clean", "engine"), ("clean", "heavy"), ("heavy_filtered", "heavy")]}
 
 
