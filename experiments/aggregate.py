@@ -89,7 +89,7 @@ def effect_rows(claim: str, conditions: dict[str, list[dict]]) -> list[str]:
                 p = "p: n/a (fewer than 2 seeds per arm or no variance)"
             lines.append(f"- {label}: {diff:+.1f} ({p}; n = {len(xa)} vs {len(xb)}{paired(conditions[a], conditions[b], path)})")
         lines.append("")
-    if claim in ("stages", "balance") and "staged" in conditions:
+    if "staged" in conditions:  # stages and balance
         lines += [*stage2_gain(conditions["staged"]), ""]
     return lines
 

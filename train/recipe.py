@@ -176,7 +176,7 @@ def check_recipe(recipe: dict, source: str = "recipe") -> None:
     if not data["path"] and not (data["sizes"] or {}).get("train"):
         raise UserError(f"{source}: set data.path (a Gran dataset folder) or data.sizes.train (synthetic images)")
     synth_config(data["synth"], "data.synth", source)
-    AnnotationNoise.from_recipe(data["annotation_noise"])  # its keys and ranges, one line each
+    AnnotationNoise.from_recipe(data["annotation_noise"], source)  # its keys, types and ranges, one line each
     if data["annotation_noise"] and data["streaming"]:
         raise UserError(f"{source}: data.annotation_noise needs a map-style training split (data.streaming: false)")
     if not model["checkpoint"] and not (model["vision"] and model["llm"]):

@@ -28,6 +28,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from .build import ship_pipeline
+from .data.tasks import TASKS
 from .ema import EMATeacherCallback, load_teacher, make_teacher, student_tower
 from .freezing import ROWS, apply_stage, component_modules, component_of, format_table, new_token_ids, parameter_table
 from .losses import pcgrad, soft_coordinate_loss
@@ -135,8 +136,6 @@ class GranViTTrainer(Trainer):
         them) before the surgery, so N processes take the step one process would take on the global batch. The
         forward runs on the unwrapped model and the gradients come from ``torch.autograd.grad``, which DDP's gradient
         hooks never see: the all-reduce here is the only one."""
-        from .data.tasks import TASKS
-
         model.train()
         self.set_frozen_eval(model)
         inputs = self._prepare_inputs(inputs)

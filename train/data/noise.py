@@ -23,7 +23,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 
-from ...console import UserError
+from ..fields import typed
 from .filters import FilterConfig, box_filter_reason
 
 PAPER_SHORT_SIDE = 448  # the image size the paper's box-area rule (100 x 100 px) was written for
@@ -38,22 +38,17 @@ class AnnotationNoise:
     filters: bool = False  # apply the engine's box rules afterwards (scaled to the image size)
     seed: int = 0
 
-    @classmethod
-    def from_recipe(cls, section: dict | None) -> "AnnotationNoise | None":
-        """The recipe's ``data.annotation_noise`` mapping, checked; None when absent or empty."""
-        if not section:
-            return None
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(section) - names)
-        if unknown:
-            raise UserError(f"data.annotation_noise: unknown key(s) {unknown}; valid: {sorted(names)}")
-        noise = cls(**section)
+    def __post_init__(self):  # typed() turns these into one-line UserErrors naming the section
         for name in ("miss", "wrong_caption"):
-            if not 0.0 <= getattr(noise, name) <= 1.0:
-                raise UserError(f"data.annotation_noise.{name} is a probability in [0, 1], not {getattr(noise, name)}")
-        if noise.jitter < 0 or noise.spurious < 0:
-            raise UserError("data.annotation_noise: jitter and spurious must be >= 0")
-        return noise
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is a probability in [0, 1], not {getattr(self, name)}")
+        if self.jitter < 0 or self.spurious < 0:
+            raise ValueError("jitter and spurious must be >= 0")
+
+    @classmethod
+    def from_recipe(cls, section: dict | None, source: str = "recipe") -> "AnnotationNoise | None":
+        """The recipe's ``data.annotation_noise`` mapping, checked (keys, types, ranges); None when absent or empty."""
+        return typed(cls, section, "data.annotation_noise", source) if section else None
 
 
 def corrupt_regions(row: dict, index: int, noise: AnnotationNoise, captions: list[str], counts: Counter) -> list[dict]:
@@ -121,11 +116,11 @@ def _poisson(rng: random.Random, mean: float) -> int:
 
 def add_annotation_noise(split, noise: AnnotationNoise):
     """(the split with its regions corrupted and images left without regions dropped, counts of what was done)."""
-    captions = sorted({r["caption"] for regions in split["regions"] for r in regions})
+    rows = split.select_columns(["width", "height", "regions"]).to_list()  # one read, without the images
+    captions = sorted({r["caption"] for row in rows for r in row["regions"]})
     counts: Counter = Counter()
-    regions = [corrupt_regions(row, i, noise, captions, counts)
-               for i, row in enumerate(split.remove_columns([c for c in ("image",) if c in split.column_names]))]
-    counts["regions_before"] = sum(len(r) for r in split["regions"])
+    regions = [corrupt_regions(row, i, noise, captions, counts) for i, row in enumerate(rows)]
+    counts["regions_before"] = sum(len(row["regions"]) for row in rows)
     counts["regions_after"] = sum(len(r) for r in regions)
     keep = [i for i, r in enumerate(regions) if r]
     counts["images_dropped"] = len(regions) - len(keep)
